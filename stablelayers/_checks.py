@@ -1,0 +1,119 @@
+"""Argument checks shared by the public functions. They run at trace time, on shapes and
+dtypes only, so a bad argument fails when a function is traced rather than giving a silent
+wrong answer."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+
+def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
+    """``x`` as a JAX array; integers and booleans are promoted to the default float type."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got dtype {x.dtype}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def canonical_axis(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """``axis`` as a sorted tuple of non-negative ints, checked against ``ndim``."""
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    try:
+        axes = tuple(operator.index(a) for a in axes)
+    except TypeError:
+        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.") from None
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`axis` {a} is out of range for an input with {ndim} dimensions; "
+                f"use an axis in [{-ndim}, {ndim - 1}]."
+            )
+    canonical = tuple(sorted(a % ndim for a in axes))
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(f"`axis` {axis!r} names the same dimension twice.")
+    return canonical
+
+
+def check_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """``where`` as a boolean array that broadcasts to ``shape``, or ``None``."""
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"`where` must be a boolean mask, got dtype {where.dtype}; pass a comparison "
+            "such as `lengths[:, None] > jnp.arange(n)`, or `mask.astype(bool)`."
+        )
+    if not broadcasts_to(where.shape, shape):
+        raise ValueError(
+            f"`where` of shape {where.shape} does not broadcast to the input's shape {shape}."
+        )
+    return where
+
+
+def reduced_shape(shape: tuple[int, ...], axis: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the reduced axes kept as size 1 (``keepdims=True``)."""
+    return tuple(1 if i in axis else n for i, n in enumerate(shape))
+
+
+def check_sink(
+    sink: ArrayLike | None, shape: tuple[int, ...], axis: tuple[int, ...]
+) -> jax.Array | None:
+    """``sink`` broadcast to one logit per row, with the softmax axes kept as size 1."""
+    if sink is None:
+        return None
+    sink = as_float_array(sink, "sink")
+    rows = tuple(n for i, n in enumerate(shape) if i not in axis)
+    if not broadcasts_to(sink.shape, rows):
+        raise ValueError(
+            f"`sink` of shape {sink.shape} does not broadcast to {rows}, the input's shape "
+            f"{shape} without the softmax axis {axis}: give one sink logit per row."
+        )
+    return jnp.broadcast_to(sink, rows).reshape(reduced_shape(shape, axis))
+
+
+def check_initial(initial: ArrayLike | None, shape: tuple[int, ...]) -> None:
+    """``initial`` must be a real value that broadcasts to one value per row."""
+    if initial is None:
+        return
+    initial = jnp.asarray(initial)
+    if not jnp.issubdtype(initial.dtype, jnp.integer) and not jnp.issubdtype(
+        initial.dtype, jnp.floating
+    ):
+        raise TypeError(f"`initial` must be a real number, got dtype {initial.dtype}.")
+    if not broadcasts_to(initial.shape, shape):
+        raise ValueError(
+            f"`initial` of shape {initial.shape} does not broadcast to {shape}, one value "
+            "per row."
+        )
+
+
+def check_beta(beta: ArrayLike) -> None:
+    """A concrete ``beta`` must be positive; a traced one is the caller's to keep positive."""
+    try:
+        values = np.asarray(beta)
+    except (TypeError, jax.errors.TracerArrayConversionError):
+        return
+    if values.dtype == object:
+        return
+    if np.iscomplexobj(values):
+        raise TypeError(f"`beta` must be real, got dtype {values.dtype}.")
+    if not np.all(values > 0):
+        raise ValueError(
+            f"`beta` must be positive, got {beta!r}: softplus(x, beta) divides by beta."
+        )
+
+
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    tail = target[len(target) - len(shape) :]
+    return all(n in (1, t) for n, t in zip(shape, tail, strict=True))

@@ -1,0 +1,355 @@
+"""The shared numerical core: every op's primal, forward rule and backward rule.
+
+Each op is written three times, next to each other:
+
+* ``_<op>_primal`` computes the value and what the backward pass needs. It is plain,
+  differentiable JAX, so transforming the forward rule (``jax.hessian``, grad-of-grad)
+  differentiates exactly the function being computed.
+* ``_<op>_vjp`` is the reverse-mode rule. It reads only the op's output (one array the size
+  of ``x``) and small per-row values.
+* ``_<op>_jvp`` is the same derivative written as a tangent map, used only under
+  :func:`stablelayers.forward_mode`, because JAX cannot run ``jax.jvp`` through a
+  ``custom_vjp``.
+
+Arguments reaching this module are already validated by ``_checks``: ``axis`` is a sorted
+tuple of non-negative ints, ``where`` is a boolean array or ``None``, ``sink`` is ``None`` or
+has the keepdims shape of a reduction over ``axis``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float16 and bfloat16 are computed in float32; other float types as themselves."""
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
+
+
+def _two_sum_error(a: jax.Array, b: jax.Array, total: jax.Array) -> jax.Array:
+    # Knuth's TwoSum: the exact rounding error of ``total = a + b``. ``x - max`` is the one
+    # rounding that exp amplifies (an absolute error e in the exponent is a relative error e
+    # in the result, up to 50 ULP for logits of size 1e4), so it is carried to the end.
+    # The error is identically zero as a function, hence stop_gradient is exact.
+    b_virtual = total - a
+    err = (a - (total - b_virtual)) + (b - b_virtual)
+    return lax.stop_gradient(jnp.where(jnp.isfinite(total), err, 0))
+
+
+def _shifted_logits(x, where, sink, axis):
+    """Return ``(d, err, d_sink, err_sink)`` with ``x - shift = d + err`` exactly.
+
+    The shift is the row max over unmasked entries (and the sink). Masked entries become
+    ``-inf``. A row holding ``+inf`` is replaced by its limit: its ``+inf`` entries share the
+    mass equally. A row with nothing unmasked is not shifted; its result is zero anyway.
+    """
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    top = jnp.max(x, axis=axis, keepdims=True)
+    if sink is not None:
+        top = jnp.maximum(top, sink)
+    top = lax.stop_gradient(top)
+    has_posinf = top == jnp.inf
+    x = jnp.where(has_posinf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x)
+    if sink is not None:
+        sink = jnp.where(has_posinf, jnp.where(sink == jnp.inf, 0.0, -jnp.inf), sink)
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    raw = x - shift
+    err = _two_sum_error(x, -shift, raw)
+    # A finite logit stays finite after the shift (x - shift may overflow for logits near
+    # the float limits), so it keeps its log-probability gradient; -inf marks "no mass".
+    d = jnp.where(x == -jnp.inf, -jnp.inf, jnp.maximum(raw, jnp.finfo(x.dtype).min))
+    if sink is None:
+        return d, err, None, None
+    d_sink = sink - shift
+    return d, err, d_sink, _two_sum_error(sink, -shift, d_sink)
+
+
+def _exp_corrected(d, err):
+    # exp(d + err) = exp(d) * (1 + err) to first order (|err| <= ulp(d) / 2). Scaling by
+    # (1 + err) rather than adding exp(d) * err keeps the correction for results near the
+    # bottom of the normal range, where the product exp(d) * err would flush to zero.
+    return jnp.exp(d) * (1 + err)
+
+
+# --------------------------------------------------------------------------------------
+# softmax and masked_softmax:  y_i = exp(x_i) / (exp(sink) + sum_j exp(x_j))
+# --------------------------------------------------------------------------------------
+
+
+def _softmax_primal(x, where, sink, axis):
+    """Return ``(y, p_sink)``: the softmax in ``x.dtype`` and the sink's share per row."""
+    out_dtype = x.dtype
+    dtype = compute_dtype(out_dtype)
+    x = x.astype(dtype)
+    sink = None if sink is None else sink.astype(dtype)
+    d, err, d_sink, err_sink = _shifted_logits(x, where, sink, axis)
+    e = _exp_corrected(d, err)
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    e_sink = None
+    if sink is not None:
+        e_sink = _exp_corrected(d_sink, err_sink)
+        total = total + e_sink
+    # A row with nothing unmasked has total == 0 and every e == 0: its result is 0.
+    total = jnp.where(total == 0, 1.0, total)
+    y = (e / total).astype(out_dtype)
+    p_sink = None if sink is None else e_sink / total
+    return y, p_sink
+
+
+def _softmax_vjp(axis, y, p_sink, g):
+    # J = diag(y) - y y^T (one block per row), so J^T g = y * (g - sum(g * y)). With a sink
+    # the sink is one more entry of the row whose cotangent is 0, and
+    # d y_i / d sink = -y_i * p_sink.
+    #
+    # The VJP is unchanged by adding a constant c to every cotangent of the (extended) row,
+    # the sink's included, because the extended row sums to one. Subtracting c1 = sum(g * y)
+    # first and then applying the rule to the centred cotangent removes the cancellation in
+    # g_k - sum(g * y) at a dominant entry y_k ~ 1, which otherwise loses every digit.
+    dtype = compute_dtype(y.dtype)
+    y = y.astype(dtype)
+    # Zero-probability entries (masked, or underflowed) take no part; this also keeps a
+    # non-finite cotangent in a masked place out of the row sums.
+    g = jnp.where(y == 0, 0.0, g.astype(dtype))
+    c1 = jnp.sum(g * y, axis=axis, keepdims=True)
+    centred = g - c1
+    c2 = jnp.sum(centred * y, axis=axis, keepdims=True)
+    if p_sink is not None:
+        c2 = c2 - p_sink * c1
+    grad_x = y * (centred - c2)
+    grad_sink = None if p_sink is None else p_sink * (-c1 - c2)
+    return grad_x, grad_sink
+
+
+def _softmax_jvp(axis, y, p_sink, x_dot, sink_dot):
+    # The same J applied to a tangent: y * (x_dot - sum(y * x_dot) - p_sink * sink_dot).
+    dtype = compute_dtype(y.dtype)
+    y = y.astype(dtype)
+    x_dot = jnp.where(y == 0, 0.0, x_dot.astype(dtype))
+    mean = jnp.sum(y * x_dot, axis=axis, keepdims=True)
+    if p_sink is not None:
+        mean = mean + p_sink * sink_dot
+    return y * (x_dot - mean)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def softmax_vjp_op(x, where, sink, axis):
+    return _softmax_primal(x, where, sink, axis)[0]
+
+
+def _softmax_fwd(x, where, sink, axis):
+    y, p_sink = _softmax_primal(x, where, sink, axis)
+    return y, (y, p_sink)
+
+
+def _softmax_bwd(axis, residuals, g):
+    y, p_sink = residuals
+    grad_x, grad_sink = _softmax_vjp(axis, y, p_sink, g)
+    grad_sink = None if grad_sink is None else grad_sink.astype(p_sink.dtype)
+    return grad_x.astype(y.dtype), None, grad_sink
+
+
+softmax_vjp_op.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def softmax_jvp_op(x, where, sink, axis):
+    return _softmax_primal(x, where, sink, axis)[0]
+
+
+@softmax_jvp_op.defjvp
+def _softmax_jvp_rule(axis, primals, tangents):
+    x, where, sink = primals
+    x_dot, _, sink_dot = tangents
+    y, p_sink = _softmax_primal(x, where, sink, axis)
+    return y, _softmax_jvp(axis, y, p_sink, x_dot, sink_dot).astype(y.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# log_softmax:  y_i = x_i - log(sum_j exp(x_j))
+# --------------------------------------------------------------------------------------
+
+
+def _log_softmax_primal(x, where, axis):
+    out_dtype = x.dtype
+    dtype = compute_dtype(out_dtype)
+    d, err, _, _ = _shifted_logits(x.astype(dtype), where, None, axis)
+    e = _exp_corrected(d, err)
+    # log(sum_j exp(d_j)) = log1p(sum_j exp(d_j) - 1), where the max entries have d == 0.
+    # Summing e - 1 at the max entries keeps the "- 1" exact, so a row with one dominant
+    # entry gets log1p(tiny) instead of log(1 + tiny) == 0 (jax.nn returns exactly 0.0 at
+    # the arg-max where the truth is -7.1e-12). At d == 0, e - 1 equals expm1(d) to every
+    # order, so this is differentiable like the plain sum.
+    is_top = (d == 0).astype(dtype)
+    rest = jnp.sum(e - is_top, axis=axis, keepdims=True)
+    ties = jnp.sum(is_top, axis=axis, keepdims=True)
+    rest = rest + (ties - 1)
+    empty = ties == 0
+    lse = jnp.log1p(jnp.where(empty, 0.0, rest))
+    y = jnp.where(d == -jnp.inf, -jnp.inf, (d - lse) + err)
+    return y.astype(out_dtype)
+
+
+def _log_softmax_vjp(axis, y, g):
+    # d y_i / d x_j = delta_ij - softmax_j, so the VJP is g - exp(y) * sum(g). Entries at
+    # -inf (masked, or a row with nothing unmasked) are constants: they neither take nor give
+    # gradient.
+    dtype = compute_dtype(y.dtype)
+    y = y.astype(dtype)
+    live = y != -jnp.inf
+    g = jnp.where(live, g.astype(dtype), 0.0)
+    total = jnp.sum(g, axis=axis, keepdims=True)
+    return jnp.where(live, g - jnp.exp(y) * total, 0.0)
+
+
+def _log_softmax_jvp(axis, y, x_dot):
+    dtype = compute_dtype(y.dtype)
+    y = y.astype(dtype)
+    live = y != -jnp.inf
+    x_dot = jnp.where(live, x_dot.astype(dtype), 0.0)
+    mean = jnp.sum(jnp.exp(y) * x_dot, axis=axis, keepdims=True)
+    return jnp.where(live, x_dot - mean, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def log_softmax_vjp_op(x, where, axis):
+    return _log_softmax_primal(x, where, axis)
+
+
+def _log_softmax_fwd(x, where, axis):
+    y = _log_softmax_primal(x, where, axis)
+    return y, y
+
+
+def _log_softmax_bwd(axis, y, g):
+    return _log_softmax_vjp(axis, y, g).astype(y.dtype), None
+
+
+log_softmax_vjp_op.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def log_softmax_jvp_op(x, where, axis):
+    return _log_softmax_primal(x, where, axis)
+
+
+@log_softmax_jvp_op.defjvp
+def _log_softmax_jvp_rule(axis, primals, tangents):
+    x, where = primals
+    x_dot, _ = tangents
+    y = _log_softmax_primal(x, where, axis)
+    return y, _log_softmax_jvp(axis, y, x_dot).astype(y.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# softplus:  y = log1p(exp(beta * x)) / beta
+# --------------------------------------------------------------------------------------
+
+
+def _softplus_primal(x, beta):
+    out_dtype = x.dtype
+    dtype = compute_dtype(out_dtype)
+    u = beta.astype(dtype) * x.astype(dtype)
+    # log1p(exp(u)) = max(u, 0) + log1p(exp(-|u|)): exp never overflows, and there is no
+    # threshold where the formula switches (torch's softplus switches at u > 20).
+    y = (jnp.maximum(u, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(u)))) / beta.astype(dtype)
+    return y.astype(out_dtype)
+
+
+def _softplus_sigmoid(y, beta):
+    """sigmoid(beta * x), from the output: beta * y = softplus(u) and 1 - exp(-softplus(u))
+    = sigmoid(u), so sigmoid = -expm1(-beta * y)."""
+    dtype = compute_dtype(y.dtype)
+    return -jnp.expm1(-beta.astype(dtype) * y.astype(dtype))
+
+
+def _softplus_beta_slope(y, beta):
+    """d y / d beta, from the output alone.
+
+    With v = beta * y = softplus(u), u = beta * x and s = sigmoid(u) = -expm1(-v):
+    u = v + log(s) (softplus inverted), so
+    d y / d beta = (x * s - y) / beta = (s * log(s) - v * exp(-v)) / beta^2.
+    Both terms are computed without cancellation; each vanishes at v = 0 and v = inf.
+    """
+    dtype = compute_dtype(y.dtype)
+    beta = beta.astype(dtype)
+    v = beta * y.astype(dtype)
+    exp_neg_v = jnp.exp(-v)
+    sig = -jnp.expm1(-v)
+    sig_safe = jnp.where(sig == 0, 1.0, sig)
+    # log(s) = log1p(-exp(-v)) is the accurate form once s > 1/2.
+    log_sig = jnp.where(v > jnp.log(2.0), jnp.log1p(-exp_neg_v), jnp.log(sig_safe))
+    v_safe = jnp.where(v == jnp.inf, 0.0, v)
+    return (sig * log_sig - v_safe * exp_neg_v) / (beta * beta)
+
+
+def _sum_to_shape(t, shape):
+    """Sum a cotangent over the axes along which an argument of ``shape`` was broadcast."""
+    extra = t.ndim - len(shape)
+    t = jnp.sum(t, axis=tuple(range(extra))) if extra else t
+    kept = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return jnp.sum(t, axis=kept, keepdims=True) if kept else t
+
+
+@jax.custom_vjp
+def softplus_vjp_op(x, beta):
+    return _softplus_primal(x, beta)
+
+
+def _softplus_fwd(x, beta):
+    y = _softplus_primal(x, beta)
+    return y, (y, beta)
+
+
+def _softplus_bwd(residuals, g):
+    # softplus'(u) = sigmoid(u), read from the output: g * -expm1(-beta * y).
+    y, beta = residuals
+    sig = _softplus_sigmoid(y, beta)
+    g = g.astype(sig.dtype)
+    grad_beta = _sum_to_shape(g * _softplus_beta_slope(y, beta), beta.shape)
+    grad_beta = grad_beta.astype(beta.dtype)
+    return (g * sig).astype(y.dtype), grad_beta
+
+
+softplus_vjp_op.defvjp(_softplus_fwd, _softplus_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softplus_fixed_beta_vjp_op(x, beta):
+    """softplus for a constant Python ``beta``: no beta gradient to compute or keep."""
+    return _softplus_primal(x, jnp.asarray(beta))
+
+
+def _softplus_fixed_beta_fwd(x, beta):
+    y = _softplus_primal(x, jnp.asarray(beta))
+    return y, y
+
+
+def _softplus_fixed_beta_bwd(beta, y, g):
+    sig = _softplus_sigmoid(y, jnp.asarray(beta))
+    return ((g.astype(sig.dtype) * sig).astype(y.dtype),)
+
+
+softplus_fixed_beta_vjp_op.defvjp(_softplus_fixed_beta_fwd, _softplus_fixed_beta_bwd)
+
+
+@jax.custom_jvp
+def softplus_jvp_op(x, beta):
+    return _softplus_primal(x, beta)
+
+
+@softplus_jvp_op.defjvp
+def _softplus_jvp_rule(primals, tangents):
+    x, beta = primals
+    x_dot, beta_dot = tangents
+    y = _softplus_primal(x, beta)
+    sig = _softplus_sigmoid(y, beta)
+    d_beta = _softplus_beta_slope(y, beta)
+    y_dot = sig * x_dot.astype(sig.dtype) + d_beta * beta_dot.astype(sig.dtype)
+    return y, y_dot.astype(y.dtype)
