@@ -1,0 +1,117 @@
+"""What the Flax NNX, Flax Linen and Equinox layers share: argument checks at construction
+and the calls into the core that turn a layer's parameters into core arguments. No
+framework is imported here, so each layer module imports only its own framework."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from stablelayers import _checks, _core
+from stablelayers._attention import dot_product_attention
+from stablelayers._functions import masked_softmax, softplus
+
+Axis = int | Sequence[int]
+
+
+def check_axis(axis: Axis) -> int | tuple[int, ...]:
+    """``axis`` as an int or a tuple of distinct ints (the range is checked on the input)."""
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+        return int(axis)
+    try:
+        axes = tuple(operator.index(a) for a in axis)
+    except TypeError:
+        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.") from None
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"`axis` {axis!r} names the same dimension twice.")
+    return axes
+
+
+def check_beta(beta: float) -> float:
+    """``beta`` as a positive, finite Python float."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        raise TypeError(f"`beta` must be a positive real number, got {beta!r}.") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f"`beta` must be positive and finite, got {beta!r}: softplus(x, beta) divides "
+            "by beta."
+        )
+    return value
+
+
+def log_beta_init(beta: float) -> float:
+    """The initial value of a learnable ``log_beta``; every framework starts from this."""
+    return math.log(beta)
+
+
+def learnable_softplus(x: ArrayLike, log_beta: jax.Array) -> jax.Array:
+    # exp keeps beta positive whatever the optimiser does, and makes updates relative.
+    return softplus(x, jnp.exp(log_beta))
+
+
+def check_num_heads(num_heads: int | None) -> int | None:
+    if num_heads is None:
+        return None
+    try:
+        n = operator.index(num_heads)
+    except TypeError:
+        raise TypeError(f"`num_heads` must be an int or None, got {num_heads!r}.") from None
+    if n < 1:
+        raise ValueError(f"`num_heads` must be at least 1, got {n}.")
+    return n
+
+
+def sink_shape(num_heads: int | None) -> tuple[int, ...]:
+    """One sink logit per head, or a single one shared by all heads."""
+    return () if num_heads is None else (num_heads,)
+
+
+def heads_masked_softmax(
+    logits: ArrayLike,
+    where: ArrayLike | None,
+    sink: jax.Array | None,
+    num_heads: int | None,
+) -> jax.Array:
+    """masked_softmax over the last axis of ``(batch..., heads, q_len, kv_len)`` logits."""
+    logits = _checks.as_float_array(logits, "logits")
+    if num_heads is not None and (logits.ndim < 3 or logits.shape[-3] != num_heads):
+        raise ValueError(
+            f"This layer has num_heads={num_heads}, so the logits must have shape "
+            f"(batch..., {num_heads}, q_len, kv_len); got shape {logits.shape}."
+        )
+    if sink is not None:
+        # The core returns the sink's gradient in the logits' compute dtype, so cast here
+        # and let astype's transpose bring it back to the parameter's dtype.
+        sink = sink.astype(_core.compute_dtype(logits.dtype))
+        if sink.ndim == 1:
+            sink = sink[:, None]  # (heads, 1): broadcast over the query axis.
+    return masked_softmax(logits, where=where, sink=sink)
+
+
+def heads_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None,
+    mask: ArrayLike | None,
+    sink: jax.Array | None,
+    num_heads: int | None,
+    **kwargs: Any,
+) -> jax.Array:
+    """dot_product_attention with a layer's sink, checked against its ``num_heads``."""
+    query_shape = jnp.shape(query)
+    if num_heads is not None and (len(query_shape) < 3 or query_shape[-2] != num_heads):
+        raise ValueError(
+            f"This layer has num_heads={num_heads}, so the query must have shape "
+            f"(batch..., q_len, {num_heads}, head_dim); got shape {query_shape}."
+        )
+    return dot_product_attention(query, key, value, bias, mask, sink=sink, **kwargs)

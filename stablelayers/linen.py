@@ -1,0 +1,292 @@
+"""Flax Linen layers for the stablelayers ops.
+
+Each layer declares its parameters with ``self.param`` and calls the functional core, so it
+gives the same numbers as :func:`stablelayers.softmax` and friends, and the same numbers
+as the :mod:`stablelayers.nnx` layer of the same name given equal parameters. Only Flax is
+imported here; ``stablelayers.equinox`` works without Flax and this module without Equinox.
+
+For attention without sinks no new class is needed: pass
+``attention_fn=stablelayers.dot_product_attention`` to
+:class:`flax.linen.MultiHeadDotProductAttention`. :class:`MultiHeadAttention` here does that
+by default and adds learnable sinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.typing import ArrayLike, DTypeLike
+
+from stablelayers import _layers
+from stablelayers._attention import Einsum, dot_product_attention
+from stablelayers._functions import log_softmax, softmax, softplus
+
+__all__ = [
+    "DotProductAttention",
+    "LogSoftmax",
+    "MaskedSoftmax",
+    "MultiHeadAttention",
+    "Softmax",
+    "Softplus",
+]
+
+
+class Softmax(nn.Module):
+    """Softmax over ``axis``, as :func:`stablelayers.softmax`.
+
+    Attributes:
+        axis: the axis, or tuple of axes, that forms a row.
+    """
+
+    axis: int | tuple[int, ...] = -1
+
+    def __post_init__(self) -> None:
+        _layers.check_axis(self.axis)
+        super().__post_init__()
+
+    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """Args:
+            x: logits of any shape.
+            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
+                get exactly 0 and a row with nothing unmasked is all 0.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        return softmax(x, axis=self.axis, where=where)
+
+
+class LogSoftmax(nn.Module):
+    """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`.
+
+    Attributes:
+        axis: the axis, or tuple of axes, that forms a row.
+    """
+
+    axis: int | tuple[int, ...] = -1
+
+    def __post_init__(self) -> None:
+        _layers.check_axis(self.axis)
+        super().__post_init__()
+
+    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """Args:
+            x: logits of any shape.
+            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
+                are ``-inf`` with gradient 0.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        return log_softmax(x, axis=self.axis, where=where)
+
+
+class Softplus(nn.Module):
+    r"""``log(1 + exp(beta * x)) / beta``, as :func:`stablelayers.softplus`.
+
+    Attributes:
+        beta: the initial (or, if not learnable, fixed) positive temperature, a number.
+        learnable: make beta a trainable parameter. It is the scalar param ``'log_beta'``,
+            initialised to ``log(beta)``, and the layer uses ``beta = exp(log_beta)``, so
+            beta stays positive under any update.
+        param_dtype: dtype of ``log_beta``.
+    """
+
+    beta: float = 1.0
+    learnable: bool = False
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        _layers.check_beta(self.beta)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: ArrayLike) -> jax.Array:
+        """Args:
+            x: input of any shape.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        if not self.learnable:
+            return softplus(x, float(self.beta))
+        init = nn.initializers.constant(_layers.log_beta_init(float(self.beta)))
+        log_beta = self.param("log_beta", init, (), self.param_dtype)
+        return _layers.learnable_softplus(x, log_beta)
+
+
+class MaskedSoftmax(nn.Module):
+    """The attention softmax, as :func:`stablelayers.masked_softmax`, with optional
+    learnable sinks.
+
+    Normalises attention logits of shape ``(batch..., heads, q_len, kv_len)`` over the
+    last (key) axis. ``-inf`` logits and ``False`` mask entries are left out, and a query
+    row with nothing left is exactly 0 with zero gradient.
+
+    Attributes:
+        num_heads: the number of heads, the size of the logits' axis ``-3``; checked on
+            every call when given. With ``sink=True`` there is one sink per head; with
+            ``None``, one sink shared by all heads.
+        sink: add a learnable sink logit, the param ``'sink'`` of shape ``(num_heads,)``
+            initialised to 0 ("softmax1"), to each row's normaliser (gpt-oss style).
+        param_dtype: dtype of the sink.
+    """
+
+    num_heads: int | None = None
+    sink: bool = False
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        _layers.check_num_heads(self.num_heads)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """Args:
+            logits: shape ``(batch..., heads, q_len, kv_len)`` (any shape if there is
+                neither ``num_heads`` nor a sink).
+            where: optional boolean mask broadcastable to ``logits.shape``.
+
+        Returns:
+            An array of ``logits``' shape and dtype; each row sums to 1 minus the sink's
+            share, or to 0 if nothing in it is unmasked.
+        """
+        sink = _sink_param(self) if self.sink else None
+        return _layers.heads_masked_softmax(logits, where, sink, self.num_heads)
+
+
+class DotProductAttention(nn.Module):
+    """:func:`stablelayers.dot_product_attention` as a module that owns learnable sinks.
+
+    Use it as the ``attention_fn`` of :class:`flax.linen.MultiHeadDotProductAttention` to
+    give that class sinks (this is what :class:`MultiHeadAttention` does)::
+
+        nn.MultiHeadDotProductAttention(8, attention_fn=DotProductAttention(8, sink=True))
+
+    Attributes:
+        num_heads: the number of query heads; checked on every call when given. With
+            ``sink=True`` there is one sink per head; with ``None``, one shared sink.
+        sink: hold a learnable sink logit per head, the param ``'sink'``, initialised to 0.
+        param_dtype: dtype of the sink.
+    """
+
+    num_heads: int | None = None
+    sink: bool = False
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        _layers.check_num_heads(self.num_heads)
+        super().__post_init__()
+
+    # Every keyword is spelled out: Linen's attention layer passes only the keywords that
+    # appear in its attention_fn's signature.
+    @nn.compact
+    def __call__(
+        self,
+        query: ArrayLike,
+        key: ArrayLike,
+        value: ArrayLike,
+        bias: ArrayLike | None = None,
+        mask: ArrayLike | None = None,
+        *,
+        scale: float | None = None,
+        is_causal: bool = False,
+        dropout_rng: jax.Array | None = None,
+        dropout_rate: float = 0.0,
+        broadcast_dropout: bool = True,
+        deterministic: bool = True,
+        dtype: DTypeLike | None = None,
+        precision: Any = None,
+        module: Any = None,
+        qk_attn_weights_einsum: Einsum | None = None,
+        attn_weights_value_einsum: Einsum | None = None,
+    ) -> jax.Array:
+        """Args:
+            query: shape ``(batch..., q_len, heads, qk_dim)``.
+            key: shape ``(batch..., kv_len, kv_heads, qk_dim)``.
+            value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
+            bias: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
+            mask: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
+            scale, is_causal, dropout_rng, dropout_rate, broadcast_dropout,
+            deterministic, dtype, precision, module, qk_attn_weights_einsum,
+            attn_weights_value_einsum: as in :func:`stablelayers.dot_product_attention`.
+
+        Returns:
+            An array of shape ``(batch..., q_len, heads, v_dim)``.
+        """
+        sink = _sink_param(self) if self.sink else None
+        return _layers.heads_attention(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            sink,
+            self.num_heads,
+            scale=scale,
+            is_causal=is_causal,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            broadcast_dropout=broadcast_dropout,
+            deterministic=deterministic,
+            dtype=dtype,
+            precision=precision,
+            module=module,
+            qk_attn_weights_einsum=qk_attn_weights_einsum,
+            attn_weights_value_einsum=attn_weights_value_einsum,
+        )
+
+
+class MultiHeadAttention(nn.MultiHeadAttention):
+    """:class:`flax.linen.MultiHeadAttention` on :func:`stablelayers.dot_product_attention`,
+    with optional learnable sinks.
+
+    It has every attribute of :class:`flax.linen.MultiHeadDotProductAttention`, is called
+    the same way (``sow_weights=True`` included), and has the same parameters, so its
+    params load into Flax's class and back. The differences: ``attention_fn`` defaults to
+    :func:`stablelayers.dot_product_attention` (a query whose keys are all masked gives
+    exactly 0 and no gradient, rather than the mean of the values), and ``sink=True``
+    adds one learnable sink logit per head.
+
+    Attributes:
+        sink: add a learnable sink per head. ``attention_fn`` becomes a
+            :class:`DotProductAttention` submodule, so the sink is the param
+            ``params['attention_fn']['sink']``, shape ``(num_heads,)``, initialised to 0.
+            Needs the default ``attention_fn``.
+        attention_fn: the attention function, by default
+            :func:`stablelayers.dot_product_attention`.
+
+    Raises:
+        ValueError: ``sink=True`` together with a custom ``attention_fn``.
+    """
+
+    attention_fn: Callable[..., jax.Array] = dot_product_attention
+    sink: bool = False
+
+    def __post_init__(self) -> None:
+        # A clone passes the DotProductAttention built here back in, so accept it.
+        if self.sink and not isinstance(self.attention_fn, DotProductAttention):
+            if self.attention_fn is not dot_product_attention:
+                raise ValueError(
+                    "sink=True puts the sinks in a DotProductAttention submodule that "
+                    "replaces `attention_fn`; leave `attention_fn` at its default, or pass "
+                    "attention_fn=DotProductAttention(num_heads, sink=True) yourself."
+                )
+            # parent=None: built unbound, then adopted as the child 'attention_fn' like any
+            # submodule attribute, rather than bound to whichever module is being run.
+            attention_fn = DotProductAttention(
+                self.num_heads, sink=True, param_dtype=self.param_dtype, parent=None
+            )
+            # The dataclass is frozen; this is the documented way to set a field in
+            # __post_init__.
+            object.__setattr__(self, "attention_fn", attention_fn)
+        super().__post_init__()
+
+
+def _sink_param(module: nn.Module) -> jax.Array:
+    shape = _layers.sink_shape(module.num_heads)
+    return module.param("sink", nn.initializers.zeros_init(), shape, module.param_dtype)

@@ -1,0 +1,297 @@
+"""Flax NNX layers for the stablelayers ops.
+
+Each layer holds its parameters as :class:`flax.nnx.Param` and calls the functional core,
+so it gives the same numbers as :func:`stablelayers.softmax` and friends. Only Flax is
+imported here; ``stablelayers.equinox`` works without Flax and this module without Equinox.
+
+For attention without sinks no new class is needed: pass
+``attention_fn=stablelayers.dot_product_attention`` to :class:`flax.nnx.MultiHeadAttention`.
+:class:`MultiHeadAttention` here does that by default and adds learnable sinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike, DTypeLike
+
+from stablelayers import _layers
+from stablelayers._attention import dot_product_attention
+from stablelayers._functions import log_softmax, softmax, softplus
+
+__all__ = [
+    "DotProductAttention",
+    "LogSoftmax",
+    "MaskedSoftmax",
+    "MultiHeadAttention",
+    "Softmax",
+    "Softplus",
+]
+
+
+class Softmax(nnx.Module):
+    """Softmax over ``axis``, as :func:`stablelayers.softmax`.
+
+    Args:
+        axis: the axis, or tuple of axes, that forms a row.
+
+    Example::
+
+        >>> layer = Softmax()
+        >>> y = layer(jnp.array([[1.0, 2.0, 3.0]]))  # rows sum to one
+    """
+
+    def __init__(self, axis: _layers.Axis = -1):
+        self.axis = _layers.check_axis(axis)
+
+    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """Args:
+            x: logits of any shape.
+            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
+                get exactly 0 and a row with nothing unmasked is all 0.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        return softmax(x, axis=self.axis, where=where)
+
+
+class LogSoftmax(nnx.Module):
+    """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`.
+
+    Args:
+        axis: the axis, or tuple of axes, that forms a row.
+    """
+
+    def __init__(self, axis: _layers.Axis = -1):
+        self.axis = _layers.check_axis(axis)
+
+    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """Args:
+            x: logits of any shape.
+            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
+                are ``-inf`` with gradient 0.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        return log_softmax(x, axis=self.axis, where=where)
+
+
+class Softplus(nnx.Module):
+    r"""``log(1 + exp(beta * x)) / beta``, as :func:`stablelayers.softplus`.
+
+    Args:
+        beta: the initial (or, if not learnable, fixed) positive temperature, a number.
+        learnable: make beta a trainable parameter. It is stored as
+            ``log_beta = nnx.Param(log(beta))``, a scalar, and the layer uses
+            ``beta = exp(log_beta)``, so beta stays positive under any update.
+        param_dtype: dtype of ``log_beta``.
+
+    Attributes:
+        beta: the fixed temperature (a Python float), or ``None`` when learnable.
+        log_beta: the ``nnx.Param`` holding ``log(beta)``, or ``None`` when not learnable.
+    """
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        learnable: bool = False,
+        *,
+        param_dtype: DTypeLike = jnp.float32,
+    ):
+        beta = _layers.check_beta(beta)
+        self.learnable = bool(learnable)
+        self.beta: float | None = None if learnable else beta
+        self.log_beta: nnx.Param | None = (
+            nnx.Param(jnp.asarray(_layers.log_beta_init(beta), param_dtype))
+            if learnable
+            else None
+        )
+
+    def __call__(self, x: ArrayLike) -> jax.Array:
+        """Args:
+            x: input of any shape.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        if self.log_beta is None:
+            return softplus(x, self.beta)
+        return _layers.learnable_softplus(x, self.log_beta[...])
+
+
+class MaskedSoftmax(nnx.Module):
+    """The attention softmax, as :func:`stablelayers.masked_softmax`, with optional
+    learnable sinks.
+
+    Normalises attention logits of shape ``(batch..., heads, q_len, kv_len)`` over the
+    last (key) axis. ``-inf`` logits and ``False`` mask entries are left out, and a query
+    row with nothing left is exactly 0 with zero gradient.
+
+    Args:
+        num_heads: the number of heads, the size of the logits' axis ``-3``; checked on
+            every call when given. With ``sink=True`` there is one sink per head; with
+            ``None``, one sink shared by all heads.
+        sink: add a learnable sink logit, ``self.sink = nnx.Param(zeros(num_heads))``
+            (gpt-oss style), to each row's normaliser. It starts at 0, which is
+            "softmax1"; assign ``layer.sink[...] = value`` to start elsewhere.
+        param_dtype: dtype of the sink.
+    """
+
+    def __init__(
+        self,
+        num_heads: int | None = None,
+        sink: bool = False,
+        *,
+        param_dtype: DTypeLike = jnp.float32,
+    ):
+        self.num_heads = _layers.check_num_heads(num_heads)
+        self.sink: nnx.Param | None = (
+            nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
+            if sink
+            else None
+        )
+
+    def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """Args:
+            logits: shape ``(batch..., heads, q_len, kv_len)`` (any shape if there is
+                neither ``num_heads`` nor a sink).
+            where: optional boolean mask broadcastable to ``logits.shape``.
+
+        Returns:
+            An array of ``logits``' shape and dtype; each row sums to 1 minus the sink's
+            share, or to 0 if nothing in it is unmasked.
+        """
+        sink = None if self.sink is None else self.sink[...]
+        return _layers.heads_masked_softmax(logits, where, sink, self.num_heads)
+
+
+class DotProductAttention(nnx.Module):
+    """:func:`stablelayers.dot_product_attention` as a module that owns learnable sinks.
+
+    Use it as the ``attention_fn`` of :class:`flax.nnx.MultiHeadAttention` to give that
+    class sinks (this is what :class:`MultiHeadAttention` does)::
+
+        attn = nnx.MultiHeadAttention(
+            8, 64, attention_fn=DotProductAttention(8, sink=True), rngs=nnx.Rngs(0)
+        )
+
+    Args:
+        num_heads: the number of query heads; checked on every call when given. With
+            ``sink=True`` there is one sink per head; with ``None``, one shared sink.
+        sink: hold a learnable sink logit per head, ``self.sink = nnx.Param(zeros(...))``.
+        param_dtype: dtype of the sink.
+    """
+
+    def __init__(
+        self,
+        num_heads: int | None = None,
+        sink: bool = False,
+        *,
+        param_dtype: DTypeLike = jnp.float32,
+    ):
+        self.num_heads = _layers.check_num_heads(num_heads)
+        self.sink: nnx.Param | None = (
+            nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
+            if sink
+            else None
+        )
+
+    def __call__(
+        self,
+        query: ArrayLike,
+        key: ArrayLike,
+        value: ArrayLike,
+        bias: ArrayLike | None = None,
+        mask: ArrayLike | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        """Args:
+            query: shape ``(batch..., q_len, heads, qk_dim)``.
+            key: shape ``(batch..., kv_len, kv_heads, qk_dim)``.
+            value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
+            bias: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
+            mask: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
+            **kwargs: the other keywords of :func:`stablelayers.dot_product_attention`
+                (dropout, ``dtype``, ``precision``, ``module``, ``is_causal``, ...).
+
+        Returns:
+            An array of shape ``(batch..., q_len, heads, v_dim)``.
+        """
+        sink = None if self.sink is None else self.sink[...]
+        return _layers.heads_attention(
+            query, key, value, bias, mask, sink, self.num_heads, **kwargs
+        )
+
+
+class MultiHeadAttention(nnx.MultiHeadAttention):
+    """:class:`flax.nnx.MultiHeadAttention` on :func:`stablelayers.dot_product_attention`,
+    with optional learnable sinks.
+
+    It takes every argument of :class:`flax.nnx.MultiHeadAttention`, is called the same
+    way, and has the same parameters, so its state loads into Flax's class and back. The
+    differences: ``attention_fn`` defaults to :func:`stablelayers.dot_product_attention`
+    (a query whose keys are all masked gives exactly 0 and no gradient, rather than the
+    mean of the values), and ``sink=True`` adds one learnable sink logit per head.
+
+    Args:
+        num_heads: number of (query) heads.
+        in_features: number of input features.
+        qkv_features: see :class:`flax.nnx.MultiHeadAttention`.
+        out_features: see :class:`flax.nnx.MultiHeadAttention`.
+        num_kv_heads: see :class:`flax.nnx.MultiHeadAttention` (grouped-query attention).
+        in_kv_features: see :class:`flax.nnx.MultiHeadAttention`.
+        sink: add a learnable sink per head. The parameter is
+            ``self.attention_fn.sink``, shape ``(num_heads,)``, initialised to 0; it
+            needs the default ``attention_fn``.
+        attention_fn: the attention function, by default
+            :func:`stablelayers.dot_product_attention`.
+        param_dtype: dtype of all parameters, the sink included.
+        rngs: the :class:`flax.nnx.Rngs` for initialisation (and dropout).
+        **kwargs: the other keyword arguments of :class:`flax.nnx.MultiHeadAttention`
+            (``dtype``, ``dropout_rate``, ``decode``, ``kernel_init``, ...).
+
+    Raises:
+        ValueError: ``sink=True`` together with a custom ``attention_fn``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        sink: bool = False,
+        attention_fn: Callable[..., jax.Array] = dot_product_attention,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+        **kwargs: Any,
+    ):
+        if sink:
+            if attention_fn is not dot_product_attention:
+                raise ValueError(
+                    "sink=True puts the sinks in a DotProductAttention module that replaces "
+                    "`attention_fn`; leave `attention_fn` at its default, or pass "
+                    "attention_fn=DotProductAttention(num_heads, sink=True) yourself."
+                )
+            attention_fn = DotProductAttention(num_heads, sink=True, param_dtype=param_dtype)
+        super().__init__(
+            num_heads,
+            in_features,
+            qkv_features,
+            out_features,
+            num_kv_heads,
+            in_kv_features,
+            attention_fn=attention_fn,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            **kwargs,
+        )
