@@ -1,12 +1,14 @@
 """stablelayers: softmax-family ops for JAX whose forward and backward passes never
 overflow, never leak a NaN, and keep only what the backward pass needs."""
 
+from stablelayers._attention import dot_product_attention
 from stablelayers._functions import log_softmax, masked_softmax, softmax, softplus
 from stablelayers._mode import forward_mode
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "dot_product_attention",
     "forward_mode",
     "log_softmax",
     "masked_softmax",
