@@ -25,8 +25,8 @@ def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
 
 def canonical_axis(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     """``axis`` as a sorted tuple of non-negative ints, checked against ``ndim``."""
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     try:
+        axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
         axes = tuple(operator.index(a) for a in axes)
     except TypeError:
         raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.") from None

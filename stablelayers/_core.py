@@ -98,7 +98,8 @@ def _softmax_primal(x, where, sink, axis):
         total = total + e_sink
     # A row with nothing unmasked has total == 0 and every e == 0: its result is 0.
     total = jnp.where(total == 0, 1.0, total)
-    y = (e / total).astype(out_dtype)
+    # Masked places stay exactly 0 even when a NaN logit elsewhere makes the row's total NaN.
+    y = jnp.where(e == 0, 0.0, e / total).astype(out_dtype)
     p_sink = None if sink is None else e_sink / total
     return y, p_sink
 
@@ -122,7 +123,9 @@ def _softmax_vjp(axis, y, p_sink, g):
     c2 = jnp.sum(centred * y, axis=axis, keepdims=True)
     if p_sink is not None:
         c2 = c2 - p_sink * c1
-    grad_x = y * (centred - c2)
+    # Exactly zero where y is: a NaN row sum (from a NaN logit elsewhere in the row) must
+    # not reach masked places either.
+    grad_x = jnp.where(y == 0, 0.0, y * (centred - c2))
     grad_sink = None if p_sink is None else p_sink * (-c1 - c2)
     return grad_x, grad_sink
 
@@ -135,7 +138,7 @@ def _softmax_jvp(axis, y, p_sink, x_dot, sink_dot):
     mean = jnp.sum(y * x_dot, axis=axis, keepdims=True)
     if p_sink is not None:
         mean = mean + p_sink * sink_dot
-    return y * (x_dot - mean)
+    return jnp.where(y == 0, 0.0, y * (x_dot - mean))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -257,8 +260,12 @@ def _softplus_primal(x, beta):
     dtype = compute_dtype(out_dtype)
     u = beta.astype(dtype) * x.astype(dtype)
     # log1p(exp(u)) = max(u, 0) + log1p(exp(-|u|)): exp never overflows, and there is no
-    # threshold where the formula switches (torch's softplus switches at u > 20).
-    y = (jnp.maximum(u, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(u)))) / beta.astype(dtype)
+    # threshold where the formula switches (torch's softplus switches at u > 20). Written
+    # with one select instead of max/abs so that each branch is smooth and autodiff of this
+    # primal gives the right second derivative at u = 0.
+    positive = u > 0
+    y = jnp.where(positive, u, 0.0) + jnp.log1p(jnp.exp(jnp.where(positive, -u, u)))
+    y = y / beta.astype(dtype)
     return y.astype(out_dtype)
 
 
@@ -282,9 +289,12 @@ def _softplus_beta_slope(y, beta):
     v = beta * y.astype(dtype)
     exp_neg_v = jnp.exp(-v)
     sig = -jnp.expm1(-v)
-    sig_safe = jnp.where(sig == 0, 1.0, sig)
-    # log(s) = log1p(-exp(-v)) is the accurate form once s > 1/2.
-    log_sig = jnp.where(v > jnp.log(2.0), jnp.log1p(-exp_neg_v), jnp.log(sig_safe))
+    # log(s) = log1p(-exp(-v)) is the accurate form once s > 1/2. Each branch gets inputs
+    # that keep it finite where it is not selected, so second derivatives stay finite too.
+    large = v > jnp.log(2.0)
+    sig_safe = jnp.where(large | (sig == 0), 1.0, sig)
+    exp_neg_v_safe = jnp.where(large, exp_neg_v, 0.5)
+    log_sig = jnp.where(large, jnp.log1p(-exp_neg_v_safe), jnp.log(sig_safe))
     v_safe = jnp.where(v == jnp.inf, 0.0, v)
     return (sig * log_sig - v_safe * exp_neg_v) / (beta * beta)
 

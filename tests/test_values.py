@@ -223,3 +223,11 @@ def test_softplus_specials_and_no_kink():
         for xi in (15.0, 20.0, 25.0, 30.0):
             got = float(sl.softplus(jnp.float64(xi))) - xi
             assert got == pytest.approx(np.log1p(np.exp(-xi)), rel=1e-6)
+
+
+@pytest.mark.parametrize("op", [sl.softmax, sl.masked_softmax])
+def test_nan_in_an_unmasked_place_stays_out_of_masked_places(op):
+    y = op(jnp.array([jnp.nan, jnp.nan, 1.0]), where=jnp.array([False, True, True]))
+    assert y[0] == 0.0 and jnp.isnan(y[1]) and jnp.isnan(y[2])
+    ly = sl.log_softmax(jnp.array([jnp.nan, jnp.nan]), where=jnp.array([False, True]))
+    assert ly[0] == -jnp.inf and jnp.isnan(ly[1])
