@@ -1,0 +1,82 @@
+"""The PNG chart: time over the bandwidth bound per op and shape, and worst ULP per op."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a benchmark machine
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from benchmarks.config import OPS
+from benchmarks.contender import MODES
+from benchmarks.markdown import shape_label
+from benchmarks.view import View
+
+_TITLES = {"forward": "forward", "value_and_grad": "value-and-grad of sum(f(x) * w)"}
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
+    width = 0.8 / max(len(series), 1)
+    positions = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(positions + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(positions, groups, rotation=20, ha="right", fontsize=8)
+
+
+def write_chart(view: View, path: pathlib.Path) -> None:
+    """Three panels, all log scale: forward and value-and-grad median time as a multiple of
+    the bandwidth bound (1.0 = moves only the bytes it must, at copy speed), and forward and
+    gradient worst ULP over all sets."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    groups = [(op, shape) for op in OPS for shape in view.config.shapes]
+    labels = [f"{op}\n{shape_label(shape)}" for op, shape in groups]
+    for ax, mode in zip(axes[:2], MODES, strict=True):
+        series = {}
+        for name in view.contenders:
+            values = []
+            for op, shape in groups:
+                t = view.timing(name, op, shape, mode)
+                over = view.over_bound(t) if t else None
+                values.append(over if over else np.nan)
+            if not all(np.isnan(values)):
+                series[name] = values
+        _bars(ax, labels, series)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        # Log scale: one slow contender (torch on a busy machine) must not flatten the rest.
+        ax.set_yscale("log")
+        ax.set_title(_TITLES[mode], fontsize=10)
+        ax.set_ylabel("median time / bandwidth bound (lower is better)")
+    axes[0].legend(fontsize=8)
+    _accuracy_panel(axes[2], view)
+    fig.suptitle(f"stablelayers benchmarks, {view.results.info.get('date', '')}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _accuracy_panel(ax, view: View) -> None:
+    acc = view.results.accuracy
+    groups = [(op, kind) for op in OPS for kind in ("forward", "gradient")]
+    labels = [f"{op}\n{'' if kind == 'forward' else 'grad'}".strip() for op, kind in groups]
+    series = {}
+    for name in view.contenders:
+        values = []
+        for op, kind in groups:
+            worst = [
+                a.worst_ulp for a in acc if (a.contender, a.op, a.kind) == (name, op, kind)
+            ]
+            # A log axis cannot show 0 ULP; a floor of 0.1 keeps exact results visible.
+            values.append(max(max(worst), 0.1) if worst else np.nan)
+        if not all(np.isnan(values)):
+            series[name] = values
+    if not series:
+        ax.set_axis_off()
+        return
+    _bars(ax, labels, series)
+    ax.set_yscale("log")
+    ax.set_title("worst ULP over all hard_inputs sets", fontsize=10)
+    ax.set_ylabel("ULP (lower is better)")
