@@ -36,7 +36,15 @@ def test_hard_inputs_softplus(hard_inputs):
     x = hard_inputs["softplus/x"]
     worst, non_finite = ulp_error(sl.softplus(x), hard_inputs["softplus/softplus"])
     assert non_finite == 0
-    assert worst <= 3.0
+    assert worst <= 2.5  # measured 2.07; jax.nn 2.8
+
+
+def test_hard_inputs_softplus_derivative(hard_inputs):
+    x = hard_inputs["softplus/x"]
+    slope = jax.grad(lambda x: jnp.sum(sl.softplus(x)))(x)
+    worst, non_finite = ulp_error(slope, hard_inputs["softplus/sigmoid"])
+    assert non_finite == 0
+    assert worst <= 3.5  # measured 3.19; jax.nn 8.4
 
 
 def test_log_softmax_dominant_argmax_is_not_rounded_to_zero():
