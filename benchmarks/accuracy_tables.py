@@ -24,7 +24,7 @@ def accuracy_section(view: View) -> list[str]:
         "",
     ]
     for kind, title in ((FORWARD, "Forward"), (GRADIENT, "Gradient of sum(f(x) * w)")):
-        header = ["op", "contender", *SETS, "non-finite", "flushed"]
+        header = ["op", "contender", *SETS, "worst", "non-finite", "flushed"]
         if kind == GRADIENT:
             header.append("rel. err at dominant arg-max")
         rows = [
@@ -48,6 +48,7 @@ def accuracy_section(view: View) -> list[str]:
 def _row(view: View, name: str, op: str, kind: str) -> list[str]:
     found = [view.accuracy(name, op, s, kind) for s in SETS]
     cells = [op, name] + [fmt_ulp(a.worst_ulp) if a else "" for a in found]
+    cells.append(f"**{fmt_ulp(max(a.worst_ulp for a in found if a))}**")
     cells.append(str(sum(a.non_finite for a in found if a)))
     cells.append(str(sum(a.flushed for a in found if a)))
     if kind == GRADIENT:
