@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only: no display on a benchmark machine
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import ticker
 
 from benchmarks.config import OPS
 from benchmarks.contender import MODES
@@ -48,6 +49,9 @@ def write_chart(view: View, path: pathlib.Path) -> None:
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         # Log scale: one slow contender (torch on a busy machine) must not flatten the rest.
         ax.set_yscale("log")
+        # Plain numbers ("1", "10") on the log axis, and no crowded minor labels.
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(_TITLES[mode], fontsize=10)
         ax.set_ylabel("median time / bandwidth bound (lower is better)")
     axes[0].legend(fontsize=8)
