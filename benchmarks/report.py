@@ -41,6 +41,9 @@ def render(view: View) -> str:
         "",
         *table(["", ""], header_rows),
         "",
+        # __main__ writes the chart beside this file, so the relative link always resolves.
+        "![Time over the bandwidth bound, and worst ULP](benchmarks.png)",
+        "",
         *speed_section(view),
         *ratio_section(view),
         *memory_section(view),
