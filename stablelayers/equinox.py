@@ -391,6 +391,16 @@ class MultiHeadAttention(eqx.Module):
                 f"({self.num_heads}, {q_len}, {kv_len}); got {jnp.shape(mask)}."
             )
 
+        if inference is None:
+            inference = self.dropout.inference
+        rate = self.dropout.p
+        # As equinox.nn.Dropout: only a Python 0 switches dropout off statically.
+        no_dropout = inference or (isinstance(rate, (int, float)) and rate == 0)
+        if not no_dropout and key is None:
+            raise RuntimeError(
+                "Dropout requires a key when running in non-deterministic mode; pass "
+                "`key=...` or `inference=True`."
+            )
         query_heads = self._project(self.query_proj, query)
         key_heads = self._project(self.key_proj, key_)
         value_heads = self._project(self.value_proj, value)
@@ -402,16 +412,6 @@ class MultiHeadAttention(eqx.Module):
             if (query_heads.shape, key_heads.shape, value_heads.shape) != shapes:
                 raise ValueError("process_heads must not change the shape of the heads.")
 
-        if inference is None:
-            inference = self.dropout.inference
-        rate = self.dropout.p
-        # As equinox.nn.Dropout: only a Python 0 switches dropout off statically.
-        no_dropout = inference or (isinstance(rate, (int, float)) and rate == 0)
-        if not no_dropout and key is None:
-            raise RuntimeError(
-                "Dropout requires a key when running in non-deterministic mode; pass "
-                "`key=...` or `inference=True`."
-            )
         attn = dot_product_attention(
             query_heads,
             key_heads,

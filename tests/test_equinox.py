@@ -74,32 +74,28 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_layers_match_the_functional_core_under_jit_and_vmap(name):
+def test_layers_match_the_functional_core_under_jit_vmap_and_grad(name):
     make, args, expected = CASES[name]
-    layer = make()
-    expected = expected()
-    np.testing.assert_allclose(layer(*args), expected, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(eqx.filter_jit(layer)(*args), expected, rtol=1e-6, atol=1e-7)
-    one = lambda *a: layer(*(x[None] for x in a))[0]  # noqa: E731
-    np.testing.assert_allclose(jax.vmap(one)(*args), expected, rtol=1e-6, atol=1e-6)
-    # The layers fit in eqx.nn.Sequential, which passes `key`.
-    if len(args) == 1:
-        sequential = eqx.nn.Sequential([layer])
-        np.testing.assert_allclose(sequential(*args, key=jax.random.key(0)), expected, 1e-6)
 
-
-@pytest.mark.parametrize("name", CASES)
-def test_gradients_are_finite_under_grad(name):
-    make, args, _ = CASES[name]
-
+    # One jit around everything: compiling dominates the run time of these tests.
     @eqx.filter_jit
-    @eqx.filter_grad
-    def grads(layer_and_x):
-        layer, x = layer_and_x
-        return jnp.sum(jnp.tanh(layer(x, *args[1:])))
+    def run(layer, args):
+        x, rest = args[0], args[1:]
+        out = layer(*args)
+        # Map over the leading batch axis; the parameters are shared.
+        vmapped = jax.vmap(lambda *a: layer(*(a_[None] for a_ in a))[0])(*args)
+        loss = lambda layer_and_x: jnp.sum(jnp.tanh(layer_and_x[0](layer_and_x[1], *rest)))  # noqa: E731
+        grads = eqx.filter_grad(loss)((layer, x))
+        # The layers fit in eqx.nn.Sequential, which passes `key`.
+        sequential = eqx.nn.Sequential([layer])(x, key=jax.random.key(0)) if not rest else out
+        return out, vmapped, grads, sequential
 
     layer = make()
-    layer_grads, x_grad = grads((layer, args[0]))
+    out, vmapped, (layer_grads, x_grad), sequential = run(layer, args)
+    expected = expected()
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(vmapped, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(sequential, out)
     assert np.all(np.isfinite(x_grad))
     params = jax.tree.leaves(eqx.filter(layer, eqx.is_inexact_array))
     assert len(jax.tree.leaves(layer_grads)) == len(params)
@@ -131,10 +127,12 @@ def test_leaves_round_trip_through_tree_serialise_leaves():
         sleqx.MultiHeadAttention(4, 16, sink=True, key=jax.random.key(1)),
         sleqx.Softplus(1.0, True),
     )
-    restored_model, restored_softplus = eqx.tree_deserialise_leaves(buffer, like)
+    restored = eqx.tree_deserialise_leaves(buffer, like)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves((model, softplus)), strict=True):
+        np.testing.assert_array_equal(a, b)
     x = _normal((3, 16), 2)
-    np.testing.assert_array_equal(restored_model(x, x, x), model(x, x, x))
-    np.testing.assert_array_equal(restored_softplus(x), softplus(x))
+    np.testing.assert_array_equal(_call(restored[0], x, x, x), _call(model, x, x, x))
+    np.testing.assert_array_equal(restored[1](x), softplus(x))
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,12 +151,15 @@ def _pair(sink=False, **kwargs):
     return ours, theirs
 
 
+@eqx.filter_jit
 def _call(model, *args, **kwargs):
-    return eqx.filter_jit(lambda m, *a: m(*a, **kwargs))(model, *args)
+    return model(*args, **kwargs)
 
 
-@pytest.mark.parametrize("mask_shape", [None, (Q_LEN, KV_LEN), (4, Q_LEN, KV_LEN)])
-@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize(
+    ("mask_shape", "biases"),
+    [(None, False), ((Q_LEN, KV_LEN), True), ((4, Q_LEN, KV_LEN), False)],
+)
 def test_matches_equinox_where_no_row_is_empty(mask_shape, biases):
     flags = ("use_query_bias", "use_key_bias", "use_value_bias", "use_output_bias")
     ours, theirs = _pair(**dict.fromkeys(flags, biases))

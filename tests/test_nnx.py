@@ -29,6 +29,11 @@ def _mask(shape, seed=1):
     return jnp.asarray(mask)
 
 
+@nnx.jit(static_argnames=("deterministic", "is_causal"))
+def _forward(model, x, mask=None, deterministic=None, is_causal=False):
+    return model(x, mask=mask, deterministic=deterministic, is_causal=is_causal)
+
+
 LOGITS = _normal((2, 4, 3, 5))
 WHERE = _mask((2, 4, 3, 5))
 SINK = jnp.array([0.5, -1.0, 2.0, 0.0])
@@ -90,30 +95,28 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_layers_match_the_functional_core_under_jit_and_vmap(name):
+def test_layers_match_the_functional_core_under_jit_vmap_and_grad(name):
     make, args, expected = CASES[name]
+
+    # One jit around everything: compiling dominates the run time of these tests.
+    @nnx.jit
+    def run(layer, args):
+        x, rest = args[0], args[1:]
+        out = layer(*args)
+        # Map over the leading batch axis; the layer's parameters are shared.
+        vmapped = jax.vmap(lambda *a: layer(*(a_[None] for a_ in a))[0])(*args)
+        loss = lambda layer, x: jnp.sum(jnp.tanh(layer(x, *rest)))  # noqa: E731
+        return out, vmapped, nnx.grad(loss, argnums=(0, 1))(layer, x)
+
     layer = make()
+    out, vmapped, (param_grads, x_grad) = run(layer, args)
     expected = expected()
-    np.testing.assert_allclose(layer(*args), expected, rtol=1e-6, atol=1e-7)
-    jitted = nnx.jit(lambda layer, *args: layer(*args))(layer, *args)
-    np.testing.assert_allclose(jitted, expected, rtol=1e-6, atol=1e-7)
-    # Map over the leading batch axis; the layer's parameters are shared.
-    vmapped = jax.vmap(lambda *a: layer(*(x[None] for x in a))[0])(*args)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(vmapped, expected, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_gradients_are_finite_under_grad(name):
-    make, args, _ = CASES[name]
-    layer = make()
-    loss = lambda layer, x: jnp.sum(jnp.tanh(layer(x, *args[1:])))  # noqa: E731
-    param_grads, x_grad = nnx.grad(loss, argnums=(0, 1))(layer, args[0])
     assert np.all(np.isfinite(x_grad))
-    for leaf in jax.tree.leaves(param_grads):
-        assert np.all(np.isfinite(leaf))
-    assert len(jax.tree.leaves(param_grads)) == len(
-        jax.tree.leaves(nnx.state(layer, nnx.Param))
-    )
+    params = jax.tree.leaves(nnx.state(layer, nnx.Param))
+    assert len(jax.tree.leaves(param_grads)) == len(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(param_grads))
 
 
 def test_learnable_beta_and_sink_gradients_match_finite_differences():
@@ -140,14 +143,15 @@ def test_state_round_trips_through_split_merge_and_msgpack():
     layer.attention_fn.sink[...] = SINK
     x = _normal((2, 3, 8), 5)
     graphdef, state = nnx.split(layer)
-    np.testing.assert_array_equal(nnx.merge(graphdef, state)(x), layer(x))
+    expected = _forward(layer, x)
+    np.testing.assert_array_equal(_forward(nnx.merge(graphdef, state), x), expected)
 
     data = flax.serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
     fresh = slnnx.MultiHeadAttention(4, 8, sink=True, decode=False, rngs=nnx.Rngs(1))
     state = nnx.state(fresh, nnx.Param)
     nnx.replace_by_pure_dict(state, flax.serialization.msgpack_restore(data))
     nnx.update(fresh, state)
-    np.testing.assert_array_equal(fresh(x), layer(x))
+    np.testing.assert_array_equal(_forward(fresh, x), expected)
 
     softplus = slnnx.Softplus(3.0, learnable=True)
     softplus.log_beta[...] = 0.25
@@ -182,10 +186,6 @@ def _padding_mask(valid=(5, 3)):
 
 
 X = _normal((BATCH, LENGTH, FEATURES), 6)
-
-
-def _forward(model, x, **kwargs):
-    return nnx.jit(lambda model, x: model(x, **kwargs))(model, x)
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 1])
@@ -223,7 +223,7 @@ def test_fully_masked_query_row_is_zero_with_finite_gradients(deterministic):
 
     # The padded rows are constant: their output sends no gradient anywhere.
     row_loss = lambda model, x: jnp.sum(model(x, mask=mask, deterministic=True)[1, 3:])  # noqa: E731
-    row_grads = nnx.grad(row_loss, argnums=(0, 1))(model, X)
+    row_grads = nnx.jit(nnx.grad(row_loss, argnums=(0, 1)))(model, X)
     for g in jax.tree.leaves(row_grads):
         np.testing.assert_array_equal(g, 0.0)
 
