@@ -35,7 +35,7 @@ def dot_product_attention(
     broadcast_dropout: bool = True,
     deterministic: bool = True,
     dtype: DTypeLike | None = None,
-    precision: Any = None,
+    precision: jax.lax.PrecisionLike = None,
     module: Any = None,
     qk_attn_weights_einsum: Einsum | None = None,
     attn_weights_value_einsum: Einsum | None = None,
@@ -103,8 +103,9 @@ def dot_product_attention(
 
     Raises:
         ValueError: the shapes of ``query``, ``key``, ``value``, ``bias``, ``mask`` or
-            ``sink`` do not fit together, dropout is active without a ``dropout_rng``, or
-            custom einsums are given with ``precision`` or only one of them.
+            ``sink`` do not fit together, ``dropout_rate`` is not in ``[0, 1)``, dropout
+            is active without a ``dropout_rng``, or custom einsums are given with
+            ``precision`` or only one of them.
         TypeError: ``query``, ``key`` or ``value`` is not a real floating (or integer)
             array.
     """
@@ -128,6 +129,8 @@ def dot_product_attention(
     query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
     batch, q_len, heads, kv_len, kv_heads = _check_shapes(query, key, value)
     logits_shape = (*batch, heads, q_len, kv_len)
+    if isinstance(dropout_rate, (int, float)) and not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate}.")
     # A traced rate (an Equinox Dropout's ``p`` may be an array) counts as active.
     dropout_on = not deterministic and (
         not isinstance(dropout_rate, (int, float)) or dropout_rate > 0.0

@@ -45,7 +45,9 @@ class Softmax(nn.Module):
     axis: int | tuple[int, ...] = -1
 
     def __post_init__(self) -> None:
-        _layers.check_axis(self.axis)
+        # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
+        # object.__setattr__ is the way to normalise a field here).
+        object.__setattr__(self, "axis", _layers.check_axis(self.axis))
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
@@ -70,7 +72,9 @@ class LogSoftmax(nn.Module):
     axis: int | tuple[int, ...] = -1
 
     def __post_init__(self) -> None:
-        _layers.check_axis(self.axis)
+        # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
+        # object.__setattr__ is the way to normalise a field here).
+        object.__setattr__(self, "axis", _layers.check_axis(self.axis))
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
@@ -200,7 +204,7 @@ class DotProductAttention(nn.Module):
         broadcast_dropout: bool = True,
         deterministic: bool = True,
         dtype: DTypeLike | None = None,
-        precision: Any = None,
+        precision: jax.lax.PrecisionLike = None,
         module: Any = None,
         qk_attn_weights_einsum: Einsum | None = None,
         attn_weights_value_einsum: Einsum | None = None,
@@ -281,8 +285,7 @@ class MultiHeadAttention(nn.MultiHeadAttention):
             attention_fn = DotProductAttention(
                 self.num_heads, sink=True, param_dtype=self.param_dtype, parent=None
             )
-            # The dataclass is frozen; this is the documented way to set a field in
-            # __post_init__.
+            # The dataclass is frozen: object.__setattr__ is how __post_init__ sets a field.
             object.__setattr__(self, "attention_fn", attention_fn)
         super().__post_init__()
 

@@ -418,6 +418,8 @@ def test_errors():
         sl.dot_product_attention(query, key, value, sink=jnp.zeros((4, 1)))
     with pytest.raises(ValueError, match="dropout_rng"):
         sl.dot_product_attention(query, key, value, dropout_rate=0.1, deterministic=False)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        sl.dot_product_attention(query, key, value, dropout_rate=1.0)
     with pytest.raises(ValueError, match="together"):
         sl.dot_product_attention(query, key, value, qk_attn_weights_einsum=jnp.einsum)
     with pytest.raises(ValueError, match="mutually exclusive"):

@@ -244,15 +244,26 @@ def test_sow_weights(sink):
     model = sllinen.MultiHeadAttention(HEADS, sink=sink, dropout_rate=0.5)
     mask = _padding_mask()
     variables = model.init(_key(0), X, deterministic=True)
-    _, state = model.apply(
-        variables,
-        X,
-        mask=mask,
-        deterministic=False,
-        sow_weights=True,
-        rngs={"dropout": _key(1)},
-        mutable=["intermediates"],
-    )
+
+    @jax.jit
+    def grad_and_weights(variables, x):
+        # Forward and backward with sow_weights=True and dropout on.
+        def loss(variables, x):
+            out, state = model.apply(
+                variables,
+                x,
+                mask=mask,
+                deterministic=False,
+                sow_weights=True,
+                rngs={"dropout": _key(1)},
+                mutable=["intermediates"],
+            )
+            return jnp.sum(out**2), state
+
+        return jax.grad(loss, has_aux=True)(variables, x)
+
+    grads, state = grad_and_weights(variables, X)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     [weights] = state["intermediates"]["attention_weights"]
     assert weights.shape == (BATCH, HEADS, LENGTH, LENGTH)
     np.testing.assert_array_equal(weights[1, :, 3:], 0.0)
@@ -339,6 +350,7 @@ def test_errors_are_raised_early():
         sllinen.Softplus(beta=-1.0)
     with pytest.raises(TypeError, match="axis"):
         sllinen.Softmax(axis="last")
+    assert sllinen.LogSoftmax(axis=[0, 1]).axis == (0, 1)  # hashable, as Linen needs
     with pytest.raises(ValueError, match="at least 1"):
         sllinen.MaskedSoftmax(num_heads=0)
     with pytest.raises(ValueError, match="num_heads=3"):
