@@ -51,7 +51,9 @@ class Softmax(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Args:
+        """Softmax of ``x`` over ``self.axis``.
+
+        Args:
             x: logits of any shape.
             where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
                 get exactly 0 and a row with nothing unmasked is all 0.
@@ -78,7 +80,9 @@ class LogSoftmax(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Args:
+        """Log-softmax of ``x`` over ``self.axis``.
+
+        Args:
             x: logits of any shape.
             where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
                 are ``-inf`` with gradient 0.
@@ -110,7 +114,9 @@ class Softplus(nn.Module):
 
     @nn.compact
     def __call__(self, x: ArrayLike) -> jax.Array:
-        """Args:
+        """Softplus of ``x`` with the layer's beta.
+
+        Args:
             x: input of any shape.
 
         Returns:
@@ -150,7 +156,9 @@ class MaskedSoftmax(nn.Module):
 
     @nn.compact
     def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Args:
+        """Attention weights from ``logits``, normalised over the key axis.
+
+        Args:
             logits: shape ``(batch..., heads, q_len, kv_len)`` (any shape if there is
                 neither ``num_heads`` nor a sink).
             where: optional boolean mask broadcastable to ``logits.shape``.
@@ -209,15 +217,16 @@ class DotProductAttention(nn.Module):
         qk_attn_weights_einsum: Einsum | None = None,
         attn_weights_value_einsum: Einsum | None = None,
     ) -> jax.Array:
-        """Args:
+        """Attention over ``value`` with the layer's sinks.
+
+        The keyword arguments are those of :func:`stablelayers.dot_product_attention`.
+
+        Args:
             query: shape ``(batch..., q_len, heads, qk_dim)``.
             key: shape ``(batch..., kv_len, kv_heads, qk_dim)``.
             value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
             bias: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
             mask: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
-            scale, is_causal, dropout_rng, dropout_rate, broadcast_dropout,
-            deterministic, dtype, precision, module, qk_attn_weights_einsum,
-            attn_weights_value_einsum: as in :func:`stablelayers.dot_product_attention`.
 
         Returns:
             An array of shape ``(batch..., q_len, heads, v_dim)``.

@@ -49,7 +49,9 @@ class Softmax(nnx.Module):
         self.axis = _layers.check_axis(axis)
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Args:
+        """Softmax of ``x`` over ``self.axis``.
+
+        Args:
             x: logits of any shape.
             where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
                 get exactly 0 and a row with nothing unmasked is all 0.
@@ -71,7 +73,9 @@ class LogSoftmax(nnx.Module):
         self.axis = _layers.check_axis(axis)
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Args:
+        """Log-softmax of ``x`` over ``self.axis``.
+
+        Args:
             x: logits of any shape.
             where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
                 are ``-inf`` with gradient 0.
@@ -114,7 +118,9 @@ class Softplus(nnx.Module):
         )
 
     def __call__(self, x: ArrayLike) -> jax.Array:
-        """Args:
+        """Softplus of ``x`` with the layer's beta.
+
+        Args:
             x: input of any shape.
 
         Returns:
@@ -158,7 +164,9 @@ class MaskedSoftmax(nnx.Module):
         )
 
     def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Args:
+        """Attention weights from ``logits``, normalised over the key axis.
+
+        Args:
             logits: shape ``(batch..., heads, q_len, kv_len)`` (any shape if there is
                 neither ``num_heads`` nor a sink).
             where: optional boolean mask broadcastable to ``logits.shape``.
@@ -211,7 +219,9 @@ class DotProductAttention(nnx.Module):
         mask: ArrayLike | None = None,
         **kwargs: Any,
     ) -> jax.Array:
-        """Args:
+        """Attention over ``value`` with the layer's sinks.
+
+        Args:
             query: shape ``(batch..., q_len, heads, qk_dim)``.
             key: shape ``(batch..., kv_len, kv_heads, qk_dim)``.
             value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
