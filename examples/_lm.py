@@ -1,0 +1,63 @@
+"""What the NNX and Equinox language models share: the attention mask, the textbook
+attention that ``--compare-naive`` swaps in, and the model's size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from _data import PAD
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The shape of the character-level transformer."""
+
+    vocab_size: int
+    seq_len: int
+    width: int
+    depth: int
+    heads: int
+    # One learnable attention sink per head (stablelayers' attention only).
+    sinks: bool = True
+    # `textbook_attention` instead of stablelayers' (no sinks), for --compare-naive.
+    textbook: bool = False
+
+
+def attention_mask(tokens: jax.Array) -> jax.Array:
+    """Causal and padding mask, shape ``(..., 1, L, L)`` for tokens of shape ``(..., L)``.
+
+    Padding is masked as both query and key (as ``flax.nnx.make_attention_mask`` does), so
+    the query row of every padded position has no key left: exactly the rows the textbook
+    softmax turns into NaN and ``stablelayers`` into zeros.
+    """
+    valid = tokens != PAD
+    length = tokens.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return (causal & valid[..., :, None] & valid[..., None, :])[..., None, :, :]
+
+
+def textbook_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    **unused: object,
+) -> jax.Array:
+    """``softmax(where(mask, q.k / sqrt(d), -inf)) @ v`` with ``jax.nn.softmax``, as in
+    textbooks: a query row whose keys are all masked becomes ``exp(-inf - -inf) = NaN``.
+
+    The layout and signature of :func:`stablelayers.dot_product_attention` (Flax's
+    ``attention_fn``); the keywords Flax passes for dropout and dtype are ignored.
+    """
+    del unused
+    logits = jnp.einsum("...qhd,...khd->...hqk", query, key) / jnp.sqrt(query.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, value)

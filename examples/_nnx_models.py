@@ -1,0 +1,87 @@
+"""The examples' models in Flax NNX, built from ``stablelayers.nnx`` layers."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import jax
+from flax import nnx
+
+import stablelayers.nnx as sl
+from _lm import LMConfig, attention_mask, textbook_attention
+from _train import Model
+
+
+def functional(module: nnx.Module) -> Model:
+    """The module as trainable state plus a pure function of it (NNX's functional API)."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return Model(params, lambda p, *inputs: nnx.merge(graphdef, p, rest)(*inputs))
+
+
+class MLP(nnx.Module):
+    """Linear layers with learnable-temperature ``Softplus`` between them; the output is
+    a log-probability per class (``LogSoftmax``)."""
+
+    def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
+        self.linears = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in pairwise(sizes)])
+        self.activations = nnx.List(
+            [sl.Softplus(beta=1.0, learnable=True) for _ in sizes[1:-1]]
+        )
+        self.log_softmax = sl.LogSoftmax()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for linear, activation in zip(self.linears, self.activations, strict=False):
+            x = activation(linear(x))
+        return self.log_softmax(self.linears[-1](x))
+
+
+class Block(nnx.Module):
+    """A pre-norm transformer block; attention with one learnable sink per head."""
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+        width = config.width
+        self.attention_norm = nnx.LayerNorm(width, rngs=rngs)
+        if config.textbook:
+            self.attention = nnx.MultiHeadAttention(
+                config.heads, width, attention_fn=textbook_attention, decode=False, rngs=rngs
+            )
+        else:
+            self.attention = sl.MultiHeadAttention(
+                config.heads, width, sink=config.sinks, decode=False, rngs=rngs
+            )
+        self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
+        self.mlp_in = nnx.Linear(width, 4 * width, rngs=rngs)
+        self.mlp_out = nnx.Linear(4 * width, width, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attention(self.attention_norm(x), mask=mask)
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+class LM(nnx.Module):
+    """Character-level causal transformer: tokens ``(batch, L)`` to log-probabilities of
+    the next character ``(batch, L, vocab)``."""
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(config.vocab_size, config.width, embedding_init=init, rngs=rngs)
+        self.position = nnx.Param(init(rngs.params(), (config.seq_len, config.width)))
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
+        self.norm = nnx.LayerNorm(config.width, rngs=rngs)
+        self.head = nnx.Linear(config.width, config.vocab_size, rngs=rngs)
+        self.log_softmax = sl.LogSoftmax()
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        mask = attention_mask(tokens)
+        x = self.embed(tokens) + self.position[: tokens.shape[-1]]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.log_softmax(self.head(self.norm(x)))
+
+
+def mlp(sizes: tuple[int, ...], seed: int) -> Model:
+    return functional(MLP(sizes, rngs=nnx.Rngs(seed)))
+
+
+def lm(config: LMConfig, seed: int) -> Model:
+    return functional(LM(config, rngs=nnx.Rngs(seed)))
