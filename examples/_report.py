@@ -65,8 +65,14 @@ def plot_curves(
     if baseline is not None:
         label, value = baseline
         ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
+    if history.val:
+        title = f"{title}: validation loss {history.val[-1]['loss']:.3f}"
     ax.set(xlabel="step", ylabel="loss (nats)", title=title)
     ax.set_yscale("log")
+    # Plain numbers on the log axis (2.0, 3.0 rather than 2x10^0).
+    plain = matplotlib.ticker.FormatStrFormatter("%.1f")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
