@@ -25,14 +25,15 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
     positions = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
         ax.bar(positions + (i - (len(series) - 1) / 2) * width, values, width, label=name)
-    ax.set_xticks(positions, groups, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(positions, groups, fontsize=9)
 
 
 def write_chart(view: View, path: pathlib.Path) -> None:
-    """Three panels, all log scale: forward and value-and-grad median time as a multiple of
-    the bandwidth bound (1.0 = moves only the bytes it must, at copy speed), and forward and
+    """Three panels, one above the other so that the chart stays legible at the width of a
+    docs page, all log scale: forward and value-and-grad median time as a multiple of the
+    bandwidth bound (1.0 = moves only the bytes it must, at copy speed), and forward and
     gradient worst ULP over all sets."""
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, axes = plt.subplots(3, 1, figsize=(10, 13))
     groups = [(op, shape) for op in OPS for shape in view.config.shapes]
     labels = [f"{op}\n{shape_label(shape)}" for op, shape in groups]
     for ax, mode in zip(axes[:2], MODES, strict=True):
@@ -52,12 +53,14 @@ def write_chart(view: View, path: pathlib.Path) -> None:
         # Plain numbers ("1", "10") on the log axis, and no crowded minor labels.
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_title(_TITLES[mode], fontsize=10)
-        ax.set_ylabel("median time / bandwidth bound (lower is better)")
-    axes[0].legend(fontsize=8)
+        ax.set_title(_TITLES[mode], fontsize=11)
+        ax.set_ylabel("time / bandwidth bound\n(lower is better)")
     _accuracy_panel(axes[2], view)
-    fig.suptitle(f"stablelayers benchmarks, {view.results.info.get('date', '')}", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"stablelayers benchmarks, {view.results.info.get('date', '')}", fontsize=12)
+    handles, names = axes[0].get_legend_handles_labels()
+    # One legend above the panels, where it hides no bar.
+    fig.legend(handles, names, loc="upper center", ncols=len(names), bbox_to_anchor=(0.5, 0.97))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -82,5 +85,5 @@ def _accuracy_panel(ax, view: View) -> None:
         return
     _bars(ax, labels, series)
     ax.set_yscale("log")
-    ax.set_title("worst ULP over all hard_inputs sets", fontsize=10)
+    ax.set_title("worst ULP over all hard_inputs sets", fontsize=11)
     ax.set_ylabel("ULP (lower is better)")

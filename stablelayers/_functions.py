@@ -178,7 +178,9 @@ def softplus(x: ArrayLike, beta: ArrayLike = 1.0) -> jax.Array:
     return op(x, beta)
 
 
-def _prepare(x, axis, where, initial):
+def _prepare(
+    x: ArrayLike, axis: Axis, where: ArrayLike | None, initial: ArrayLike | None
+) -> tuple[jax.Array, tuple[int, ...], jax.Array | None]:
     x = _checks.as_float_array(x)
     axis = _checks.canonical_axis(axis, x.ndim)
     where = _checks.check_where(where, x.shape)

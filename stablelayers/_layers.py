@@ -23,7 +23,9 @@ Axis = int | Sequence[int]
 
 def check_axis(axis: Axis) -> int | tuple[int, ...]:
     """``axis`` as an int or a tuple of distinct ints (the range is checked on the input)."""
-    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+    if isinstance(axis, bool):
+        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.")
+    if isinstance(axis, (int, np.integer)):
         return int(axis)
     try:
         axes = tuple(operator.index(a) for a in axis)

@@ -140,6 +140,7 @@ class Softplus(eqx.Module):
         """
         del key
         if self.log_beta is None:
+            assert self.beta is not None  # set whenever log_beta is not
             return softplus(x, self.beta)
         return _layers.learnable_softplus(x, self.log_beta)
 
@@ -277,9 +278,10 @@ class MultiHeadAttention(eqx.Module):
         - `key`: A `jax.random.PRNGKey` used to provide randomness for parameter
             initialisation. (Keyword only argument.)
         """
-        num_heads = _layers.check_num_heads(num_heads)
-        if num_heads is None:
+        checked_heads = _layers.check_num_heads(num_heads)
+        if checked_heads is None:
             raise TypeError("`num_heads` must be an int, got None.")
+        num_heads = checked_heads
         dtype = _default_dtype(dtype)
         key_size = query_size if key_size is None else key_size
         value_size = query_size if value_size is None else value_size

@@ -127,6 +127,7 @@ class Softplus(nnx.Module):
             An array of ``x``'s shape and dtype.
         """
         if self.log_beta is None:
+            assert self.beta is not None  # set whenever log_beta is not
             return softplus(x, self.beta)
         return _layers.learnable_softplus(x, self.log_beta[...])
 
