@@ -7,6 +7,7 @@ dropout and the core's masked softmax; the softmax math lives in ``_core``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _checks, _core
+from stablelayers import _checks, _chunked_attention, _core
 from stablelayers._functions import masked_softmax
 
 Einsum = Callable[..., jax.Array]
@@ -39,7 +40,13 @@ def dot_product_attention(
     module: Any = None,
     qk_attn_weights_einsum: Einsum | None = None,
     attn_weights_value_einsum: Einsum | None = None,
-) -> jax.Array:
+    query_lengths: ArrayLike | None = None,
+    key_lengths: ArrayLike | None = None,
+    window: int | None = None,
+    implementation: str | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    return_logsumexp: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Scaled dot-product attention in which a query that may attend nothing gets exactly 0.
 
     .. math::
@@ -143,6 +150,45 @@ def dot_product_attention(
     # Logits and softmax in at least float32: float16 logits overflow at |s| > 65504 and
     # bfloat16 ones carry 3 significant digits.
     compute = _core.compute_dtype(dtype)
+    if scale is None:
+        scale = 1.0 / float(query.shape[-1]) ** 0.5
+    if sink is not None:
+        sink = _checks.as_float_array(sink, "sink")
+        _check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
+        sink = sink.astype(compute)
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"`window` must be a positive int or None, got {window!r}.")
+    lengths = [
+        _check_lengths(n, name, batch)
+        for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
+    ]
+    chunked = _use_chunked(implementation, q_len, kv_len, custom_einsum, module)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        _check_broadcast("bias", bias.shape, logits_shape)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        _check_broadcast("mask", mask.shape, logits_shape)
+        # Flax's make_attention_mask returns float 0/1 masks by default.
+        mask = mask if mask.dtype == jnp.bool_ else mask != 0
+    if chunked:
+        out, lse = _chunked(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            sink,
+            *lengths,
+            scale=scale,
+            is_causal=is_causal,
+            window=window,
+            precision=precision,
+            chunk_size=chunk_size,
+            dropout=(dropout_rng, dropout_rate, broadcast_dropout) if dropout_on else None,
+        )
+        return (out, lse) if return_logsumexp else out
+
     groups = heads // kv_heads
     if custom_einsum and groups > 1:
         # A custom einsum only promises Flax's two subscripts, so expand the kv heads.
@@ -160,20 +206,17 @@ def dot_product_attention(
             precision=precision,
             preferred_element_type=compute,
         ).reshape(logits_shape)
-    if scale is None:
-        scale = 1.0 / float(query.shape[-1]) ** 0.5
     logits = logits * jnp.asarray(scale, compute)
     if bias is not None:
-        bias = jnp.asarray(bias)
-        _check_broadcast("bias", bias.shape, logits_shape)
         logits = logits + bias.astype(compute)
 
-    where = _combine_masks(mask, is_causal, logits_shape)
+    where = _combine_masks(mask, is_causal, window, lengths, logits_shape)
     if sink is not None:
-        sink = _checks.as_float_array(sink, "sink")
-        _check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
-        sink = sink.astype(compute)[..., None]
+        sink = sink[..., None]
     weights = masked_softmax(logits, where=where, sink=sink)
+    lse = None
+    if return_logsumexp:
+        lse = _dense_logsumexp(logits, where, None if sink is None else sink[..., None])
 
     if module is not None:
         # The string names the same collection in Linen and NNX (nnx.Intermediate).
@@ -188,16 +231,166 @@ def dot_product_attention(
 
     if custom_einsum:
         out = attn_weights_value_einsum("...hqk,...khd->...qhd", weights.astype(dtype), value)
-        return out.astype(dtype)
-    grouped_weights = weights.astype(dtype).reshape(*batch, kv_heads, groups, q_len, kv_len)
-    out = jnp.einsum(
-        "...hgqk,...khd->...qhgd",
-        grouped_weights,
-        value,
-        precision=precision,
-        preferred_element_type=compute,
+        out = out.astype(dtype)
+    else:
+        grouped_weights = weights.astype(dtype).reshape(*batch, kv_heads, groups, q_len, kv_len)
+        out = jnp.einsum(
+            "...hgqk,...khd->...qhgd",
+            grouped_weights,
+            value,
+            precision=precision,
+            preferred_element_type=compute,
+        )
+        out = out.reshape(*batch, q_len, heads, value.shape[-1]).astype(dtype)
+    return (out, lse) if return_logsumexp else out
+
+
+# Below this many logits per (batch, head) the dense path is as fast and its memory small.
+CHUNKED_MIN_LOGITS = 1024 * 1024
+# Query and key block sizes of the chunked path, measured on CPU (benchmarks/attention.py).
+DEFAULT_CHUNK = (512, 1024)
+
+
+def _use_chunked(implementation, q_len, kv_len, custom_einsum, module):
+    if implementation not in (None, "dense", "chunked"):
+        raise ValueError(
+            f"`implementation` must be None, 'dense' or 'chunked', got {implementation!r}."
+        )
+    if implementation == "dense" or q_len == 0 or kv_len == 0:
+        return False
+    if custom_einsum or module is not None:
+        if implementation == "chunked":
+            raise ValueError(
+                "The chunked path never forms the attention weights, so it takes neither "
+                "custom einsums nor a `module` to sow them into (sow_weights=True); use "
+                "implementation='dense' or None."
+            )
+        return False
+    return implementation == "chunked" or q_len * kv_len >= CHUNKED_MIN_LOGITS
+
+
+def _check_lengths(lengths, name, batch):
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"`{name}` must be an integer array, got dtype {lengths.dtype}.")
+    _check_broadcast(name, lengths.shape, batch, "(batch...)")
+    return jnp.broadcast_to(lengths, batch).astype(jnp.int32)
+
+
+def _dense_logsumexp(logits, where, sink):
+    """log(exp(sink) + sum of exp over the unmasked logits) per row; -inf for an empty row."""
+    if where is not None:
+        logits = jnp.where(where, logits, -jnp.inf)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    if sink is not None:
+        top = jnp.maximum(top, sink)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + jnp.exp(sink - top)
+    safe = jnp.where(total == 0, 1.0, total)
+    return jnp.where(total == 0, -jnp.inf, top + jnp.log(safe))[..., 0]
+
+
+def _chunked(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    sink,
+    q_lengths,
+    kv_lengths,
+    *,
+    scale,
+    is_causal,
+    window,
+    precision,
+    chunk_size,
+    dropout,
+):
+    *batch, q_len, heads, qk_dim = query.shape
+    kv_len, kv_heads, v_dim = value.shape[-3:]
+    groups = heads // kv_heads
+    n_batch = math.prod(batch)
+    dtype = query.dtype
+    compute = _core.compute_dtype(dtype)
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK
+    block_q, block_k = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"`chunk_size` must be positive, got {chunk_size!r}.")
+    block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
+    q_pad, kv_pad = -q_len % block_q, -kv_len % block_k
+
+    q = query.reshape(n_batch, q_len, kv_heads, groups, qk_dim).transpose(0, 2, 3, 1, 4)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, q_pad), (0, 0)))
+    k, v = (
+        jnp.pad(
+            x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3),
+            ((0, 0), (0, 0), (0, kv_pad), (0, 0)),
+        )
+        for x in (key, value)
     )
-    return out.reshape(*batch, q_len, heads, value.shape[-1]).astype(dtype)
+    shape = (batch, kv_heads, groups, q_len, kv_len, q_pad, kv_pad)
+    bias = None if bias is None else _canonical(bias.astype(compute), *shape)
+    mask = None if mask is None else _canonical(mask, *shape)
+    if sink is not None:
+        sink = sink.reshape((1,) * (len(batch) + 1 - sink.ndim) + sink.shape)
+        if math.prod(sink.shape[: len(batch)]) == 1:
+            sink = sink.reshape(1, sink.shape[-1])
+        else:
+            sink = jnp.broadcast_to(sink, (*batch, sink.shape[-1])).reshape(n_batch, -1)
+        sink = sink.reshape(
+            sink.shape[0], *((kv_heads, groups) if sink.shape[1] > 1 else (1, 1))
+        )
+    q_lengths, kv_lengths = (
+        jnp.full((n_batch,), n, jnp.int32)
+        if lengths is None
+        else jnp.clip(lengths.reshape(n_batch), 0, n)
+        for lengths, n in ((q_lengths, q_len), (kv_lengths, kv_len))
+    )
+    rng = rate = None
+    if dropout is not None:
+        rng, rate, broadcast = dropout
+        rate = jnp.asarray(jax.lax.stop_gradient(rate), compute)
+    cfg = _chunked_attention.Config(
+        block_q=block_q,
+        block_k=block_k,
+        scale=float(scale),
+        is_causal=bool(is_causal),
+        window=window,
+        dtype=dtype,
+        precision=precision,
+        broadcast_dropout=dropout is not None and bool(broadcast),
+        dropout=dropout is not None,
+    )
+    out, lse = _chunked_attention.chunked_attention(
+        cfg, q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate
+    )
+    out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, v_dim)
+    lse = lse[:, :, :, :q_len].reshape(*batch, heads, q_len)
+    return out.astype(dtype), lse
+
+
+def _canonical(x, batch, kv_heads, groups, q_len, kv_len, q_pad, kv_pad):
+    """``x``, broadcastable to ``(batch..., heads, q_len, kv_len)``, as the chunked path's
+    5-D ``(B, kv_heads, groups, q_len, kv_len)``, each dimension 1 or full, padded."""
+    nd = len(batch)
+    x = x.reshape((1,) * (nd + 3 - x.ndim) + x.shape)
+    tail = x.shape[nd:]
+    if math.prod(x.shape[:nd]) == 1:
+        x = x.reshape(1, *tail)
+    else:
+        x = jnp.broadcast_to(x, (*batch, *tail)).reshape(math.prod(batch), *tail)
+    heads = (kv_heads, groups) if tail[0] > 1 else (1, 1)
+    x = x.reshape(x.shape[0], *heads, *tail[1:])
+    pads = [(0, 0)] * 3 + [
+        (0, pad if n > 1 else 0) for n, pad in ((tail[1], q_pad), (tail[2], kv_pad))
+    ]
+    return jnp.pad(x, pads)
 
 
 def _check_shapes(query, key, value):
@@ -239,15 +432,22 @@ def _check_broadcast(name, shape, target, layout="(batch..., heads, q_len, kv_le
         )
 
 
-def _combine_masks(mask, is_causal, logits_shape):
-    where = None
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        _check_broadcast("mask", mask.shape, logits_shape)
-        # Flax's make_attention_mask returns float 0/1 masks by default.
-        where = mask if mask.dtype == jnp.bool_ else mask != 0
+def _combine_masks(mask, is_causal, window, lengths, logits_shape):
+    where = mask
+    q_len, kv_len = logits_shape[-2:]
+    q_pos = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
+    k_pos = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
+
+    def both(a, b):
+        return b if a is None else a & b
+
     if is_causal:
-        q_len, kv_len = logits_shape[-2:]
-        causal = jnp.tril(jnp.ones((q_len, kv_len), dtype=jnp.bool_))
-        where = causal if where is None else where & causal
+        where = both(where, k_pos <= q_pos)
+    if window is not None:
+        where = both(where, q_pos - k_pos < window)
+    q_lengths, kv_lengths = lengths
+    if q_lengths is not None:
+        where = both(where, q_pos < q_lengths[..., None, None, None])
+    if kv_lengths is not None:
+        where = both(where, k_pos < kv_lengths[..., None, None, None])
     return where
