@@ -69,10 +69,10 @@ def plot_curves(
         title = f"{title}: validation loss {history.val[-1]['loss']:.3f}"
     ax.set(xlabel="step", ylabel="loss (nats)", title=title)
     ax.set_yscale("log")
-    # Plain numbers on the log axis (2.0, 3.0 rather than 2x10^0).
-    plain = matplotlib.ticker.FormatStrFormatter("%.1f")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    # Plain numbers on the log axis (0.1, 2, 3 rather than 10^-1, 2x10^0); minor ticks are
+    # labelled only when the curves span less than a decade, so labels never pile up.
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(minor_thresholds=(1, 0.4)))
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
