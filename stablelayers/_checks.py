@@ -23,8 +23,11 @@ def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
     return x
 
 
-def canonical_axis(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    """``axis`` as a sorted tuple of non-negative ints, checked against ``ndim``."""
+def canonical_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """``axis`` as a sorted tuple of non-negative ints, checked against ``ndim``; ``None``
+    means every axis, as in ``jax.nn.softmax``."""
+    if axis is None:
+        return tuple(range(ndim))
     try:
         axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
         axes = tuple(operator.index(a) for a in axes)

@@ -11,7 +11,7 @@ from jax.typing import ArrayLike
 from stablelayers import _checks, _core
 from stablelayers._mode import forward_mode_enabled
 
-Axis = int | Sequence[int]
+Axis = int | Sequence[int] | None
 
 
 def softmax(
@@ -33,7 +33,7 @@ def softmax(
     Args:
         x: logits of any shape. Integers are promoted to float; float16 and bfloat16 are
             computed in float32 and returned in their own dtype.
-        axis: the axis, or tuple of axes, that forms a row.
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
         where: optional boolean mask broadcastable to ``x.shape``. ``False`` entries are
             left out: their output is exactly 0 and their gradient exactly 0, whatever
             value (even NaN or inf) sits there. A row with nothing unmasked is all 0.
@@ -81,7 +81,8 @@ def masked_softmax(
     Args:
         x: attention logits, e.g. of shape ``(batch, heads, q_len, kv_len)``.
         where: optional boolean mask broadcastable to ``x.shape``; ``False`` is masked.
-        axis: the axis, or tuple of axes, to normalise over (the key axis).
+        axis: the axis, or tuple of axes, to normalise over (the key axis); ``None`` for
+            all axes.
         initial: as in :func:`softmax`: accepted, validated, and never allowed to change a
             row with an unmasked entry.
         sink: optional sink logit(s), broadcastable to ``x``'s shape without ``axis``, e.g.
@@ -123,7 +124,7 @@ def log_softmax(
 
     Args:
         x: logits of any shape (integers promoted; half precision computed in float32).
-        axis: the axis, or tuple of axes, that forms a row.
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
         where: optional boolean mask broadcastable to ``x.shape``. Masked entries are
             ``-inf`` with gradient 0; a row with nothing unmasked is all ``-inf``.
         initial: as in :func:`softmax`.

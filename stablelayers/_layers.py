@@ -18,11 +18,14 @@ from stablelayers import _checks, _core
 from stablelayers._attention import dot_product_attention
 from stablelayers._functions import masked_softmax, softplus
 
-Axis = int | Sequence[int]
+Axis = int | Sequence[int] | None
 
 
-def check_axis(axis: Axis) -> int | tuple[int, ...]:
-    """``axis`` as an int or a tuple of distinct ints (the range is checked on the input)."""
+def check_axis(axis: Axis) -> int | tuple[int, ...] | None:
+    """``axis`` as an int, a tuple of distinct ints, or ``None`` for every axis (the range is
+    checked on the input)."""
+    if axis is None:
+        return None
     if isinstance(axis, bool):
         raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.")
     if isinstance(axis, (int, np.integer)):

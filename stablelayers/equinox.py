@@ -38,12 +38,12 @@ def _default_dtype(dtype):
 class Softmax(eqx.Module):
     """Softmax over `axis`, as [`stablelayers.softmax`][]."""
 
-    axis: int | tuple[int, ...] = eqx.field(static=True)
+    axis: int | tuple[int, ...] | None = eqx.field(static=True)
 
-    def __init__(self, axis: int | tuple[int, ...] = -1):
+    def __init__(self, axis: int | tuple[int, ...] | None = -1):
         """**Arguments:**
 
-        - `axis`: The axis, or tuple of axes, that forms a row.
+        - `axis`: The axis, or tuple of axes, that forms a row; `None` for all axes.
         """
         self.axis = _layers.check_axis(axis)
 
@@ -69,12 +69,12 @@ class Softmax(eqx.Module):
 class LogSoftmax(eqx.Module):
     """Log-softmax over `axis`, as [`stablelayers.log_softmax`][]."""
 
-    axis: int | tuple[int, ...] = eqx.field(static=True)
+    axis: int | tuple[int, ...] | None = eqx.field(static=True)
 
-    def __init__(self, axis: int | tuple[int, ...] = -1):
+    def __init__(self, axis: int | tuple[int, ...] | None = -1):
         """**Arguments:**
 
-        - `axis`: The axis, or tuple of axes, that forms a row.
+        - `axis`: The axis, or tuple of axes, that forms a row; `None` for all axes.
         """
         self.axis = _layers.check_axis(axis)
 

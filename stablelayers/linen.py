@@ -39,10 +39,10 @@ class Softmax(nn.Module):
     """Softmax over ``axis``, as :func:`stablelayers.softmax`.
 
     Attributes:
-        axis: the axis, or tuple of axes, that forms a row.
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
     """
 
-    axis: int | tuple[int, ...] = -1
+    axis: int | tuple[int, ...] | None = -1
 
     def __post_init__(self) -> None:
         # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
@@ -68,10 +68,10 @@ class LogSoftmax(nn.Module):
     """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`.
 
     Attributes:
-        axis: the axis, or tuple of axes, that forms a row.
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
     """
 
-    axis: int | tuple[int, ...] = -1
+    axis: int | tuple[int, ...] | None = -1
 
     def __post_init__(self) -> None:
         # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so

@@ -37,7 +37,7 @@ class Softmax(nnx.Module):
     """Softmax over ``axis``, as :func:`stablelayers.softmax`.
 
     Args:
-        axis: the axis, or tuple of axes, that forms a row.
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
 
     Example::
 
@@ -66,7 +66,7 @@ class LogSoftmax(nnx.Module):
     """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`.
 
     Args:
-        axis: the axis, or tuple of axes, that forms a row.
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
     """
 
     def __init__(self, axis: _layers.Axis = -1):

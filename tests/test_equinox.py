@@ -271,7 +271,7 @@ def test_errors_are_raised_early():
     with pytest.raises(ValueError, match="positive"):
         sleqx.Softplus(beta=0.0)
     with pytest.raises(TypeError, match="axis"):
-        sleqx.Softmax(axis=None)
+        sleqx.Softmax(axis="last")
     with pytest.raises(ValueError, match="num_heads=3"):
         sleqx.MaskedSoftmax(num_heads=3)(LOGITS)
     ours, _ = _pair()
