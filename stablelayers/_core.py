@@ -79,6 +79,31 @@ def _exp_corrected(d, err):
     return jnp.exp(d) * (1 + err)
 
 
+def _veltkamp_split(a):
+    # a = hi + lo exactly, each with at most half of the format's significand bits, so that
+    # products of halves are exact (Dekker, 1971).
+    c = (2.0 ** ((jnp.finfo(a.dtype).nmant + 2) // 2) + 1) * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _reciprocal_pair(t):
+    """``(r, r_lo)`` with ``r + r_lo = 1 / t`` to about twice the working precision.
+
+    ``r = 1 / t`` rounded, and ``r_lo = (1 - t * r) / t``, where ``1 - t * r`` is exact:
+    Dekker's product gives ``t * r`` as ``p + p_err`` exactly, and ``1 - p`` is exact
+    (Sterbenz) since ``p`` is within an ulp of 1. Used on row totals only, so it costs
+    nothing per entry; multiplying an entry by ``r`` alone would add the rounding of ``r``
+    to the rounding of the product (XLA turns ``e / total`` into ``e * (1 / total)``).
+    """
+    r = 1 / t
+    p = t * r
+    t_hi, t_lo = _veltkamp_split(t)
+    r_hi, r_lo = _veltkamp_split(r)
+    p_err = ((t_hi * r_hi - p) + t_hi * r_lo + t_lo * r_hi) + t_lo * r_lo
+    return r, lax.stop_gradient(((1 - p) - p_err) * r)
+
+
 # --------------------------------------------------------------------------------------
 # softmax and masked_softmax:  y_i = exp(x_i) / (exp(sink) + sum_j exp(x_j))
 # --------------------------------------------------------------------------------------
@@ -91,7 +116,8 @@ def _softmax_primal(x, where, sink, axis):
     x = x.astype(dtype)
     sink = None if sink is None else sink.astype(dtype)
     d, err, d_sink, err_sink = _shifted_logits(x, where, sink, axis)
-    e = _exp_corrected(d, err)
+    e0 = jnp.exp(d)
+    e = e0 * (1 + err)
     total = jnp.sum(e, axis=axis, keepdims=True)
     e_sink = None
     if sink is not None:
@@ -99,8 +125,21 @@ def _softmax_primal(x, where, sink, axis):
         total = total + e_sink
     # A row with nothing unmasked has total == 0 and every e == 0: its result is 0.
     total = jnp.where(total == 0, 1.0, total)
+    r, r_lo = _reciprocal_pair(total)
+    # y = exp(d) * (1 + err) * (r + r_lo) = q + q * c with q = exp(d) * r and the relative
+    # correction c = err + r_lo / r: q is rounded once and the small term q * c is added to
+    # it, instead of rounding exp(d) * (1 + err), then the reciprocal, then their product
+    # (4.1 ULP worst on the hard inputs; this is 3.5). Both are computed scaled by 2**24 so
+    # that q * c stays a normal number down to results at the bottom of the normal range,
+    # where it would otherwise flush to zero; scaling back by 2**-24 is exact there.
+    scale = 2.0 ** (jnp.finfo(dtype).nmant + 1)
+    q = e0 * (r * scale)
+    # reduce_precision to the same format is the identity; it keeps XLA from refactoring
+    # q + q * c into q * (1 + c), which would round the correction away.
+    correction = lax.reduce_precision(q * (err + r_lo / r), *_format_bits(dtype))
+    y = (q + correction) * (1 / scale)
     # Masked places stay exactly 0 even when a NaN logit elsewhere makes the row's total NaN.
-    y = jnp.where(e == 0, 0.0, e / total).astype(out_dtype)
+    y = jnp.where(e == 0, 0.0, y).astype(out_dtype)
     p_sink = None if sink is None else e_sink / total
     return y, p_sink
 
