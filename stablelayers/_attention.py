@@ -248,7 +248,7 @@ def dot_product_attention(
 # Below this many logits per (batch, head) the dense path is as fast and its memory small.
 CHUNKED_MIN_LOGITS = 1024 * 1024
 # Query and key block sizes of the chunked path, measured on CPU (benchmarks/attention.py).
-DEFAULT_CHUNK = (512, 1024)
+DEFAULT_CHUNK = (256, 512)
 
 
 def _use_chunked(implementation, q_len, kv_len, custom_einsum, module):

@@ -92,7 +92,7 @@ def _q_range(cfg: Config, j, n_q, q_max, kv_max):
 
 
 def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
-    """Scaled logits of block ``(i, j)`` with invalid places at ``-inf``, and the validity."""
+    """Scaled logits of block ``(i, j)`` with invalid places at ``-inf``."""
     compute = _compute(cfg)
     s = jnp.einsum(
         "bhgqd,bhkd->bhgqk",
@@ -105,6 +105,7 @@ def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
     q0, k0 = i * cfg.block_q, j * cfg.block_k
     if bias is not None:
         s = s + _slice(_slice(bias, 3, q0, cfg.block_q), 4, k0, cfg.block_k).astype(compute)
+
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
     valid = (k_pos < kv_len[:, None, None, None, None]) & (
@@ -116,7 +117,7 @@ def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
         valid = valid & (q_pos - k_pos < cfg.window)
     if mask is not None:
         valid = valid & _slice(_slice(mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
-    return jnp.where(valid, s, -jnp.inf), valid
+    return jnp.where(valid, s, -jnp.inf)
 
 
 def _keep(cfg, rng, rate, i, j, shape):
@@ -151,7 +152,7 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
             m, l, acc = state
             k_blk = lax.dynamic_slice_in_dim(k, j * cfg.block_k, cfg.block_k, 2)
             v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
-            s, _ = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
+            s = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - shift[..., None])
@@ -210,7 +211,7 @@ def _backward(cfg, residuals, cotangents):
             do_blk = lax.dynamic_slice_in_dim(d_out_mm, q0, cfg.block_q, 3)
             lse_blk = lax.dynamic_slice_in_dim(finite_lse, q0, cfg.block_q, 3)
             delta_blk = lax.dynamic_slice_in_dim(delta, q0, cfg.block_q, 3)
-            s, _ = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
+            s = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
             p = jnp.exp(s - lse_blk[..., None])
             dp = jnp.einsum(
                 "bhgqd,bhkd->bhgqk",

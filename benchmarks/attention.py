@@ -1,0 +1,232 @@
+"""``python -m benchmarks.attention [--quick] [--out PATH]``: value-and-grad of causal
+attention (batch 1, head dim 64, float32) at long context, each measurement in its own
+process: time and peak memory of stablelayers' dense and chunked paths,
+``jax.nn.dot_product_attention`` and PyTorch's ``scaled_dot_product_attention``.
+
+Writes ``docs/attention_benchmarks.md`` (a temp file for ``--quick``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.environment import MALLOC_ENV, describe, load_average
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMPLEMENTATIONS = ("chunked", "dense", "jax.nn", "torch")
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_LENGTHS = (256,)
+HEADS = (1, 8)
+HEAD_DIM = 64
+# Paths that materialise the (heads, L, L) logits hold about four float32 copies of them
+# (logits, weights, their cotangents) at once; past this they are not attempted.
+MATERIALISED_LIMIT = 8 * 2**30
+# Stop repeating once the timed runs took this long (the first, compiling call excluded).
+TIME_BUDGET_S = 20.0
+MAX_REPEATS = 5
+
+
+def _materialises(implementation: str) -> bool:
+    return implementation in ("dense", "jax.nn")
+
+
+def _jax_step(implementation: str, length: int, heads: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import stablelayers as sl
+
+    shape = (1, length, heads, HEAD_DIM)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
+    if implementation == "jax.nn":
+
+        def attend(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    else:
+
+        def attend(q, k, v):
+            return sl.dot_product_attention(
+                q, k, v, is_causal=True, implementation=implementation
+            )
+
+    def loss(q, k, v):
+        return jnp.sum(attend(q, k, v))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    compiled = step.lower(q, k, v).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+
+    def run():
+        jax.block_until_ready(compiled(q, k, v))
+
+    return run, temp
+
+
+def _torch_step(length: int, heads: int):
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    shape = (1, heads, length, HEAD_DIM)  # torch's layout
+    q, k, v = (
+        torch.tensor(rng.standard_normal(shape, np.float32), requires_grad=True)
+        for _ in range(3)
+    )
+
+    def run():
+        for x in (q, k, v):
+            x.grad = None
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.sum().backward()
+
+    return run, None
+
+
+def child_main(implementation: str, length: int, heads: int) -> dict:
+    """Measure one configuration in this process; return the result as a dict."""
+    if implementation == "torch":
+        run, temp = _torch_step(length, heads)
+    else:
+        run, temp = _jax_step(implementation, length, heads)
+    start = time.perf_counter()
+    run()  # warm-up: first-call allocations (and, for jax, nothing left to compile)
+    first = time.perf_counter() - start
+    times = []
+    while len(times) < MAX_REPEATS and (first + sum(times) < TIME_BUDGET_S or not times):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "status": "ok",
+        "time_ms": 1e3 * times[len(times) // 2],
+        "runs": len(times),
+        "peak_mib": peak_kib / 1024,
+        "temp_mib": None if temp is None else temp / 2**20,
+    }
+
+
+def measure(implementation: str, length: int, heads: int, timeout: float) -> dict:
+    """One configuration in a fresh process (so its peak memory is its own)."""
+    if _materialises(implementation) and 4 * 4 * heads * length**2 > MATERIALISED_LIMIT:
+        return {"status": "skipped (L x L logits exceed memory)"}
+    if implementation == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return {"status": "torch not installed"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.attention",
+        "--child",
+        json.dumps([implementation, length, heads]),
+    ]
+    env = {**os.environ, **MALLOC_ENV}
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out ({timeout:.0f} s)"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1][:80]
+        return {"status": f"failed (exit {proc.returncode}: {last})"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cell(result: dict) -> tuple[str, str, str]:
+    if result["status"] != "ok":
+        return result["status"], "", ""
+    temp = "" if result["temp_mib"] is None else f"{result['temp_mib']:,.0f}"
+    return f"{result['time_ms']:,.0f}", f"{result['peak_mib']:,.0f}", temp
+
+
+def render(results: list[dict], info: dict[str, str], quick: bool) -> str:
+    lines = ["# Attention benchmarks", ""]
+    if quick:
+        lines += ["**Quick run: tiny shapes, not figures to quote.**", ""]
+    lines += [
+        "Value-and-grad of `sum(attention(q, k, v))` with respect to q, k and v: causal, "
+        f"batch 1, head dim {HEAD_DIM}, float32, each row measured in its own process. "
+        "Time is the median of up to 5 runs after a warm-up call; peak is the process's "
+        "peak resident memory (`ru_maxrss`, imports and inputs included); XLA temp is the "
+        "compiled step's temporary buffers (`memory_analysis().temp_size_in_bytes`). "
+        "`dense` and `chunked` are `stablelayers.dot_product_attention(..., "
+        "implementation=...)`; `jax.nn` is `jax.nn.dot_product_attention` (XLA "
+        "implementation); `torch` is `torch.nn.functional.scaled_dot_product_attention`.",
+        "",
+        "Regenerate with `python -m benchmarks.attention`.",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += [
+        "",
+        "| length | heads | implementation | time (ms) | peak memory (MiB) | XLA temp (MiB) |",
+        "|---:|---:|:---|---:|---:|---:|",
+    ]
+    for r in results:
+        time_ms, peak, temp = _cell(r)
+        lines.append(
+            f"| {r['length']} | {r['heads']} | {r['implementation']} | {time_ms} | {peak} | "
+            f"{temp} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny lengths: a smoke test")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="the Markdown file")
+    parser.add_argument("--lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--heads", type=int, nargs="*", default=None)
+    parser.add_argument("--implementations", nargs="*", default=None)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        implementation, length, heads = json.loads(args.child)
+        print(json.dumps(child_main(implementation, length, heads)))
+        return
+
+    lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
+    heads_list = args.heads or ((1,) if args.quick else HEADS)
+    implementations = args.implementations or IMPLEMENTATIONS
+    out = args.out
+    if out is None:
+        out = (
+            pathlib.Path(tempfile.mkdtemp()) / "attention_benchmarks.md"
+            if args.quick
+            else REPO_ROOT / "docs" / "attention_benchmarks.md"
+        )
+    load_at_start = load_average()
+    results = []
+    for heads in heads_list:
+        for length in lengths:
+            for implementation in implementations:
+                result = measure(implementation, length, heads, args.timeout)
+                result.update(length=length, heads=heads, implementation=implementation)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    info = describe()
+    info["load average"] = f"{load_at_start} at start, {load_average()} at end"
+    text = render(results, info, args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,31 @@
+"""``python -m benchmarks.attention --quick`` runs every contender and writes its table."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_attention_benchmark(tmp_path):
+    out = tmp_path / "attention.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attention", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "Quick run" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 256 |")]
+    assert [row.split("|")[3].strip() for row in rows] == [
+        "chunked",
+        "dense",
+        "jax.nn",
+        "torch",
+    ]
+    for row in rows[:3]:  # the jax ones ran (torch may not be installed)
+        time_ms, peak = row.split("|")[4:6]
+        assert float(time_ms.replace(",", "")) > 0 and float(peak.replace(",", "")) > 0
