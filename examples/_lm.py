@@ -24,6 +24,8 @@ class LMConfig:
     sinks: bool = True
     # `textbook_attention` instead of stablelayers' (no sinks), for --compare-naive.
     textbook: bool = False
+    # --context: causal attention on the chunked path, without an L x L mask.
+    long_context: bool = False
 
 
 def attention_mask(tokens: jax.Array) -> jax.Array:

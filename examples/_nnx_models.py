@@ -35,6 +35,21 @@ class MLP(nnx.Module):
         return self.log_softmax(self.linears[-1](x))
 
 
+class LongContextAttention(sl.DotProductAttention):
+    """Causal attention on stablelayers' chunked path, for ``--context``: memory linear in
+    the context, and no ``L x L`` mask is ever built.
+
+    Rows are right-padded, so under the causal mask no real token sees a padded one, and
+    padded positions carry no loss: the causal mask alone gives the same loss and
+    gradients as the full causal-and-padding mask. ``mask`` is therefore ignored.
+    """
+
+    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
+        del mask
+        kwargs.update(is_causal=True, implementation="chunked")
+        return super().__call__(query, key, value, bias, None, **kwargs)
+
+
 class Block(nnx.Module):
     """A pre-norm transformer block; attention with one learnable sink per head."""
 
@@ -45,6 +60,15 @@ class Block(nnx.Module):
             self.attention = nnx.MultiHeadAttention(
                 config.heads, width, attention_fn=textbook_attention, decode=False, rngs=rngs
             )
+        elif config.long_context:
+            # The same parameters (attention_fn.sink included) as the default branch.
+            self.attention = sl.MultiHeadAttention(
+                config.heads,
+                width,
+                attention_fn=LongContextAttention(config.heads, sink=config.sinks),
+                decode=False,
+                rngs=rngs,
+            )
         else:
             self.attention = sl.MultiHeadAttention(
                 config.heads, width, sink=config.sinks, decode=False, rngs=rngs
@@ -53,7 +77,7 @@ class Block(nnx.Module):
         self.mlp_in = nnx.Linear(width, 4 * width, rngs=rngs)
         self.mlp_out = nnx.Linear(4 * width, width, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = x + self.attention(self.attention_norm(x), mask=mask)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
@@ -70,9 +94,12 @@ class LM(nnx.Module):
         self.norm = nnx.LayerNorm(config.width, rngs=rngs)
         self.head = nnx.Linear(config.width, config.vocab_size, rngs=rngs)
         self.log_softmax = sl.LogSoftmax()
+        self.long_context = config.long_context
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        mask = attention_mask(tokens)
+        # --context: the attention is causal by itself, and an L x L mask would be the one
+        # quadratic array left.
+        mask = None if self.long_context else attention_mask(tokens)
         x = self.embed(tokens) + self.position[: tokens.shape[-1]]
         for block in self.blocks:
             x = block(x, mask)

@@ -13,6 +13,7 @@ Writes to --out: checkpoint (Orbax; checkpoint.eqx for Equinox), metrics.json an
 curves.png. Examples:
   python examples/transformer.py --framework equinox --steps 200
   python examples/transformer.py --compare-naive
+  python examples/transformer.py --context 4096 --batch-size 4  # long context, chunked
   python examples/transformer.py --data-parallel  # every local GPU or TPU core
 """
 
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--depth", type=int, default=4, help="number of transformer blocks")
     model.add_argument("--heads", type=int, default=4, help="attention heads per block")
     model.add_argument("--seq-len", type=int, default=64, help="characters of context per row")
+    model.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train at long context: N characters per row (replaces --seq-len), causal "
+        "attention on stablelayers' chunked path, whose memory grows linearly with N, and "
+        "no N x N mask (nnx only)",
+    )
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=32, help="rows per step")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -94,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = _cli.parse(build_parser(), argv)
+    parser = build_parser()
+    args = _cli.parse(parser, argv)
+    if args.context is not None:
+        if args.framework != "nnx" or args.compare_naive is not None:
+            parser.error("--context needs --framework nnx and no --compare-naive")
+        args.seq_len = args.context
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
     return args
@@ -120,7 +135,14 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
     args = parse_args(argv)
     corpus = _data.load_corpus(args.seed)
     models = importlib.import_module(f"_{args.framework}_models")
-    config = LMConfig(corpus.vocab_size, args.seq_len, args.width, args.depth, args.heads)
+    config = LMConfig(
+        corpus.vocab_size,
+        args.seq_len,
+        args.width,
+        args.depth,
+        args.heads,
+        long_context=args.context is not None,
+    )
     batches = _data.TextBatches(corpus.train, args.seq_len, args.batch_size, args.seed)
     optimizer = make_optimizer(args)
 

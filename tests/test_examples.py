@@ -93,6 +93,21 @@ def test_transformer_trains_resumes_and_samples(framework, tmp_path, capsys):
     assert f"transformer {framework}: validation loss" in printed
 
 
+def test_transformer_long_context_matches_the_masked_model(tmp_path):
+    """--context trains on the chunked path with the causal mask alone; on right-padded
+    rows that gives the same losses as the dense path's causal-and-padding mask."""
+    argv = [*TRANSFORMER_TINY, "--steps", "3", "--eval-every", "3", "--sample-chars", "0"]
+    masked = transformer.main([*argv, "--out", str(tmp_path / "masked")])
+    long = transformer.main([*argv, "--context", "32", "--out", str(tmp_path / "long")])
+    np.testing.assert_allclose(
+        [loss for _, loss in long.history.train],
+        [loss for _, loss in masked.history.train],
+        rtol=1e-4,
+    )
+    with pytest.raises(SystemExit):
+        transformer.main([*argv, "--context", "32", "--framework", "equinox"])
+
+
 @pytest.mark.parametrize("framework", transformer.FRAMEWORKS)
 def test_compare_naive_finds_nan_only_in_textbook_attention(framework, capsys):
     # With seed 2 the second batch of this size is the first with padding.
