@@ -66,6 +66,15 @@ def dot_product_attention(
     pass to their ``attention_fn`` is honoured, so either accepts
     ``attention_fn=stablelayers.dot_product_attention``.
 
+    Two implementations give the same results (to float rounding). The dense one forms the
+    ``(batch..., heads, q_len, kv_len)`` logits. The chunked one walks the keys in blocks
+    with a running maximum and normaliser per query row (the online softmax, in float32),
+    and its ``custom_vjp`` keeps only the output and one logsumexp per query row, the
+    backward pass recomputing each block's probabilities (FlashAttention-2's): memory
+    linear in the length, and blocks that ``is_causal``, ``window`` or the lengths remove
+    entirely are skipped. By default the chunked path is taken from ``q_len * kv_len >=
+    1024 * 1024`` on, unless custom einsums or ``module`` ask for the weights.
+
     Args:
         query: shape ``(batch..., q_len, heads, qk_dim)``. Any number of batch dimensions,
             including none.
@@ -103,18 +112,44 @@ def dot_product_attention(
             ``precision``.
         attn_weights_value_einsum: replaces ``jnp.einsum`` for the weighted sum; called as
             ``einsum("...hqk,...khd->...qhd", weights, value)``.
+        query_lengths: optional int array broadcastable to ``(batch...)``: queries at
+            index ``>= query_lengths`` attend nothing (their output is 0). Padding
+            without an ``L x L`` mask.
+        key_lengths: optional int array broadcastable to ``(batch...)``: keys at index
+            ``>= key_lengths`` are masked.
+        window: optional sliding window: key ``k`` is masked from query ``q`` when
+            ``q - k >= window``; with ``is_causal``, each query sees its last ``window``
+            keys, itself included.
+        implementation: ``"dense"``, ``"chunked"``, or ``None`` to choose by size (see
+            above). Custom einsums and ``module`` (``sow_weights``) need the attention
+            weights, so they take the dense path; forcing ``"chunked"`` with them raises.
+        chunk_size: the chunked path's block sizes, an int for both or ``(query block,
+            key block)``; default ``(256, 512)``, measured on CPU. Lengths need not be
+            multiples: the inputs are padded internally.
+        return_logsumexp: also return the float32 logsumexp of each query row's logits
+            (sink included), shape ``(batch..., heads, q_len)``; ``-inf`` for a row that
+            attends nothing. Differentiable.
+
+    On the chunked path, dropout draws each block's keep pattern from
+    ``fold_in(fold_in(dropout_rng, query_block), key_block)``: the same distribution as
+    the dense path, not the same pattern for the same key. A ``mask`` or ``bias`` is
+    read block by block, but a full ``(q_len, kv_len)`` one is itself quadratic in
+    memory; prefer ``is_causal``, ``window`` and the lengths at long context.
 
     Returns:
         An array of shape ``(batch..., q_len, heads, v_dim)`` and dtype ``dtype``. A query
-        row whose keys are all masked is exactly 0.
+        row whose keys are all masked is exactly 0. With ``return_logsumexp``, the pair
+        ``(out, logsumexp)``.
 
     Raises:
         ValueError: the shapes of ``query``, ``key``, ``value``, ``bias``, ``mask`` or
             ``sink`` do not fit together, ``dropout_rate`` is not in ``[0, 1)``, dropout
-            is active without a ``dropout_rng``, or custom einsums are given with
-            ``precision`` or only one of them.
+            is active without a ``dropout_rng``, custom einsums are given with
+            ``precision`` or only one of them, ``implementation`` is unknown or
+            ``"chunked"`` with custom einsums or ``module``, or ``window`` or
+            ``chunk_size`` is not positive.
         TypeError: ``query``, ``key`` or ``value`` is not a real floating (or integer)
-            array.
+            array, or the lengths are not integers.
     """
     if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
         raise ValueError(
