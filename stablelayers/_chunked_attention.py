@@ -225,10 +225,13 @@ def _backward(cfg, residuals, cotangents):
                 keep = _keep(cfg, rng, rate, i, j, p.shape)
                 p_used = p * keep
                 dp = dp * keep
+            # dV and dK are accumulated transposed, (d, k): the block's probabilities and
+            # dS are then the right-hand operands in their own layout, where (k, d) would
+            # make XLA write a transposed copy of each (or recompute them).
             dv_blk = dv_blk + jnp.einsum(
-                "bhgqk,bhgqd->bhkd",
-                p_used.astype(cfg.dtype),
+                "bhgqd,bhgqk->bhdk",
                 do_blk,
+                p_used.astype(cfg.dtype),
                 precision=cfg.precision,
                 preferred_element_type=compute,
             )
@@ -247,20 +250,21 @@ def _backward(cfg, residuals, cotangents):
             )
             d_q = _add_slice(d_q, (0, 0, 0, q0, 0), dq_part * scale)
             dk_blk = dk_blk + jnp.einsum(
-                "bhgqk,bhgqd->bhkd",
-                ds_mm,
+                "bhgqd,bhgqk->bhdk",
                 q_blk,
+                ds_mm,
                 precision=cfg.precision,
                 preferred_element_type=compute,
             )
             return d_q, dk_blk, dv_blk, d_bias
 
         lo, hi = (x.astype(jnp.int32) for x in _q_range(cfg, j, n_q, q_max, kv_max))
-        dk0 = jnp.zeros(k_blk.shape, compute)
-        dv0 = jnp.zeros(v_blk.shape, compute)
+        dk0 = jnp.zeros(jnp.swapaxes(k_blk, 2, 3).shape, compute)
+        dv0 = jnp.zeros(jnp.swapaxes(v_blk, 2, 3).shape, compute)
         d_q, dk_blk, dv_blk, d_bias = lax.fori_loop(
             lo, hi, query_block, (d_q, dk0, dv0, d_bias)
         )
+        dk_blk, dv_blk = jnp.swapaxes(dk_blk, 2, 3), jnp.swapaxes(dv_blk, 2, 3)
         d_k = lax.dynamic_update_slice_in_dim(d_k, dk_blk * scale, j * cfg.block_k, 2)
         d_v = lax.dynamic_update_slice_in_dim(d_v, dv_blk, j * cfg.block_k, 2)
         return d_q, d_k, d_v, d_bias
