@@ -17,6 +17,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks, _chunked_attention, _core
 from stablelayers._functions import masked_softmax
+from stablelayers._mode import forward_mode_enabled
 
 Einsum = Callable[..., jax.Array]
 
@@ -73,7 +74,8 @@ def dot_product_attention(
     backward pass recomputing each block's probabilities (FlashAttention-2's): memory
     linear in the length, and blocks that ``is_causal``, ``window`` or the lengths remove
     entirely are skipped. By default the chunked path is taken from ``q_len * kv_len >=
-    1024 * 1024`` on, unless custom einsums or ``module`` ask for the weights.
+    1024 * 1024`` on, unless custom einsums or ``module`` ask for the weights or
+    :func:`stablelayers.forward_mode` is on (the chunked path has no forward-mode rule).
 
     Args:
         query: shape ``(batch..., q_len, heads, qk_dim)``. Any number of batch dimensions,
@@ -299,6 +301,13 @@ def _use_chunked(implementation, q_len, kv_len, custom_einsum, module):
                 "The chunked path never forms the attention weights, so it takes neither "
                 "custom einsums nor a `module` to sow them into (sow_weights=True); use "
                 "implementation='dense' or None."
+            )
+        return False
+    if forward_mode_enabled():
+        if implementation == "chunked":
+            raise ValueError(
+                "The chunked path has a reverse-mode rule only; inside "
+                "stablelayers.forward_mode() use implementation='dense' or None."
             )
         return False
     return implementation == "chunked" or q_len * kv_len >= CHUNKED_MIN_LOGITS

@@ -238,6 +238,29 @@ def test_automatic_choice_and_errors():
         sl.dot_product_attention(q, k, k, implementation="chunked", module=object())
     with pytest.raises(TypeError, match="query_lengths"):
         sl.dot_product_attention(q, k, k, query_lengths=jnp.ones(1))
+    # forward_mode() needs jvp rules, which only the dense path has.
+    with sl.forward_mode():
+        lowered = jax.jit(lambda q, k: sl.dot_product_attention(q, k, k)).lower(q, k)
+        assert "while" not in lowered.as_text()
+        with pytest.raises(ValueError, match="forward_mode"):
+            sl.dot_product_attention(q, k, k, implementation="chunked")
+
+
+def test_vmap_of_chunked_matches_batched():
+    qkv, args, _ = _case("mask_sink")
+
+    def attend(q, k, v, mask):
+        return sl.dot_product_attention(
+            q, k, v, mask=mask, sink=args["sink"], implementation="chunked", chunk_size=CHUNK
+        )
+
+    def loss(fn, q):
+        return jnp.sum(fn(q, *qkv[1:], args["mask"]) ** 2)
+
+    mapped = jax.jit(jax.value_and_grad(lambda q: loss(jax.vmap(attend), q)))(qkv[0])
+    batched = jax.jit(jax.value_and_grad(lambda q: loss(attend, q)))(qkv[0])
+    for got, want in zip(mapped, batched, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_memory_is_linear_in_length():
