@@ -93,8 +93,26 @@ def _torch_step(length: int, heads: int):
     return run, None
 
 
+def _resident_mib() -> float:
+    """The process's resident memory now (``ru_maxrss`` is only the high-water mark)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
 def child_main(implementation: str, length: int, heads: int) -> dict:
     """Measure one configuration in this process; return the result as a dict."""
+    if implementation == "torch":
+        import torch
+
+        torch.zeros(1)  # the runtime is up before the baseline is read, as for jax
+    else:
+        import jax.numpy as jnp
+
+        jnp.zeros(1).block_until_ready()
+    baseline = _resident_mib()
     if implementation == "torch":
         run, temp = _torch_step(length, heads)
     else:
@@ -114,6 +132,7 @@ def child_main(implementation: str, length: int, heads: int) -> dict:
         "time_ms": 1e3 * times[len(times) // 2],
         "runs": len(times),
         "peak_mib": peak_kib / 1024,
+        "baseline_mib": baseline,
         "temp_mib": None if temp is None else temp / 2**20,
     }
 
@@ -151,11 +170,12 @@ def measure(implementation: str, length: int, heads: int, timeout: float) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cell(result: dict) -> tuple[str, str, str]:
+def _cell(result: dict) -> tuple[str, str, str, str]:
     if result["status"] != "ok":
-        return result["status"], "", ""
+        return result["status"], "", "", ""
     temp = "" if result["temp_mib"] is None else f"{result['temp_mib']:,.0f}"
-    return f"{result['time_ms']:,.0f}", f"{result['peak_mib']:,.0f}", temp
+    above = result["peak_mib"] - result["baseline_mib"]
+    return f"{result['time_ms']:,.0f}", f"{result['peak_mib']:,.0f}", f"{above:,.0f}", temp
 
 
 def render(results: list[dict], info: dict[str, str], quick: bool) -> str:
@@ -166,7 +186,10 @@ def render(results: list[dict], info: dict[str, str], quick: bool) -> str:
         "Value-and-grad of `sum(attention(q, k, v))` with respect to q, k and v: causal, "
         f"batch 1, head dim {HEAD_DIM}, float32, each row measured in its own process. "
         "Time is the median of up to 5 runs after a warm-up call; peak is the process's "
-        "peak resident memory (`ru_maxrss`, imports and inputs included); XLA temp is the "
+        "peak resident memory (`ru_maxrss`, imports and inputs included), and above "
+        "baseline is that peak less the resident memory once the framework's runtime is up "
+        "(after importing it and one tiny op), before the inputs are made: for jax it "
+        "includes compiling the step. XLA temp is the "
         "compiled step's temporary buffers (`memory_analysis().temp_size_in_bytes`). "
         "`dense` and `chunked` are `stablelayers.dot_product_attention(..., "
         "implementation=...)`; `jax.nn` is `jax.nn.dot_product_attention` (XLA "
@@ -178,14 +201,15 @@ def render(results: list[dict], info: dict[str, str], quick: bool) -> str:
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += [
         "",
-        "| length | heads | implementation | time (ms) | peak memory (MiB) | XLA temp (MiB) |",
-        "|---:|---:|:---|---:|---:|---:|",
+        "| length | heads | implementation | time (ms) | peak memory (MiB) "
+        "| above baseline (MiB) | XLA temp (MiB) |",
+        "|---:|---:|:---|---:|---:|---:|---:|",
     ]
     for r in results:
-        time_ms, peak, temp = _cell(r)
+        time_ms, peak, above, temp = _cell(r)
         lines.append(
             f"| {r['length']} | {r['heads']} | {r['implementation']} | {time_ms} | {peak} | "
-            f"{temp} |"
+            f"{above} | {temp} |"
         )
     return "\n".join(lines) + "\n"
 
