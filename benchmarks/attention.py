@@ -21,7 +21,7 @@ import time
 from benchmarks.environment import MALLOC_ENV, describe, load_average
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-IMPLEMENTATIONS = ("chunked", "dense", "jax.nn", "torch")
+IMPLEMENTATIONS = ("chunked", "dense", "jax.nn", "torch", "torch 1 thread")
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (256,)
 HEADS = (1, 8)
@@ -73,10 +73,12 @@ def _jax_step(implementation: str, length: int, heads: int):
     return run, temp
 
 
-def _torch_step(length: int, heads: int):
+def _torch_step(length: int, heads: int, threads: int | None):
     import numpy as np
     import torch
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     shape = (1, heads, length, HEAD_DIM)  # torch's layout
     q, k, v = (
@@ -104,7 +106,7 @@ def _resident_mib() -> float:
 
 def child_main(implementation: str, length: int, heads: int) -> dict:
     """Measure one configuration in this process; return the result as a dict."""
-    if implementation == "torch":
+    if implementation.startswith("torch"):
         import torch
 
         torch.zeros(1)  # the runtime is up before the baseline is read, as for jax
@@ -113,8 +115,10 @@ def child_main(implementation: str, length: int, heads: int) -> dict:
 
         jnp.zeros(1).block_until_ready()
     baseline = _resident_mib()
-    if implementation == "torch":
-        run, temp = _torch_step(length, heads)
+    if implementation.startswith("torch"):
+        run, temp = _torch_step(
+            length, heads, 1 if implementation == "torch 1 thread" else None
+        )
     else:
         run, temp = _jax_step(implementation, length, heads)
     start = time.perf_counter()
@@ -145,7 +149,7 @@ def measure(implementation: str, length: int, heads: int, timeout: float) -> dic
         and MATERIALISED_COPIES * logits_bytes > MATERIALISED_LIMIT
     ):
         return {"status": "skipped (L x L logits exceed memory)"}
-    if implementation == "torch":
+    if implementation.startswith("torch"):
         try:
             import torch  # noqa: F401
         except ImportError:
@@ -193,7 +197,12 @@ def render(results: list[dict], info: dict[str, str], quick: bool) -> str:
         "compiled step's temporary buffers (`memory_analysis().temp_size_in_bytes`). "
         "`dense` and `chunked` are `stablelayers.dot_product_attention(..., "
         "implementation=...)`; `jax.nn` is `jax.nn.dot_product_attention` (XLA "
-        "implementation); `torch` is `torch.nn.functional.scaled_dot_product_attention`.",
+        "implementation); `torch` is `torch.nn.functional.scaled_dot_product_attention` "
+        "with its default threads (one per core), `torch 1 thread` the same after "
+        "`torch.set_num_threads(1)`. XLA ran these steps on one core (measured: process CPU "
+        "time equals wall time, even for one large matmul), so `torch 1 thread` is the "
+        "like-for-like row; on a loaded machine torch's default threads can also be far "
+        "slower than one thread, when its OpenMP workers wait on a busy core.",
         "",
         "Regenerate with `python -m benchmarks.attention`.",
         "",

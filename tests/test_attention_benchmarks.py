@@ -25,6 +25,7 @@ def test_quick_attention_benchmark(tmp_path):
         "dense",
         "jax.nn",
         "torch",
+        "torch 1 thread",
     ]
     for row in rows[:3]:  # the jax ones ran (torch may not be installed)
         time_ms, peak = row.split("|")[4:6]
