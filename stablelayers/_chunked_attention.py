@@ -117,6 +117,10 @@ def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
         valid = valid & (q_pos - k_pos < cfg.window)
     if mask is not None:
         valid = valid & _slice(_slice(mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
+    # A +inf logit (from a +inf bias, or q.k overflowing) becomes the largest float: the
+    # running max stays finite, so s - max is 0 there and -inf-like elsewhere, and the row's
+    # mass is shared among its +inf entries as on the dense path, instead of inf - inf = NaN.
+    s = jnp.minimum(s, jnp.finfo(compute).max)
     return jnp.where(valid, s, -jnp.inf)
 
 

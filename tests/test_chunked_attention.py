@@ -300,3 +300,19 @@ def test_as_flax_nnx_attention_fn():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     dropped = layers[1](x, mask=mask, deterministic=False, rngs=nnx.Rngs(1))
     assert np.isfinite(dropped).all()
+
+
+def test_posinf_logits_share_the_mass_as_on_the_dense_path():
+    q, k, v = (_normal((1, 8, 2, 4), seed) for seed in (10, 11, 12))
+    bias = jnp.zeros((1, 2, 8, 8)).at[0, 0, 3, 5].set(jnp.inf).at[0, 0, 3, 6].set(jnp.inf)
+
+    def attend(q, bias, implementation):
+        return sl.dot_product_attention(
+            q, k, v, bias, implementation=implementation, chunk_size=(4, 4)
+        )
+
+    out = attend(q, bias, "chunked")
+    np.testing.assert_allclose(out, attend(q, bias, "dense"), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[0, 3, 0], (v[0, 5, 0] + v[0, 6, 0]) / 2, rtol=1e-6)
+    grads = jax.grad(lambda q, b: attend(q, b, "chunked").sum(), argnums=(0, 1))(q, bias)
+    assert all(np.isfinite(g).all() for g in grads)
