@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,64 @@ from stablelayers._functions import masked_softmax
 from stablelayers._mode import forward_mode_enabled
 
 Einsum = Callable[..., jax.Array]
+
+
+@overload
+def dot_product_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    sink: ArrayLike | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    broadcast_dropout: bool = True,
+    deterministic: bool = True,
+    dtype: DTypeLike | None = None,
+    precision: jax.lax.PrecisionLike = None,
+    module: Any = None,
+    qk_attn_weights_einsum: Einsum | None = None,
+    attn_weights_value_einsum: Einsum | None = None,
+    query_lengths: ArrayLike | None = None,
+    key_lengths: ArrayLike | None = None,
+    window: int | None = None,
+    implementation: str | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    return_logsumexp: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def dot_product_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    sink: ArrayLike | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    broadcast_dropout: bool = True,
+    deterministic: bool = True,
+    dtype: DTypeLike | None = None,
+    precision: jax.lax.PrecisionLike = None,
+    module: Any = None,
+    qk_attn_weights_einsum: Einsum | None = None,
+    attn_weights_value_einsum: Einsum | None = None,
+    query_lengths: ArrayLike | None = None,
+    key_lengths: ArrayLike | None = None,
+    window: int | None = None,
+    implementation: str | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    return_logsumexp: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
 
 
 def dot_product_attention(
@@ -232,7 +290,7 @@ def dot_product_attention(
         key, value = jnp.repeat(key, groups, axis=-2), jnp.repeat(value, groups, axis=-2)
         kv_heads, groups = heads, 1
 
-    if custom_einsum:
+    if qk_attn_weights_einsum is not None:
         logits = qk_attn_weights_einsum("...qhd,...khd->...hqk", query, key).astype(compute)
     else:
         grouped_query = query.reshape(*batch, q_len, kv_heads, groups, query.shape[-1])
@@ -263,10 +321,11 @@ def dot_product_attention(
         # Flax's pattern: with broadcast_dropout, one (q_len, kv_len) draw for all batch
         # entries and heads; the same key therefore drops the same weights as Flax.
         shape = (1,) * (len(batch) + 1) + (q_len, kv_len) if broadcast_dropout else None
+        assert dropout_rng is not None  # checked above whenever dropout is on
         keep = jax.random.bernoulli(dropout_rng, keep_prob, shape or logits_shape)
         weights = weights * (keep.astype(compute) / jnp.asarray(keep_prob, compute))
 
-    if custom_einsum:
+    if attn_weights_value_einsum is not None:
         out = attn_weights_value_einsum("...hqk,...khd->...qhd", weights.astype(dtype), value)
         out = out.astype(dtype)
     else:
