@@ -119,8 +119,10 @@ def log_softmax(
         = (x_i - m) - \mathrm{log1p}\Big(\sum_j e^{x_j - m} - 1\Big)
 
     with ``m`` the row max; the ``- 1`` is taken exactly at the max entry, so a confident
-    prediction gets ``-7.1e-12`` rather than ``0.0``. The backward pass keeps only the
-    output and applies ``g - exp(y) * sum(g)``.
+    prediction gets ``-7.1e-12`` rather than ``0.0``. The backward pass applies
+    ``g - softmax(x) * sum(g)``, keeping one array the size of ``x``: ``x`` itself, with
+    the row max and total, from which it rebuilds the softmax as the forward pass did; or,
+    with a mask, the output ``y`` (``softmax = exp(y)``).
 
     Args:
         x: logits of any shape (integers promoted; half precision computed in float32).

@@ -23,12 +23,12 @@ def _gradient(f, x, w):
 
 
 # How much worse than jax.nn's worst ULP each op may be, set by set. softmax is no worse
-# anywhere. log_softmax keeps its output y for the backward pass and forms the probabilities
-# as exp(y): y rounded to float32 carries an absolute error of up to ulp(y) / 2, which exp
-# turns into a relative error of |y| * 2**-25 (8 ULP at |y| = 16), where jax.nn forms them
-# from the shifted logits. At entries where g_i - p_i * sum(g) cancels that shows: measured
-# 1.05x jax.nn on normal_x1, 1.27x on normal_x30, 1.42x on f32max_mix, 1.0x elsewhere.
-FACTOR = {"softmax": 1.01, "log_softmax": 1.5}
+# anywhere. log_softmax rebuilds the probabilities from x in its backward pass, more
+# accurately than jax.nn; its worst cases are entries where g_i - p_i * sum(g) cancels,
+# and what is left there is mostly the rounding of the row sum of g, which differs with
+# the order of summation: measured 0.97x jax.nn on normal_x1, 1.10x on f32max_mix, 1.0x
+# elsewhere.
+FACTOR = {"softmax": 1.01, "log_softmax": 1.15}
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
