@@ -37,7 +37,8 @@ def test_hard_inputs_softplus(hard_inputs):
     x = hard_inputs["softplus/x"]
     worst, non_finite = ulp_error(sl.softplus(x), hard_inputs["softplus/softplus"])
     assert non_finite == 0
-    assert worst <= 2.0  # the target; measured 0.98; jax.nn 2.8, torch 1.5
+    # The target is 2; measured 0.98 (jax.nn 2.8, torch 1.5), guarded with margin.
+    assert worst <= 1.2
 
 
 def test_hard_inputs_softplus_derivative(hard_inputs):
@@ -45,7 +46,8 @@ def test_hard_inputs_softplus_derivative(hard_inputs):
     slope = jax.grad(lambda x: jnp.sum(sl.softplus(x)))(x)
     worst, non_finite = ulp_error(slope, hard_inputs["softplus/sigmoid"])
     assert non_finite == 0
-    assert worst <= 2.0  # the target; measured 1.45; jax.nn 8.4, torch 2.0
+    # The target is 2; measured 1.45 (jax.nn 8.4, torch 2.0), guarded with margin.
+    assert worst <= 1.7
 
 
 def test_log_softmax_dominant_argmax_is_not_rounded_to_zero():
