@@ -6,12 +6,23 @@ import functools
 
 import numpy as np
 
+# Copies of the inputs at different addresses. How fast a pass over x runs depends on where
+# its buffers sit relative to each other (modulo the 4 KiB page, loads and stores that look
+# alike to the CPU stall each other): on this machine one jitted softplus took 8.3 to 14.8
+# ms, steadily, depending only on which copy of the same x it read (jax.nn's 18.7 to 27.1).
+# Timed calls cycle through the copies, so a median is over placements, not one draw.
+# Inputs above 64 MiB get one copy: with glibc told never to give memory back (see
+# benchmarks.environment), three copies of the 256 MiB inputs fragmented the heap past this
+# machine's 24 GiB.
+PLACEMENTS = 3
+MAX_PLACED_BYTES = 64 * 2**20
+
 
 class Inputs:
     """A float32 ``x`` and cotangent ``w`` of one shape, as numpy, JAX and torch arrays.
 
     The JAX and torch copies are made on first use and then shared, so four contenders do not
-    hold four copies of a 256 MiB input.
+    hold four sets of copies of a 256 MiB input.
     """
 
     def __init__(self, shape: tuple[int, ...], seed: int = 0) -> None:
@@ -27,16 +38,44 @@ class Inputs:
         """Bytes of one array of ``x``'s size: the unit of the bandwidth and memory models."""
         return self.x.nbytes
 
-    @functools.cached_property
+    @property
     def jax(self) -> tuple:
-        """``(x, w)`` as JAX arrays on the default device."""
-        import jax
+        """``(x, w)`` as JAX arrays on the default device (the first placement)."""
+        return self.jax_placements[0][:2]
 
-        return jax.device_put(self.x), jax.device_put(self.w)
+    @property
+    def torch(self) -> tuple:
+        """``(x, w)`` as torch CPU tensors (the first placement)."""
+        return self.torch_placements[0][:2]
 
     @functools.cached_property
-    def torch(self) -> tuple:
-        """``(x, w)`` as torch CPU tensors (sharing the numpy buffers)."""
+    def jax_placements(self) -> list[tuple]:
+        """``(x, w, pad)`` tuples of JAX arrays, each at a different address."""
+        import jax
+        import jax.numpy as jnp
+
+        if not self._several_placements:
+            return [(jax.device_put(self.x), jax.device_put(self.w), None)]
+        return _placed(lambda a: jnp.array(a, copy=True), self.x, self.w)
+
+    @functools.cached_property
+    def torch_placements(self) -> list[tuple]:
+        """``(x, w, pad)`` tuples of torch CPU tensors, each at a different address."""
         import torch
 
-        return torch.from_numpy(self.x), torch.from_numpy(self.w)
+        if not self._several_placements:
+            return [(torch.from_numpy(self.x), torch.from_numpy(self.w), None)]
+        return _placed(lambda a: torch.from_numpy(np.array(a, copy=True)), self.x, self.w)
+
+    @property
+    def _several_placements(self) -> bool:
+        return self.x.nbytes <= MAX_PLACED_BYTES
+
+
+def _placed(copy, x: np.ndarray, w: np.ndarray) -> list[tuple]:
+    """Copies of ``(x, w)``; after each, a small allocation of a different size moves the next
+    big buffer along. The pads ride along as a third element, so they live as long as the
+    copies do and are never freed and reused in between."""
+    return [
+        (copy(x), copy(w), copy(np.zeros(1 + 700 * i, np.float32))) for i in range(PLACEMENTS)
+    ]

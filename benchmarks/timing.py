@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import time
 from collections.abc import Callable, Hashable
 
@@ -36,13 +37,18 @@ def bound_cases(inputs: Inputs) -> list[Case]:
     cases = []
     for name, kernel in BOUND_KERNELS.items():
         compiled = jax.jit(kernel).lower(x, w).compile()
-        cases.append(Case(name, _blocking(compiled, x, w)))
+        cases.append(
+            Case(name, _blocking(compiled, [(x, w) for x, w, _ in inputs.jax_placements]))
+        )
     return cases
 
 
-def _blocking(compiled: Callable, *args) -> Callable[[], None]:
+def _blocking(compiled: Callable, arg_sets: list[tuple]) -> Callable[[], None]:
+    # Cycles through the input placements like the contenders do (see benchmarks.inputs).
+    calls = itertools.count()
+
     def call() -> None:
-        jax.block_until_ready(compiled(*args))
+        jax.block_until_ready(compiled(*arg_sets[next(calls) % len(arg_sets)]))
 
     return call
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -35,18 +36,22 @@ class TorchContender:
 
     def timed_call(self, op: str, mode: str, inputs: Inputs) -> Callable[[], None]:
         torch, fn = self._torch, self._functions[op]
-        x, w = inputs.torch
+        arg_sets = [
+            (x.detach().requires_grad_(mode != FORWARD), w)
+            for x, w, _ in inputs.torch_placements
+        ]
+        calls = itertools.count()
         if mode == FORWARD:
 
             def forward() -> None:
+                x, _ = arg_sets[next(calls) % len(arg_sets)]
                 with torch.no_grad():
                     fn(x)
 
             return forward
 
-        leaf = x.detach().requires_grad_(True)
-
         def value_and_grad() -> None:
+            leaf, w = arg_sets[next(calls) % len(arg_sets)]
             # autograd.grad returns the gradient instead of accumulating into leaf.grad, so
             # every run does the same work.
             loss = torch.sum(fn(leaf) * w)
