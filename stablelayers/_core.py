@@ -372,8 +372,9 @@ def _softplus_primal(x, beta):
     return y.astype(out_dtype)
 
 
-# Float32 softplus is polynomials around one exp: no log, no division, so XLA compiles it
-# to one pass over x at about half of jax.nn.softplus's time. The coefficients are
+# Float32 softplus is polynomials only (exp included, see _exp_pair_float32): no log, no
+# division, so XLA compiles it to one pass over x, at 0.35 to 0.5 of jax.nn.softplus's
+# time. The coefficients are
 # Chebyshev interpolants at 300 nodes against mpmath, rounded to float32; regenerate with
 # numpy.polynomial.chebyshev.chebfit and cheb2poly.
 #
@@ -410,8 +411,8 @@ def _softplus_float32(u):
     # 16% of log1p(t)) is rounded. Near 0, where t ~ 1 and that correction reaches 44%:
     # softplus(u) = log(2) + u / 2 + u^2 * E(u^2), where u / 2 is exact and only the last
     # two additions round. Each form is evaluated where it is chosen or at a harmless point,
-    # so both stay finite under differentiation. Worst 1.37 ULP on the hard inputs (jax.nn
-    # 2.82, torch 1.46).
+    # so both stay finite under differentiation. Worst 0.98 ULP on the hard inputs op by op,
+    # 1.03 under jit (jax.nn 2.82, torch 1.46).
     positive = u > 0
     near_zero = jnp.abs(u) < 1
     t, t_lo = _exp_pair_float32(jnp.where(positive, -u, u))
