@@ -8,8 +8,8 @@ import numpy as np
 
 # Copies of the inputs at different addresses. How fast a pass over x runs depends on where
 # its buffers sit relative to each other (modulo the 4 KiB page, loads and stores that look
-# alike to the CPU stall each other): on this machine one jitted softplus took 8.3 to 14.8
-# ms, steadily, depending only on which copy of the same x it read (jax.nn's 18.7 to 27.1).
+# alike to the CPU stall each other): `python -m benchmarks.placement` times one op over
+# copies of the same x, and its medians differ steadily from copy to copy.
 # Timed calls cycle through the copies, so a median is over placements, not one draw.
 # Inputs above 64 MiB get one copy: with glibc told never to give memory back (see
 # benchmarks.environment), three copies of the 256 MiB inputs fragmented the heap past this
@@ -54,28 +54,22 @@ class Inputs:
         import jax
         import jax.numpy as jnp
 
-        if not self._several_placements:
-            return [(jax.device_put(self.x), jax.device_put(self.w), None)]
-        return _placed(lambda a: jnp.array(a, copy=True), self.x, self.w)
+        return self._placements(jax.device_put, lambda a: jnp.array(a, copy=True))
 
     @functools.cached_property
     def torch_placements(self) -> list[tuple]:
         """``(x, w, pad)`` tuples of torch CPU tensors, each at a different address."""
         import torch
 
-        if not self._several_placements:
-            return [(torch.from_numpy(self.x), torch.from_numpy(self.w), None)]
-        return _placed(lambda a: torch.from_numpy(np.array(a, copy=True)), self.x, self.w)
+        return self._placements(
+            torch.from_numpy, lambda a: torch.from_numpy(np.array(a, copy=True))
+        )
 
-    @property
-    def _several_placements(self) -> bool:
-        return self.x.nbytes <= MAX_PLACED_BYTES
-
-
-def _placed(copy, x: np.ndarray, w: np.ndarray) -> list[tuple]:
-    """Copies of ``(x, w)``; after each, a small allocation of a different size moves the next
-    big buffer along. The pads ride along as a third element, so they live as long as the
-    copies do and are never freed and reused in between."""
-    return [
-        (copy(x), copy(w), copy(np.zeros(1 + 700 * i, np.float32))) for i in range(PLACEMENTS)
-    ]
+    def _placements(self, share, copy) -> list[tuple]:
+        # After each copy, a small allocation of a different size moves the next big buffer
+        # along. The pads ride along as a third element, so they live as long as the copies
+        # do and are never freed and reused in between. Large inputs get one shared copy.
+        if self.x.nbytes > MAX_PLACED_BYTES:
+            return [(share(self.x), share(self.w), None)]
+        pads = (np.zeros(1 + 700 * i, np.float32) for i in range(PLACEMENTS))
+        return [(copy(self.x), copy(self.w), copy(pad)) for pad in pads]
