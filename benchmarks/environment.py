@@ -20,8 +20,8 @@ MALLOC_ENV = {
 }
 
 
-def ensure_malloc_env(argv: list[str]) -> None:
-    """Re-execute ``python -m benchmarks`` with :data:`MALLOC_ENV` unless it is already set.
+def ensure_malloc_env(argv: list[str], module: str = "benchmarks") -> None:
+    """Re-execute ``python -m <module>`` with :data:`MALLOC_ENV` unless it is already set.
 
     glibc reads these variables once, at start-up, so setting them in a running process
     changes nothing: the only way is a fresh process.
@@ -30,7 +30,7 @@ def ensure_malloc_env(argv: list[str]) -> None:
         return
     env = {**os.environ, **MALLOC_ENV}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def cpu_model() -> str:

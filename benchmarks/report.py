@@ -18,9 +18,10 @@ _NOTES = [
     "itself with them); otherwise page faults on fresh buffers dominate every figure.",
     "At 4096x4096 every contender reads the same 3 copies of x and w, at different "
     "addresses, one after another (and the bounds do too): how fast a pass runs depends "
-    "steadily on where its buffers sit relative to each other, by up to 1.8x for one op on "
-    "this machine, so a median over one placement would be a draw of the allocator. The "
-    "256 MiB inputs of the larger shape have one copy (memory).",
+    "steadily on where its buffers sit relative to each other (`python -m "
+    "benchmarks.placement` times softplus per copy: 2.0x between copies for stablelayers "
+    "and 1.4x for jax.nn in one run here), so a median over one placement would be a draw "
+    "of the allocator. The 256 MiB inputs of the larger shape have one copy (memory).",
     "`jax.nn custom_jvp` is jax.nn.softmax with `jax_softmax_custom_jvp=True`, a "
     "process-wide flag, so it runs in a child process beside stablelayers' softmax; its "
     "ratio comes from that process. The flag changes only softmax.",

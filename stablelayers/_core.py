@@ -373,8 +373,8 @@ def _softplus_primal(x, beta):
 
 
 # Float32 softplus is polynomials only (exp included, see _exp_pair_float32): no log, no
-# division, so XLA compiles it to one pass over x, at 0.35 to 0.5 of jax.nn.softplus's
-# time. The coefficients are
+# division, so XLA compiles it to one pass over x, in about half of jax.nn.softplus's
+# time (docs/benchmarks.md). The coefficients are
 # Chebyshev interpolants at 300 nodes against mpmath, rounded to float32; regenerate with
 # numpy.polynomial.chebyshev.chebfit and cheb2poly.
 #

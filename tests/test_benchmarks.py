@@ -44,3 +44,20 @@ def test_quick_benchmark_writes_report_and_chart(tmp_path: pathlib.Path) -> None
         assert "rel. err at dominant arg-max" in markdown
         for name in contenders:
             assert f"\n| {name} | " in markdown  # its softplus row
+
+
+def test_quick_placement_run_prints_a_median_per_copy() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.placement", "--quick"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len([line for line in lines if line.strip()[:1].isdigit()]) == 8  # one per copy
+    assert any(line.startswith("stablelayers: ") for line in lines)
+    assert any(line.startswith("jax.nn: ") for line in lines)
