@@ -11,6 +11,10 @@ Each op is written three times, next to each other:
   :func:`stablelayers.forward_mode`, because JAX cannot run ``jax.jvp`` through a
   ``custom_vjp``.
 
+On the CPU, softmax and log_softmax over trailing axes without a mask or sink run the row
+kernels of ``_cpu_kernels.cc`` instead (one pass over ``x`` where XLA makes several), with the
+same semantics; their derivatives are those of the pure-JAX code they stand in for.
+
 Arguments reaching this module are already validated by ``_checks``: ``axis`` is a sorted
 tuple of non-negative ints, ``where`` is a boolean array or ``None``, ``sink`` is ``None`` or
 has the keepdims shape of a reduction over ``axis``.
@@ -24,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from stablelayers import _cpu_calls
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -137,6 +143,88 @@ def _reciprocal_pair(t):
 
 
 # --------------------------------------------------------------------------------------
+# The CPU row kernels: where they apply, and their derivatives
+# --------------------------------------------------------------------------------------
+
+
+def _kernels_apply(x, axis):
+    """Whether the row kernels can take ``x``: float32 work (half precision included) over
+    trailing axes, so that each row is contiguous."""
+    trailing = axis == tuple(range(x.ndim - len(axis), x.ndim))
+    return compute_dtype(x.dtype) == jnp.float32 and trailing and x.size > 0
+
+
+def _as_rows(a, axis):
+    """``a`` as a float32 ``(rows, n)`` array, each row one softmax row (axes trailing)."""
+    n = math.prod(a.shape[i] for i in axis)
+    return a.astype(jnp.float32).reshape(-1, n)
+
+
+def _from_rows(rows, like, axis):
+    """Per-row values ``(rows,)`` in the keepdims shape of a reduction of ``like``."""
+    return rows.reshape(tuple(1 if i in axis else n for i, n in enumerate(like.shape)))
+
+
+def _with_derivative_of(reference):
+    """Make a kernel call differentiable to any order: its derivative is ``reference``'s,
+    the pure-JAX function it stands in for (same arguments, same output structure)."""
+
+    def wrap(kernel):
+        op = jax.custom_jvp(kernel)
+
+        @op.defjvp
+        def rule(primals, tangents):
+            return op(*primals), jax.jvp(reference, primals, tangents)[1]
+
+        return op
+
+    return wrap
+
+
+def _no_tangent(a):
+    # A per-row value the backward kernel reads, whose derivative it takes through x.
+    return lax.stop_gradient(jnp.zeros_like(a))
+
+
+def _softmax_reference(x):
+    return _softmax_primal(x, None, None, (1,))[0], _no_tangent(x[:, 0])
+
+
+@_with_derivative_of(_softmax_reference)
+def _softmax_rows(x):
+    return _cpu_calls.softmax(x)
+
+
+def _softmax_grad_reference(y, g):
+    return _softmax_vjp((1,), y, None, g)[0]
+
+
+@_with_derivative_of(_softmax_grad_reference)
+def _softmax_grad_rows(y, g):
+    return _cpu_calls.softmax_grad(y, g)
+
+
+def _log_softmax_reference(x):
+    return _log_softmax_primal(x, None, (1,))[0], _no_tangent(x[:, 0]), _no_tangent(x[:, 0])
+
+
+@_with_derivative_of(_log_softmax_reference)
+def _log_softmax_rows(x):
+    return _cpu_calls.log_softmax(x)
+
+
+def _log_softmax_grad_reference(x, shift, rest, g):
+    # shift and rest are functions of x; the derivative goes through x alone.
+    rows = _log_softmax_primal(x, None, (1,))[1]
+    return _log_softmax_vjp_from_input((1,), x, rows, g)
+
+
+@_with_derivative_of(_log_softmax_grad_reference)
+def _log_softmax_grad_rows(x, shift, rest, g):
+    return _cpu_calls.log_softmax_grad(x, shift, rest, g)
+
+
+# --------------------------------------------------------------------------------------
 # softmax and masked_softmax:  y_i = exp(x_i) / (exp(sink) + sum_j exp(x_j))
 # --------------------------------------------------------------------------------------
 
@@ -216,19 +304,53 @@ def _softmax_jvp(axis, y, p_sink, x_dot, sink_dot):
     return jnp.where(y == 0, 0.0, y * (x_dot - mean))
 
 
+def _softmax_values(x, where, sink, axis):
+    """``_softmax_primal``, from the row kernel where it applies and the program runs on
+    the CPU."""
+    if where is not None or sink is not None or not _kernels_apply(x, axis):
+        return _softmax_primal(x, where, sink, axis)
+
+    def kernel(x):
+        y, total = _softmax_rows(_as_rows(x, axis))
+        return y.reshape(x.shape).astype(x.dtype), _from_rows(total < 2, x, axis)
+
+    def pure_jax(x):
+        y, _, dominant = _softmax_primal(x, None, None, axis)
+        return y, dominant
+
+    y, dominant = _cpu_calls.on_cpu(kernel, pure_jax, x)
+    return y, None, dominant
+
+
+def _softmax_grad(axis, y, p_sink, g, dominant):
+    """``_softmax_vjp``, from the row kernel where it applies: the rule reads only y, so it
+    serves masked rows too (their masked entries have y == 0), but not a sink."""
+    if p_sink is not None or not _kernels_apply(y, axis):
+        return _softmax_vjp(axis, y, p_sink, g, dominant)
+
+    def kernel(y, g, dominant):
+        # The kernel finds the dominant rows itself (largest share above one half).
+        return _softmax_grad_rows(_as_rows(y, axis), _as_rows(g, axis)).reshape(y.shape)
+
+    def pure_jax(y, g, dominant):
+        return _softmax_vjp(axis, y, None, g, dominant)[0]
+
+    return _cpu_calls.on_cpu(kernel, pure_jax, y, g, dominant), None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def softmax_vjp_op(x, where, sink, axis):
-    return _softmax_primal(x, where, sink, axis)[0]
+    return _softmax_values(x, where, sink, axis)[0]
 
 
 def _softmax_fwd(x, where, sink, axis):
-    y, p_sink, dominant = _softmax_primal(x, where, sink, axis)
+    y, p_sink, dominant = _softmax_values(x, where, sink, axis)
     return y, (y, p_sink, dominant)
 
 
 def _softmax_bwd(axis, residuals, g):
     y, p_sink, dominant = residuals
-    grad_x, grad_sink = _softmax_vjp(axis, y, p_sink, g, dominant)
+    grad_x, grad_sink = _softmax_grad(axis, y, p_sink, g, dominant)
     grad_sink = None if grad_sink is None else grad_sink.astype(p_sink.dtype)
     return grad_x.astype(y.dtype), None, grad_sink
 
@@ -238,14 +360,14 @@ softmax_vjp_op.defvjp(_softmax_fwd, _softmax_bwd)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def softmax_jvp_op(x, where, sink, axis):
-    return _softmax_primal(x, where, sink, axis)[0]
+    return _softmax_values(x, where, sink, axis)[0]
 
 
 @softmax_jvp_op.defjvp
 def _softmax_jvp_rule(axis, primals, tangents):
     x, where, sink = primals
     x_dot, _, sink_dot = tangents
-    y, p_sink, _ = _softmax_primal(x, where, sink, axis)
+    y, p_sink, _ = _softmax_values(x, where, sink, axis)
     return y, _softmax_jvp(axis, y, p_sink, x_dot, sink_dot).astype(y.dtype)
 
 
@@ -317,13 +439,45 @@ def _log_softmax_jvp(axis, y, x_dot):
     return jnp.where(live, x_dot - mean, 0.0)
 
 
+def _log_softmax_values(x, where, axis):
+    """``_log_softmax_primal``, from the row kernel where it applies and the program runs
+    on the CPU. The per-row values differ by path: ``(max, total)`` in pure JAX, the
+    log-sum-exp as a float pair ``(shift, rest)`` from the kernel; each path's backward
+    pass reads its own."""
+    if where is not None or not _kernels_apply(x, axis):
+        return _log_softmax_primal(x, where, axis)
+
+    def kernel(x):
+        y, shift, rest = _log_softmax_rows(_as_rows(x, axis))
+        rows = (_from_rows(shift, x, axis), _from_rows(rest, x, axis))
+        return y.reshape(x.shape).astype(x.dtype), rows
+
+    return _cpu_calls.on_cpu(kernel, lambda x: _log_softmax_primal(x, None, axis), x)
+
+
+def _log_softmax_grad_from_input(axis, x, rows, g):
+    """``_log_softmax_vjp_from_input``, from the row kernel where it applies."""
+    if not _kernels_apply(x, axis):
+        return _log_softmax_vjp_from_input(axis, x, rows, g)
+
+    def kernel(x, shift, rest, g):
+        per_row = (shift.reshape(-1), rest.reshape(-1))
+        dx = _log_softmax_grad_rows(_as_rows(x, axis), *per_row, _as_rows(g, axis))
+        return dx.reshape(x.shape)
+
+    def pure_jax(x, top, total, g):
+        return _log_softmax_vjp_from_input(axis, x, (top, total), g)
+
+    return _cpu_calls.on_cpu(kernel, pure_jax, x, *rows, g)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def log_softmax_vjp_op(x, where, axis):
-    return _log_softmax_primal(x, where, axis)[0]
+    return _log_softmax_values(x, where, axis)[0]
 
 
 def _log_softmax_fwd(x, where, axis):
-    y, rows = _log_softmax_primal(x, where, axis)
+    y, rows = _log_softmax_values(x, where, axis)
     # Without a mask the backward pass keeps x, the rows' values and nothing else; with one
     # it keeps y, whose -inf entries mark the masked places (keeping x would mean keeping
     # the mask too).
@@ -335,7 +489,7 @@ def _log_softmax_fwd(x, where, axis):
 def _log_softmax_bwd(axis, residuals, g):
     y, x, rows = residuals
     if y is None:
-        return _log_softmax_vjp_from_input(axis, x, rows, g).astype(x.dtype), None
+        return _log_softmax_grad_from_input(axis, x, rows, g).astype(x.dtype), None
     return _log_softmax_vjp(axis, y, g).astype(y.dtype), None
 
 
@@ -344,14 +498,14 @@ log_softmax_vjp_op.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def log_softmax_jvp_op(x, where, axis):
-    return _log_softmax_primal(x, where, axis)[0]
+    return _log_softmax_values(x, where, axis)[0]
 
 
 @log_softmax_jvp_op.defjvp
 def _log_softmax_jvp_rule(axis, primals, tangents):
     x, where = primals
     x_dot, _ = tangents
-    y = _log_softmax_primal(x, where, axis)[0]
+    y = _log_softmax_values(x, where, axis)[0]
     return y, _log_softmax_jvp(axis, y, x_dot).astype(y.dtype)
 
 

@@ -1,0 +1,64 @@
+"""Calls into the CPU row kernels (``_cpu_kernels.cc``), and the switch between them and
+the pure-JAX path.
+
+Each call takes float32 arrays of shape ``(rows, n)`` and works row by row; per-row values
+have shape ``(rows,)``. The derivative rules that make the calls differentiable live in
+``_core``, next to the pure-JAX primal they stand in for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from stablelayers import _cpu_library
+
+
+def _call(target: str, shapes: list[tuple[int, ...]], *args: jax.Array) -> Any:
+    results = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    # vmap adds a leading batch dimension to every argument, which the kernels read as more
+    # rows.
+    call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")
+    return call(*args)
+
+
+def softmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(y, total)``: the softmax of each row and its ``sum(exp(x - max))``."""
+    rows = x.shape[:1]
+    return tuple(_call("stablelayers_softmax_f32", [x.shape, rows], x))
+
+
+def softmax_grad(y: jax.Array, g: jax.Array) -> jax.Array:
+    """The softmax VJP ``y * (g - sum(g * y))`` from the output ``y``."""
+    return _call("stablelayers_softmax_grad_f32", [y.shape], y, g)[0]
+
+
+def log_softmax(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(y, shift, rest)``: the log-softmax of each row and its log-sum-exp as a float pair
+    (``shift + rest``); ``rest`` is NaN in a row without a finite max, or with a NaN."""
+    rows = x.shape[:1]
+    return tuple(_call("stablelayers_log_softmax_f32", [x.shape, rows, rows], x))
+
+
+def log_softmax_grad(
+    x: jax.Array, shift: jax.Array, rest: jax.Array, g: jax.Array
+) -> jax.Array:
+    """The log-softmax VJP ``g - softmax(x) * sum(g)`` from the input and the forward pass's
+    ``(shift, rest)``."""
+    return _call("stablelayers_log_softmax_grad_f32", [x.shape], x, shift, rest, g)[0]
+
+
+def on_cpu(kernel: Callable[..., Any], fallback: Callable[..., Any], *args: Any) -> Any:
+    """``kernel(*args)`` where the program runs on the CPU, ``fallback(*args)`` elsewhere.
+
+    Both must return the same shapes and dtypes. The choice is made when the program is
+    lowered for a platform, so one traced function serves CPU and GPU alike; where the
+    kernels could not be built, ``fallback`` is all there is.
+    """
+    if not _cpu_library.available():
+        return fallback(*args)
+    return lax.platform_dependent(*args, cpu=kernel, default=fallback)

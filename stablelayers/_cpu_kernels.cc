@@ -1,0 +1,561 @@
+// Row kernels for stablelayers on the CPU, called through the XLA FFI.
+//
+// XLA:CPU compiles jax.nn.softmax to one pass over x, but only for plain arithmetic:
+// every compare or select the exact semantics need (masked places exactly 0, rows of -inf,
+// rows holding +inf, no NaN from inf - inf) splits that pass into several, each of which
+// streams the whole array through memory again. A row kernel needs none of that: a row of
+// up to a few thousand floats stays in cache, so the kernel reads x once and writes y once,
+// and spends the time it saves on TwoSum and double-precision sums.
+//
+// Every kernel works on a (rows, n) array row by row; rows are split across XLA's intra-op
+// thread pool. Vectors are GCC/Clang vector extensions, compiled for the host
+// (-march=native), so the same source is AVX-512, AVX2 or NEON code.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+typedef float Half __attribute__((vector_size(2 * kLanes)));
+typedef double Doubles __attribute__((vector_size(4 * kLanes)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline Floats Splat(float a) { return Floats{} + a; }
+inline Floats Load(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
+inline Floats Select(Ints mask, Floats a, Floats b) {
+  return (Floats)(((Ints)a & mask) | ((Ints)b & ~mask));
+}
+// The halves of a vector, widened to double, and back. GCC lowers the generic form to
+// 128-bit pieces, so AVX-512 gets its one-instruction conversions spelled out.
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+inline Doubles Low(Floats v) { return (Doubles)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)v)); }
+inline Doubles High(Floats v) {
+  return (Doubles)_mm512_cvtps_pd(
+      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)v), 1)));
+}
+inline Floats Join(Doubles lo, Doubles hi) {
+  __m256 a = _mm512_cvtpd_ps((__m512d)lo), b = _mm512_cvtpd_ps((__m512d)hi);
+  return (Floats)_mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+}
+#else
+inline Doubles Low(Floats v) {
+  Half h;
+  std::memcpy(&h, &v, sizeof h);
+  return __builtin_convertvector(h, Doubles);
+}
+inline Doubles High(Floats v) {
+  Half h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h, sizeof h);
+  return __builtin_convertvector(h, Doubles);
+}
+inline Floats Join(Doubles lo, Doubles hi) {
+  Half halves[2] = {__builtin_convertvector(lo, Half), __builtin_convertvector(hi, Half)};
+  Floats v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
+}
+#endif
+inline double Sum(Doubles v) {
+  double s = 0;
+  for (int i = 0; i < kLanes / 2; ++i) s += v[i];
+  return s;
+}
+inline float Max(Floats v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+inline bool Any(Ints v) {
+  for (int i = 0; i < kLanes; ++i)
+    if (v[i]) return true;
+  return false;
+}
+
+// (exp(r) - 1 - r) / r^2 on |r| <= log(2) / 2 (widened 1%): a degree-4 Chebyshev
+// interpolant against mpmath, so exp(r) = 1 + (r + r^2 Q(r)) is within 1.1e-8 relative.
+constexpr float kQ0 = 0.5f, kQ1 = 0.16666573f, kQ2 = 0.041666456f, kQ3 = 0.008363777f,
+                kQ4 = 0.0013934545f;
+// log(2) = kLn2Hi + kLn2Lo with kLn2Hi on 16 bits, so that k * kLn2Hi is exact.
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+
+// p * 2^k for integral k in [-200, 0]; 0 below float32's smallest normal, as XLA gives.
+inline Floats Scale(Floats p, Floats k) {
+#ifdef __AVX512F__
+  Floats e = (Floats)_mm512_scalef_ps((__m512)p, (__m512)k);
+  return Select(e >= 0x1p-126f, e, Floats{});
+#else
+  Ints biased = __builtin_convertvector(k, Ints) + 127;
+  biased = biased > 0 ? biased : Ints{};
+  return p * (Floats)(biased << 23);
+#endif
+}
+
+// exp(t + err) for t in [-140, 0] and |err| <= ulp(t): Cody-Waite reduction t = k log(2)
+// + r (exact up to the rounding of r), exp(r) = 1 + (r + r^2 Q(r)) rounded once, then the
+// exact scaling by 2^k. Within about 0.6 ULP.
+inline Floats ExpReduced(Floats t, Floats err) {
+  Floats k = (t * 1.44269504f + 12582912.0f) - 12582912.0f;
+  Floats r = ((t - k * kLn2Hi) - k * kLn2Lo) + err;
+  Floats q = kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)));
+  return Scale(1.0f + (r + r * (r * q)), k);
+}
+
+// The rounding error of a - b (Knuth's TwoSum, given the rounded difference).
+inline Floats DifferenceError(Floats a, Floats b, Floats difference) {
+  Floats b_virtual = a - difference;
+  return (a - (difference + b_virtual)) + (b_virtual - b);
+}
+
+// Below this row max, exp(x - max) carries the rounding of x - max (TwoSum); from it on,
+// every x that exp does not take to 0 lies within a factor of two of the max, so x - max
+// is exact (Sterbenz) and only needs clamping.
+constexpr float kWideShift = 1024.0f;
+
+// exp(x - shift) for x <= shift, within about 0.6 ULP: an error e in the exponent is a
+// relative error e in the result, so the rounding of x - shift (up to 2^-18 for a shift of
+// a hundred) is recovered exactly and enters the reduced argument.
+template <bool kWide>
+inline Floats ExpShifted(Floats x, Floats shift) {
+  if (kWide) {
+    Floats t = x - shift;
+    return ExpReduced(t > -140.0f ? t : Splat(-140.0f), Floats{});
+  }
+  // Raising x to shift - 128 keeps x - shift finite and exact for x = -inf and for x far
+  // below; exp is 0 there either way.
+  Floats floor = shift - 128.0f;
+  x = x > floor ? x : floor;
+  Floats t = x - shift;
+  return ExpReduced(t, DifferenceError(x, shift, t));
+}
+
+// exp(x - shift - rest) for x <= shift and |rest| <= ulp(shift): both subtractions
+// exact (TwoSum), as in ExpShifted.
+template <bool kWide>
+inline Floats ExpShifted2(Floats x, Floats shift, Floats rest) {
+  Floats t, err;
+  if (kWide) {
+    t = x - shift;
+    t = t > -140.0f ? t : Splat(-140.0f);
+    err = Floats{};
+  } else {
+    Floats floor = shift - 128.0f;
+    x = x > floor ? x : floor;
+    t = x - shift;
+    err = DifferenceError(x, shift, t);
+  }
+  Floats u = t - rest;
+  return ExpReduced(u, err + DifferenceError(t, rest, u));
+}
+
+// Sums floats in double: the sums feed differences that cancel (g_k - sum(g y) at a
+// dominant entry), where float accumulation over a few thousand terms costs many ulps.
+class Accumulator {
+ public:
+  void Add(Floats v) {
+    lo_ += Low(v);
+    hi_ += High(v);
+  }
+  void AddScalar(double v) { tail_ += v; }
+  double Total() const { return Sum(lo_) + Sum(hi_) + tail_; }
+
+ private:
+  Doubles lo_{}, hi_{};
+  double tail_ = 0;
+};
+
+// Splits rows over XLA's intra-op thread pool; the calling thread takes the first share.
+template <typename F>
+void ForEachRow(ffi::ThreadPool& pool, int64_t rows, int64_t n, const F& f) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Below ~64K entries a task costs more than it saves.
+  if (rows * n < (int64_t{1} << 16)) threads = 1;
+  threads = std::min(threads, rows);
+  auto run = [&f, rows, threads](int64_t part) {
+    for (int64_t r = rows * part / threads; r < rows * (part + 1) / threads; ++r) f(r);
+  };
+  if (threads <= 1) {
+    run(0);
+    return;
+  }
+  std::atomic<int64_t> pending(threads - 1);
+  std::mutex mutex;
+  std::condition_variable done;
+  for (int64_t part = 1; part < threads; ++part) {
+    pool.Schedule([&, part] {
+      run(part);
+      std::lock_guard<std::mutex> lock(mutex);
+      if (--pending == 0) done.notify_one();
+    });
+  }
+  run(0);
+  std::unique_lock<std::mutex> lock(mutex);
+  done.wait(lock, [&] { return pending.load() == 0; });
+}
+
+struct RowMax {
+  float max;
+  bool nan;
+};
+
+RowMax ScanRow(const float* x, int64_t n) {
+  Floats top = Splat(-kInf);
+  Ints nan = Ints{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Floats v = Load(x + i);
+    top = v > top ? v : top;
+    nan |= v != v;
+  }
+  RowMax row{Max(top), Any(nan)};
+  for (; i < n; ++i) {
+    row.max = x[i] > row.max ? x[i] : row.max;
+    row.nan |= x[i] != x[i];
+  }
+  return row;
+}
+
+int64_t CountPosInf(const float* x, int64_t n) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += x[i] == kInf;
+  return count;
+}
+
+// Rows whose max is not finite, or that hold a NaN, are rare and take a scalar path.
+bool IsSpecial(const RowMax& row) { return row.nan || !std::isfinite(row.max); }
+bool IsWide(float max) { return std::fabs(max) >= kWideShift; }
+
+// Writes e = exp(x - max) into out and returns its sum (>= 1: the max entry has e == 1).
+template <bool kWide>
+double ExpRow(const float* x, float max, float* out, int64_t n) {
+  Floats shift = Splat(max);
+  Accumulator total;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Floats e = ExpShifted<kWide>(Load(x + i), shift);
+    Store(out + i, e);
+    total.Add(e);
+  }
+  for (; i < n; ++i) {
+    out[i] = ExpShifted<kWide>(Splat(x[i]), shift)[0];
+    total.AddScalar(out[i]);
+  }
+  return total.Total();
+}
+
+double ExpRow(const float* x, float max, float* out, int64_t n) {
+  return IsWide(max) ? ExpRow<true>(x, max, out, n) : ExpRow<false>(x, max, out, n);
+}
+
+// ---------------------------------------------------------------------------------------
+// softmax: y = exp(x - m) / sum(exp(x - m)), and the row total (for the dominant flag).
+// ---------------------------------------------------------------------------------------
+
+void SoftmaxRow(const float* x, float* y, float* total_out, int64_t n) {
+  RowMax row = ScanRow(x, n);
+  if (IsSpecial(row)) {
+    // NaN rows are NaN except at -inf logits (which count as masked); a row of only -inf
+    // is all 0; a row holding +inf shares the mass among its +inf entries.
+    float share = row.max == kInf && !row.nan ? 1.0f / CountPosInf(x, n) : 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] = row.nan ? (x[i] == -kInf ? 0.0f : NAN) : (x[i] == kInf ? share : 0.0f);
+    }
+    *total_out = row.nan ? NAN : 1.0f;
+    return;
+  }
+  double total = ExpRow(x, row.max, y, n);
+  // 1 / total as a float pair: y = e * r_hi + e * r_lo rounds once, not once for 1 / total
+  // and again for the product.
+  double inverse = 1.0 / total;
+  float r_hi = static_cast<float>(inverse);
+  float r_lo = static_cast<float>(inverse - r_hi);
+  Floats hi = Splat(r_hi), lo = Splat(r_lo);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Floats e = Load(y + i);
+    Store(y + i, e * hi + e * lo);
+  }
+  for (; i < n; ++i) y[i] = y[i] * r_hi + y[i] * r_lo;
+  *total_out = static_cast<float>(total);
+}
+
+// dx = y * (g - c1 - c2) with c1 = sum(g y) and, where the row's largest share exceeds
+// 1/2, c2 = sum((g - c1) y): c1's rounding error recovered through sum(y) == 1, which the
+// dominant entry needs (g_k - c1 cancels there). Entries with y == 0 (masked, -inf or
+// underflowed) take no part and get exactly 0, even where g is inf or NaN.
+void SoftmaxGradRow(const float* y, const float* g, float* dx, int64_t n) {
+  Accumulator c1_sum;
+  Floats top = Floats{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Floats yv = Load(y + i);
+    c1_sum.Add(Select(yv != 0.0f, Load(g + i), Floats{}) * yv);
+    top = yv > top ? yv : top;
+  }
+  float y_max = Max(top);
+  for (; i < n; ++i) {
+    if (y[i] != 0.0f) c1_sum.AddScalar(static_cast<double>(g[i]) * y[i]);
+    y_max = y[i] > y_max ? y[i] : y_max;
+  }
+  float c1 = static_cast<float>(c1_sum.Total());
+  Floats c1v = Splat(c1);
+  float c2 = 0.0f;
+  if (y_max > 0.5f) {
+    Accumulator c2_sum;
+    for (i = 0; i + kLanes <= n; i += kLanes) {
+      Floats yv = Load(y + i);
+      c2_sum.Add((Select(yv != 0.0f, Load(g + i), c1v) - c1v) * yv);
+    }
+    for (; i < n; ++i) {
+      if (y[i] != 0.0f) c2_sum.AddScalar(static_cast<double>(g[i] - c1) * y[i]);
+    }
+    c2 = static_cast<float>(c2_sum.Total());
+  }
+  Floats c2v = Splat(c2);
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    Floats yv = Load(y + i);
+    Ints live = yv != 0.0f;
+    Store(dx + i, Select(live, yv * ((Select(live, Load(g + i), c1v) - c1v) - c2v),
+                         Floats{}));
+  }
+  for (; i < n; ++i) dx[i] = y[i] != 0.0f ? y[i] * ((g[i] - c1) - c2) : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------
+// log_softmax: y = (x - m) - lse with lse = log(sum(exp(x - m))), and m and lse per row.
+// ---------------------------------------------------------------------------------------
+
+// log(sum e) for a row whose e (written by ExpRow) sum to `total`. From total >= 2 on,
+// log(total) loses nothing. Below it the row has one dominant entry with e == 1 and the
+// rest is what matters: a confident row's arg-max gets -7.1e-12, not 0.0 (jax.nn's
+// 1 + 7.1e-12 rounds to 1). So the entries equal to 1 are counted and the others summed
+// on their own, and lse = log1p((ones - 1) + rest).
+double LogSumExp(const float* e, double total, int64_t n) {
+  if (total >= 2) return std::log(total);
+  double ones = 0, rest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (e[i] == 1.0f) {
+      ones += 1;
+    } else {
+      rest += e[i];
+    }
+  }
+  return std::log1p((ones - 1) + rest);
+}
+
+// Writes y = x - m - lse, and the shift m + lse as a float pair (shift, rest) for the
+// backward pass: shift = fl(m + lse) and rest = (m + lse) - shift, good to 2^-24 of an ulp
+// of the shift, so exp(x - shift - rest) is the softmax to float precision.
+void LogSoftmaxRow(const float* x, float* y, float* shift_out, float* rest_out, int64_t n) {
+  RowMax row = ScanRow(x, n);
+  if (IsSpecial(row)) {
+    float at_inf =
+        row.max == kInf && !row.nan ? -std::log(static_cast<float>(CountPosInf(x, n))) : 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] = row.nan ? (x[i] == -kInf ? -kInf : NAN) : (x[i] == kInf ? at_inf : -kInf);
+    }
+    // A NaN rest marks a row the backward pass looks at again (see LogSoftmaxGradRow).
+    *shift_out = 0.0f;
+    *rest_out = NAN;
+    return;
+  }
+  // y holds e = exp(x - m) until the last pass overwrites it.
+  double lse = LogSumExp(y, ExpRow(x, row.max, y, n), n);
+  double m = row.max;
+  float shift = static_cast<float>(m + lse);
+  *shift_out = shift;
+  *rest_out = static_cast<float>((m - shift) + lse);  // m - shift is exact in double
+  // (x - m) is exact in double and lse is good to double precision, so y is rounded once.
+  // Subtracting m + lse in one go would lose lse where it is below an ulp of m. A finite
+  // logit keeps a finite log-probability (at least -FLT_MAX, where x - m overflows), so
+  // that only -inf marks "no mass", as in the pure-JAX path.
+  Doubles mv = Doubles{} + m, lv = Doubles{} + lse;
+  Floats lowest = Splat(-std::numeric_limits<float>::max()), minus_inf = Splat(-kInf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Floats xv = Load(x + i);
+    Floats yv = Join((Low(xv) - mv) - lv, (High(xv) - mv) - lv);
+    Store(y + i, Select(xv != minus_inf, yv > lowest ? yv : lowest, minus_inf));
+  }
+  for (; i < n; ++i) {
+    float yi = static_cast<float>((static_cast<double>(x[i]) - m) - lse);
+    y[i] = x[i] == -kInf ? -kInf : std::max(yi, lowest[0]);
+  }
+}
+
+template <bool kWide>
+void LogSoftmaxGradLive(const float* x, float shift, float rest, const float* g, float* dx,
+                        int64_t n) {
+  Accumulator g_sum;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Floats xv = Load(x + i);
+    g_sum.Add(Select(xv != -kInf, Load(g + i), Floats{}));
+  }
+  for (; i < n; ++i) {
+    if (x[i] != -kInf) g_sum.AddScalar(g[i]);
+  }
+  // sum(g) as a float pair: where g_i - p_i sum(g) cancels, one rounding of the sum would
+  // be many ulps of the result.
+  double total = g_sum.Total();
+  float total_hi = static_cast<float>(total);
+  Floats hi = Splat(total_hi), lo = Splat(static_cast<float>(total - total_hi));
+  Floats shift_v = Splat(shift), rest_v = Splat(rest);
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    Floats xv = Load(x + i);
+    Floats p = ExpShifted2<kWide>(xv, shift_v, rest_v);
+    Ints live = xv != -kInf;
+    Floats gv = Select(live, Load(g + i), Floats{});
+    Store(dx + i, Select(live, (gv - p * hi) - p * lo, Floats{}));
+  }
+  for (; i < n; ++i) {
+    float p = ExpShifted2<kWide>(Splat(x[i]), shift_v, rest_v)[0];
+    dx[i] = x[i] != -kInf ? (g[i] - p * hi[0]) - p * lo[0] : 0.0f;
+  }
+}
+
+// dx = g - softmax(x) * sum(g), with softmax(x) = exp(x - shift - rest) rebuilt from x and
+// the forward pass's shift (TwoSum again, so large logits lose nothing). -inf logits
+// neither take nor give gradient.
+void LogSoftmaxGradRow(const float* x, float shift, float rest, const float* g, float* dx,
+                       int64_t n) {
+  if (std::isnan(rest)) {
+    // A row the forward pass did not normalise: NaN stays NaN, -inf entries are constants,
+    // and in a row holding +inf those entries share the mass equally.
+    RowMax row = ScanRow(x, n);
+    double g_total = 0;
+    for (int64_t i = 0; i < n; ++i) g_total += x[i] == kInf ? g[i] : 0.0f;
+    float share = row.nan ? NAN : 1.0f / std::max<int64_t>(1, CountPosInf(x, n));
+    for (int64_t i = 0; i < n; ++i) {
+      bool live = row.nan ? x[i] != -kInf : x[i] == kInf;
+      dx[i] = live ? (row.nan ? NAN : g[i] - share * static_cast<float>(g_total)) : 0.0f;
+    }
+    return;
+  }
+  if (IsWide(shift)) {
+    LogSoftmaxGradLive<true>(x, shift, rest, g, dx, n);
+  } else {
+    LogSoftmaxGradLive<false>(x, shift, rest, g, dx, n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// FFI handlers. Arrays are (rows, n) row-major; per-row values are (rows,).
+// ---------------------------------------------------------------------------------------
+
+
+// The callers pass 2-D arrays; a batch dimension from vmap only adds rows.
+template <ffi::DataType T>
+int64_t Cols(const ffi::Buffer<T>& x) {
+  return x.dimensions().size() == 0 ? 1 : x.dimensions().back();
+}
+
+template <ffi::DataType T>
+int64_t Rows(const ffi::Buffer<T>& x) {
+  int64_t n = Cols(x);
+  return n == 0 ? 0 : static_cast<int64_t>(x.element_count()) / n;
+}
+
+ffi::Error Softmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> total) {
+  int64_t n = Cols(x);
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  float* tp = total->typed_data();
+  ForEachRow(pool, Rows(x), n, [=](int64_t r) { SoftmaxRow(xp + r * n, yp + r * n, tp + r, n); });
+  return ffi::Error::Success();
+}
+
+ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
+                       ffi::ResultBuffer<ffi::F32> dx) {
+  int64_t n = Cols(y);
+  const float* yp = y.typed_data();
+  const float* gp = g.typed_data();
+  float* dp = dx->typed_data();
+  ForEachRow(pool, Rows(y), n,
+             [=](int64_t r) { SoftmaxGradRow(yp + r * n, gp + r * n, dp + r * n, n); });
+  return ffi::Error::Success();
+}
+
+ffi::Error LogSoftmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> shift,
+                      ffi::ResultBuffer<ffi::F32> rest) {
+  int64_t n = Cols(x);
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  float* sp = shift->typed_data();
+  float* rp = rest->typed_data();
+  ForEachRow(pool, Rows(x), n,
+             [=](int64_t r) { LogSoftmaxRow(xp + r * n, yp + r * n, sp + r, rp + r, n); });
+  return ffi::Error::Success();
+}
+
+ffi::Error LogSoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> rest,
+                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx) {
+  int64_t n = Cols(x);
+  const float* xp = x.typed_data();
+  const float* sp = shift.typed_data();
+  const float* rp = rest.typed_data();
+  const float* gp = g.typed_data();
+  float* dp = dx->typed_data();
+  ForEachRow(pool, Rows(x), n, [=](int64_t r) {
+    LogSoftmaxGradRow(xp + r * n, sp[r], rp[r], gp + r * n, dp + r * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersSoftmaxF32, Softmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersSoftmaxGradF32, SoftmaxGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersLogSoftmaxF32, LogSoftmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersLogSoftmaxGradF32, LogSoftmaxGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,210 @@
+"""The CPU row kernels against the pure-JAX path they stand in for: the same values, the
+same edge cases, the same derivatives, and a clean fallback where they cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stablelayers as sl
+from stablelayers import _cpu_library
+
+pytestmark = pytest.mark.skipif(
+    not _cpu_library.available(), reason="the CPU row kernels could not be built here"
+)
+
+OPS = {
+    "softmax": sl.softmax,
+    "log_softmax": sl.log_softmax,
+    "masked_softmax": sl.masked_softmax,
+}
+# Values agree to a few float32 ulps (both paths are within 4 ULP of the truth).
+TOL = {"rtol": 3e-6, "atol": 1e-30}
+
+
+@pytest.fixture
+def pure_jax(monkeypatch):
+    """Call ``f(*args)``, traced afresh, with the kernels switched off."""
+
+    def run(f, *args):
+        monkeypatch.setenv("STABLELAYERS_CPU_KERNELS", "0")
+        try:
+            return jax.jit(lambda *a: f(*a))(*args)
+        finally:
+            monkeypatch.delenv("STABLELAYERS_CPU_KERNELS")
+
+    return run
+
+
+def _kernel(f, *args):
+    return jax.jit(lambda *a: f(*a))(*args)
+
+
+def _hard_rows():
+    inf = np.inf
+    rows = [
+        [1.0, inf, inf, 2.0],
+        [-inf, -inf, -inf, -inf],
+        [0.0, -inf, 1.0, -inf],
+        [3.4e38, -3.4e38, 3.4e38, 1.0],
+        [-3.4e38, -3.4e38, -inf, -3.0e38],
+        [100.0, 0.0, -30.0, 99.0],
+        [1e-30, -1e-30, 0.0, 5e-31],
+        [inf, -inf, 3.4028235e38, 0.0],
+        [-1e4, -1e4 - 1, -1e4 - 100, -inf],
+        [2.0e9, 2.0e9 - 256, 2.0e9 - 512, -2.0e9],
+    ]
+    x = np.array(rows, np.float32)
+    return np.concatenate([x, x[:, ::-1]])
+
+
+ROWS_WITH_NAN = np.array(
+    [[np.nan, -np.inf, 1.0, 2.0], [-np.inf, np.nan, np.inf, 0.0]], np.float32
+)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("shape", [(3, 17), (2, 3, 40), (5, 1), (1, 1), (4, 16), (2, 4096)])
+def test_values_match_the_pure_jax_path(op, shape, pure_jax):
+    x = jax.random.normal(jax.random.key(len(shape)), shape) * 7
+    np.testing.assert_allclose(_kernel(OPS[op], x), pure_jax(OPS[op], x), **TOL)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_edge_rows_match_the_pure_jax_path(op, pure_jax):
+    x = jnp.asarray(_hard_rows())
+    ours, theirs = np.asarray(_kernel(OPS[op], x)), np.asarray(pure_jax(OPS[op], x))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+    np.testing.assert_array_equal(ours[~np.isfinite(ours)], theirs[~np.isfinite(theirs)])
+    np.testing.assert_array_equal(ours == 0, theirs == 0)
+    np.testing.assert_allclose(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_rows_with_nan_are_nan_but_keep_minus_inf_entries_out(op):
+    y = np.asarray(_kernel(OPS[op], jnp.asarray(ROWS_WITH_NAN)))
+    fill = -np.inf if op == "log_softmax" else 0.0
+    assert np.all(y[ROWS_WITH_NAN == -np.inf] == fill)
+    assert np.all(np.isnan(y[(ROWS_WITH_NAN != -np.inf)]))
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_gradients_match_the_pure_jax_path(op, pure_jax):
+    random_rows = jax.random.normal(jax.random.key(1), (6, 4))
+    x = jnp.concatenate([jnp.asarray(_hard_rows()), random_rows])
+    w = jax.random.normal(jax.random.key(2), x.shape)
+    # inf and NaN cotangents where the probability is 0 must not leak.
+    y = OPS[op](x)
+    dead = y == (-jnp.inf if op == "log_softmax" else 0.0)
+    w = jnp.where(dead & (jnp.arange(4) % 2 == 0), jnp.inf, w)
+    w = jnp.where(dead & (jnp.arange(4) % 2 == 1), jnp.nan, w)
+
+    def grad(x, w):
+        _, vjp = jax.vjp(OPS[op], x)
+        return vjp(w)[0]
+
+    ours, theirs = np.asarray(_kernel(grad, x, w)), np.asarray(pure_jax(grad, x, w))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6)
+    assert np.all(ours[np.asarray(dead)] == 0)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_nan_rows_give_nan_gradients_only_where_the_row_is_live(op):
+    w = jnp.ones_like(ROWS_WITH_NAN)
+    g = np.asarray(_kernel(jax.grad(lambda x: jnp.sum(OPS[op](x) * w)), ROWS_WITH_NAN))
+    assert np.all(g[ROWS_WITH_NAN == -np.inf] == 0)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_second_derivatives_match_the_pure_jax_path(op, pure_jax):
+    x = jax.random.normal(jax.random.key(3), (2, 5)) * 3
+    w = jax.random.normal(jax.random.key(4), (2, 5))
+
+    def loss(x):
+        return jnp.sum(jnp.sin(OPS[op](x)) * w)
+
+    np.testing.assert_allclose(
+        _kernel(jax.hessian(loss), x), pure_jax(jax.hessian(loss), x), rtol=1e-5, atol=1e-6
+    )
+    grad_of_grad = jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))
+    np.testing.assert_allclose(
+        _kernel(grad_of_grad, x), pure_jax(grad_of_grad, x), rtol=1e-5, atol=1e-6
+    )
+    with sl.forward_mode():
+        forward = jax.jacfwd(loss)
+        np.testing.assert_allclose(_kernel(forward, x), pure_jax(forward, x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_half_precision_goes_through_float32(op, dtype, pure_jax):
+    x = (jax.random.normal(jax.random.key(5), (3, 70)) * 4).astype(dtype)
+    ours, theirs = _kernel(OPS[op], x), pure_jax(OPS[op], x)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(
+        np.asarray(ours, np.float32), np.asarray(theirs, np.float32), rtol=1e-2
+    )
+    g = _kernel(jax.grad(lambda x: jnp.sum(OPS[op](x).astype(jnp.float32) ** 2)), x)
+    assert g.dtype == dtype and np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+def _lowered(f, *args):
+    return jax.jit(f).lower(*args).as_text()
+
+
+def test_the_kernels_serve_trailing_axes_without_mask_or_sink():
+    x = jnp.ones((2, 3, 8))
+    assert "stablelayers_softmax_f32" in _lowered(sl.softmax, x)
+    assert "stablelayers_softmax_f32" in _lowered(lambda x: sl.softmax(x, axis=(1, 2)), x)
+    assert "stablelayers_log_softmax_f32" in _lowered(sl.log_softmax, x)
+    grad = jax.grad(lambda x: jnp.sum(sl.log_softmax(x) ** 2))
+    assert "stablelayers_log_softmax_grad_f32" in _lowered(grad, x)
+    # The softmax rule reads only y, so masked rows get the kernel backward pass too.
+    masked = jax.grad(lambda x: jnp.sum(sl.softmax(x, where=x > 0) ** 2))
+    assert "stablelayers_softmax_grad_f32" in _lowered(masked, x)
+    for f in (
+        lambda x: sl.softmax(x, axis=1),
+        lambda x: sl.softmax(x, where=x > 0),
+        lambda x: sl.masked_softmax(x, sink=jnp.zeros((2, 3))),
+        lambda x: sl.log_softmax(x, where=x > 0),
+    ):
+        assert "stablelayers_" not in _lowered(f, x)
+    with jax.enable_x64(True):
+        assert "stablelayers_" not in _lowered(sl.softmax, jnp.ones((2, 8), jnp.float64))
+
+
+def test_vmap_and_scan_through_the_kernels():
+    x = jax.random.normal(jax.random.key(6), (4, 3, 9))
+    batched = jax.vmap(sl.log_softmax, in_axes=1, out_axes=1)(x)
+    np.testing.assert_allclose(batched, sl.log_softmax(x), rtol=1e-6)
+    _, stacked = jax.lax.scan(lambda c, row: (c, sl.softmax(row)), 0.0, x)
+    np.testing.assert_allclose(stacked, sl.softmax(x), rtol=1e-6)
+
+
+def test_a_machine_without_a_compiler_falls_back_with_one_warning(tmp_path):
+    code = (
+        "import warnings, jax.numpy as jnp, stablelayers as sl\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = sl.softmax(jnp.array([0.0, jnp.log(3.0)]))\n"
+        "    sl.log_softmax(jnp.zeros(3))\n"
+        "assert abs(float(y[1]) - 0.75) < 1e-6, y\n"
+        "messages = [str(w.message) for w in caught]\n"
+        "assert len(messages) == 1 and 'pure-JAX path' in messages[0], messages\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "STABLELAYERS_CPU_KERNELS")}
+    env.update(PATH=str(tmp_path), STABLELAYERS_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+
+
+def test_the_build_is_cached_and_keyed_by_its_inputs(tmp_path, monkeypatch):
+    path = _cpu_library.build()
+    assert path.exists() and path.name.startswith("cpu_kernels-")
+    assert _cpu_library.build() == path  # from the cache, not rebuilt
+    monkeypatch.setenv("STABLELAYERS_CACHE_DIR", str(tmp_path))
+    assert _cpu_library._cache_dir() == tmp_path
