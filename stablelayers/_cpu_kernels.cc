@@ -45,6 +45,9 @@ inline Floats Load(const float* p) {
   return v;
 }
 inline void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
+// The compute-heavy pass over a row (in cache) fetches the next row from memory meanwhile,
+// one 64-byte line per vector; a prefetch past the array's end is harmless.
+inline void PrefetchNextRow(const float* p, int64_t n) { __builtin_prefetch(p + n); }
 inline Floats Select(Ints mask, Floats a, Floats b) {
   return (Floats)(((Ints)a & mask) | ((Ints)b & ~mask));
 }
@@ -254,6 +257,7 @@ double ExpRow(const float* x, float max, float* out, int64_t n) {
   Accumulator total;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    PrefetchNextRow(x + i, n);
     Floats e = ExpShifted<kWide>(Load(x + i), shift);
     Store(out + i, e);
     total.Add(e);
@@ -335,6 +339,8 @@ void SoftmaxGradRow(const float* y, const float* g, float* dx, int64_t n) {
   }
   Floats c2v = Splat(c2);
   for (i = 0; i + kLanes <= n; i += kLanes) {
+    PrefetchNextRow(y + i, n);
+    PrefetchNextRow(g + i, n);
     Floats yv = Load(y + i);
     Ints live = yv != 0.0f;
     Store(dx + i, Select(live, yv * ((Select(live, Load(g + i), c1v) - c1v) - c2v),
@@ -365,9 +371,10 @@ double LogSumExp(const float* e, double total, int64_t n) {
   return std::log1p((ones - 1) + rest);
 }
 
-// Writes y = x - m - lse, and the shift m + lse as a float pair (shift, rest) for the
-// backward pass: shift = fl(m + lse) and rest = (m + lse) - shift, good to 2^-24 of an ulp
-// of the shift, so exp(x - shift - rest) is the softmax to float precision.
+// Writes y = x - m - lse, and m + lse as a float pair (shift, rest), which the backward pass
+// keeps: shift = fl(m + lse) and rest = (m + lse) - shift, good to 2^-24 of an ulp of the
+// shift, so x - shift - rest is the log-softmax and exp of it the softmax, to float
+// precision.
 void LogSoftmaxRow(const float* x, float* y, float* shift_out, float* rest_out, int64_t n) {
   RowMax row = ScanRow(x, n);
   if (IsSpecial(row)) {
@@ -387,21 +394,23 @@ void LogSoftmaxRow(const float* x, float* y, float* shift_out, float* rest_out, 
   float shift = static_cast<float>(m + lse);
   *shift_out = shift;
   *rest_out = static_cast<float>((m - shift) + lse);  // m - shift is exact in double
-  // (x - m) is exact in double and lse is good to double precision, so y is rounded once.
-  // Subtracting m + lse in one go would lose lse where it is below an ulp of m. A finite
-  // logit keeps a finite log-probability (at least -FLT_MAX, where x - m overflows), so
-  // that only -inf marks "no mass", as in the pure-JAX path.
-  Doubles mv = Doubles{} + m, lv = Doubles{} + lse;
+  // y = (x - shift) - rest: TwoSum makes x - shift exact, so y is rounded once (to within
+  // rest's own 2^-24 of an ulp of the shift). A finite logit keeps a finite log-probability
+  // (at least -FLT_MAX, where x - shift overflows and TwoSum gives NaN), so that only -inf
+  // marks "no mass", as in the pure-JAX path.
+  Floats shift_v = Splat(shift), rest_v = Splat(*rest_out);
   Floats lowest = Splat(-std::numeric_limits<float>::max()), minus_inf = Splat(-kInf);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     Floats xv = Load(x + i);
-    Floats yv = Join((Low(xv) - mv) - lv, (High(xv) - mv) - lv);
+    Floats t = xv - shift_v;
+    Floats yv = t + (DifferenceError(xv, shift_v, t) - rest_v);
     Store(y + i, Select(xv != minus_inf, yv > lowest ? yv : lowest, minus_inf));
   }
   for (; i < n; ++i) {
-    float yi = static_cast<float>((static_cast<double>(x[i]) - m) - lse);
-    y[i] = x[i] == -kInf ? -kInf : std::max(yi, lowest[0]);
+    float t = x[i] - shift;
+    float yi = t + (DifferenceError(Splat(x[i]), shift_v, Splat(t))[0] - *rest_out);
+    y[i] = x[i] == -kInf ? -kInf : (yi > lowest[0] ? yi : lowest[0]);
   }
 }
 
@@ -424,6 +433,8 @@ void LogSoftmaxGradLive(const float* x, float shift, float rest, const float* g,
   Floats hi = Splat(total_hi), lo = Splat(static_cast<float>(total - total_hi));
   Floats shift_v = Splat(shift), rest_v = Splat(rest);
   for (i = 0; i + kLanes <= n; i += kLanes) {
+    PrefetchNextRow(x + i, n);
+    PrefetchNextRow(g + i, n);
     Floats xv = Load(x + i);
     Floats p = ExpShifted2<kWide>(xv, shift_v, rest_v);
     Ints live = xv != -kInf;
