@@ -738,17 +738,66 @@ softplus_vjp_op.defvjp(_softplus_fwd, _softplus_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def softplus_fixed_beta_vjp_op(x, beta):
     """softplus for a constant Python ``beta``: no beta gradient to compute or keep."""
-    return _softplus_primal(x, jnp.asarray(beta))
+    return _softplus_fixed_beta_values(x, beta)
+
+
+# With a constant beta, float32 softplus and its derivative run the CPU kernels (the same
+# algorithm, in AVX-512 or AVX2 rather than XLA's vector width) where they apply.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _softplus_kernel(x, beta):
+    return _cpu_calls.softplus(x, beta)
+
+
+@_softplus_kernel.defjvp
+def _softplus_kernel_jvp(beta, primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    reference = functools.partial(_softplus_primal, beta=jnp.asarray(beta, jnp.float32))
+    return _softplus_kernel(x, beta), jax.jvp(reference, (x,), (x_dot,))[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _softplus_grad_kernel(y, g, beta):
+    return _cpu_calls.softplus_grad(y, g, beta)
+
+
+@_softplus_grad_kernel.defjvp
+def _softplus_grad_kernel_jvp(beta, primals, tangents):
+    def reference(y, g):
+        return g * _softplus_sigmoid(y, jnp.asarray(beta, jnp.float32))
+
+    return _softplus_grad_kernel(*primals, beta), jax.jvp(reference, primals, tangents)[1]
+
+
+def _softplus_fixed_beta_values(x, beta):
+    if compute_dtype(x.dtype) != jnp.float32 or x.size == 0:
+        return _softplus_primal(x, jnp.asarray(beta))
+
+    def kernel(x):
+        return _softplus_kernel(x.astype(jnp.float32), beta).astype(x.dtype)
+
+    return _cpu_calls.on_cpu(kernel, lambda x: _softplus_primal(x, jnp.asarray(beta)), x)
 
 
 def _softplus_fixed_beta_fwd(x, beta):
-    y = _softplus_primal(x, jnp.asarray(beta))
+    y = _softplus_fixed_beta_values(x, beta)
     return y, y
 
 
 def _softplus_fixed_beta_bwd(beta, y, g):
-    sig = _softplus_sigmoid(y, jnp.asarray(beta))
-    return ((g.astype(sig.dtype) * sig).astype(y.dtype),)
+    def pure_jax(y, g):
+        sig = _softplus_sigmoid(y, jnp.asarray(beta))
+        return (g.astype(sig.dtype) * sig).astype(y.dtype)
+
+    if compute_dtype(y.dtype) != jnp.float32 or y.size == 0:
+        return (pure_jax(y, g),)
+
+    def kernel(y, g):
+        f32 = jnp.float32
+        return _softplus_grad_kernel(y.astype(f32), g.astype(f32), beta).astype(y.dtype)
+
+    return (_cpu_calls.on_cpu(kernel, pure_jax, y, g),)
 
 
 softplus_fixed_beta_vjp_op.defvjp(_softplus_fixed_beta_fwd, _softplus_fixed_beta_bwd)

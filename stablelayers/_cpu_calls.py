@@ -1,9 +1,10 @@
-"""Calls into the CPU row kernels (``_cpu_kernels.cc``), and the switch between them and
-the pure-JAX path.
+"""Calls into the CPU kernels (``_cpu_kernels.cc``), and the switch between them and the
+pure-JAX path.
 
-Each call takes float32 arrays of shape ``(rows, n)`` and works row by row; per-row values
-have shape ``(rows,)``. The derivative rules that make the calls differentiable live in
-``_core``, next to the pure-JAX primal they stand in for.
+The softmax calls take float32 arrays of shape ``(rows, n)`` and work row by row; per-row
+values have shape ``(rows,)``. The softplus calls work entry by entry on any shape. The
+derivative rules that make the calls differentiable live in ``_core``, next to the
+pure-JAX primal they stand in for.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from stablelayers import _cpu_library
 
 
-def _call(target: str, shapes: list[tuple[int, ...]], *args: jax.Array) -> Any:
+def _call(
+    target: str, shapes: list[tuple[int, ...]], *args: jax.Array, **attributes: Any
+) -> Any:
     results = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
     # vmap adds a leading batch dimension to every argument, which the kernels read as more
-    # rows.
+    # rows (or entries).
     call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")
-    return call(*args)
+    return call(*args, **attributes)
 
 
 def softmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,6 +54,16 @@ def log_softmax_grad(
     """The log-softmax VJP ``g - softmax(x) * sum(g)`` from the input and the forward pass's
     ``(shift, rest)``."""
     return _call("stablelayers_log_softmax_grad_f32", [x.shape], x, shift, rest, g)[0]
+
+
+def softplus(x: jax.Array, beta: float) -> jax.Array:
+    """``log1p(exp(beta * x)) / beta``, entry by entry."""
+    return _call("stablelayers_softplus_f32", [x.shape], x, beta=np.float32(beta))[0]
+
+
+def softplus_grad(y: jax.Array, g: jax.Array, beta: float) -> jax.Array:
+    """``g * sigmoid(beta * x)``, read from the output ``y`` as ``-expm1(-beta * y)``."""
+    return _call("stablelayers_softplus_grad_f32", [y.shape], y, g, beta=np.float32(beta))[0]
 
 
 def on_cpu(kernel: Callable[..., Any], fallback: Callable[..., Any], *args: Any) -> Any:

@@ -344,7 +344,7 @@ void SoftmaxGradRow(const float* y, const float* g, float* dx, int64_t n) {
     Floats yv = Load(y + i);
     Ints live = yv != 0.0f;
     Store(dx + i, Select(live, yv * ((Select(live, Load(g + i), c1v) - c1v) - c2v),
-                         Floats{}));
+                    Floats{}));
   }
   for (; i < n; ++i) dx[i] = y[i] != 0.0f ? y[i] * ((g[i] - c1) - c2) : 0.0f;
 }
@@ -473,6 +473,109 @@ void LogSoftmaxGradRow(const float* x, float shift, float rest, const float* g, 
 }
 
 // ---------------------------------------------------------------------------------------
+// softplus: y = log1p(exp(beta x)) / beta, and its derivative sigmoid(beta x) from y. The
+// same float32 algorithm as the pure-JAX path (_softplus_float32 and _neg_expm1 in
+// _core.py, whose comments derive it), with the same coefficients.
+// ---------------------------------------------------------------------------------------
+
+template <int N>
+inline Floats Horner(const float (&c)[N], Floats z) {
+  Floats r = Splat(c[N - 1]);
+  for (int i = N - 2; i >= 0; --i) r = r * z + c[i];
+  return r;
+}
+
+constexpr float kLog1pQ[7] = {-0.5f,        0.3333322f,   -0.24994957f, 0.19913994f,
+                              -0.15951239f, 0.11082395f, -0.04537416f};
+constexpr float kNearZero[5] = {0.125f, -0.005208319f, 0.00034710768f, -2.602335e-05f,
+                                1.7423902e-06f};
+constexpr float kLog2Hi = 0.6931472f, kLog2Lo = -1.9046542e-09f;
+// (expm1(r) - r) / r^2 on |r| <= log(2) / 2 (widened 1%), degree 6 (max error 1.7e-9): the
+// derivative needs expm1 to its own relative precision where it is small, which kQ (made
+// for exp, 6.9e-8) does not give.
+constexpr float kExpm1Q[7] = {0.5f,          0.16666667f,   0.041666668f, 0.008333297f,
+                              0.0013888837f, 0.00019900444f, 2.4869207e-05f};
+
+// (t, t_lo) with t + t_lo = exp(a) to about 2^-30 relative, for a <= 0: Cody-Waite, then
+// 1 + p split into its rounded sum and the exact error (Fast2Sum), both scaled by 2^k.
+inline void ExpPair(Floats a, Floats& t, Floats& t_lo) {
+  a = a > -88.0f ? a : Splat(-88.0f);
+  Floats k = (a * 1.44269504f + 12582912.0f) - 12582912.0f;
+  Floats r = (a - k * kLn2Hi) - k * kLn2Lo;
+  Floats p = r + r * (r * (kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)))));
+  Floats sum = 1.0f + p;
+  Floats scale = Scale(Splat(1.0f), k);  // 0 from k = -127 on
+  t = sum * scale;
+  t_lo = ((1.0f - sum) + p) * scale;
+}
+
+inline Floats Softplus(Floats u) {
+  Ints positive = u > 0.0f;
+  Ints near_zero = (u > -1.0f) & (u < 1.0f);
+  Floats t, t_lo;
+  ExpPair(Select(positive, -u, u), t, t_lo);
+  Floats log1p_t = t + ((t_lo - t_lo * t) + t * (t * Horner(kLog1pQ, t)));
+  Floats far = Select(positive, u, Floats{}) + log1p_t;
+  Floats v = Select(near_zero, u, Floats{});
+  Floats s = v * v;
+  Floats near = kLog2Hi + (0.5f * v + (s * Horner(kNearZero, s) + kLog2Lo));
+  return Select(u != u, u, Select(near_zero, near, far));
+}
+
+// -expm1(-v) = sigmoid(u) for v = softplus(u) >= 0, in one Cody-Waite reduction:
+// -v = k log(2) + r and expm1(r) = r + r^2 Q(r), so
+// -expm1(-v) = (1 - 2^k) - 2^k r - 2^k r^2 Q(r). 1 - 2^k and 2^k r are exact; their
+// difference is made exact with TwoSum, so only the last addition rounds. For k = 0
+// (v < log(2) / 2) that is -r - r^2 Q(r), with no cancellation: small derivatives keep
+// their relative accuracy.
+inline Floats NegExpm1(Floats v) {
+  Floats a = -v;
+  a = a > -140.0f ? a : Splat(-140.0f);
+  Floats k = (a * 1.44269504f + 12582912.0f) - 12582912.0f;
+  Floats r = (a - k * kLn2Hi) - k * kLn2Lo;
+  Floats q = Horner(kExpm1Q, r);
+  Floats scale = Scale(Splat(1.0f), k);
+  Floats one_minus = 1.0f - scale, scaled_r = scale * r;
+  Floats head = one_minus - scaled_r;
+  Floats tail = DifferenceError(one_minus, scaled_r, head) - scale * (r * (r * q));
+  return Select(v != v, v, head + tail);
+}
+
+// Splits a flat array into chunks over the thread pool, as ForEachRow does rows.
+template <typename F>
+void ForEachChunk(ffi::ThreadPool& pool, int64_t count, const F& f) {
+  constexpr int64_t kChunk = 16384;
+  int64_t chunks = (count + kChunk - 1) / kChunk;
+  ForEachRow(pool, chunks, kChunk, [&](int64_t c) {
+    f(c * kChunk, std::min(count, (c + 1) * kChunk));
+  });
+}
+
+void SoftplusRange(const float* x, float* y, float beta, int64_t begin, int64_t end) {
+  Floats b = Splat(beta);
+  bool unit = beta == 1.0f;
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    Floats v = Softplus(b * Load(x + i));
+    Store(y + i, unit ? v : v / b);
+  }
+  for (; i < end; ++i) {
+    float v = Softplus(Splat(beta * x[i]))[0];
+    y[i] = unit ? v : v / beta;
+  }
+}
+
+void SoftplusGradRange(const float* y, const float* g, float* dx, float beta, int64_t begin,
+                       int64_t end) {
+  Floats b = Splat(beta);
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    Store(dx + i, Load(g + i) * NegExpm1(b * Load(y + i)));
+  }
+  for (; i < end; ++i) dx[i] = g[i] * NegExpm1(Splat(beta * y[i]))[0];
+}
+
+// ---------------------------------------------------------------------------------------
 // FFI handlers. Arrays are (rows, n) row-major; per-row values are (rows,).
 // ---------------------------------------------------------------------------------------
 
@@ -538,6 +641,26 @@ ffi::Error LogSoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+ffi::Error SoftplusHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::ResultBuffer<ffi::F32> y, float beta) {
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  ForEachChunk(pool, static_cast<int64_t>(x.element_count()),
+               [=](int64_t a, int64_t b) { SoftplusRange(xp, yp, beta, a, b); });
+  return ffi::Error::Success();
+}
+
+ffi::Error SoftplusGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
+                               float beta) {
+  const float* yp = y.typed_data();
+  const float* gp = g.typed_data();
+  float* dp = dx->typed_data();
+  ForEachChunk(pool, static_cast<int64_t>(y.element_count()),
+               [=](int64_t a, int64_t b) { SoftplusGradRange(yp, gp, dp, beta, a, b); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersSoftmaxF32, Softmax,
@@ -570,3 +693,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersLogSoftmaxGradF32, LogSoftmaxGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersSoftplusF32, SoftplusHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("beta"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StablelayersSoftplusGradF32, SoftplusGradHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("beta"));

@@ -1,4 +1,4 @@
-"""Builds, caches and registers the CPU row kernels of ``_cpu_kernels.cc``.
+"""Builds, caches and registers the CPU kernels of ``_cpu_kernels.cc``.
 
 The kernels are compiled on first use with the machine's C++ compiler, for the machine's
 own CPU (``-march=native``), against the XLA FFI headers that ship with jaxlib, and the
@@ -32,6 +32,8 @@ TARGETS = {
     "stablelayers_softmax_grad_f32": "StablelayersSoftmaxGradF32",
     "stablelayers_log_softmax_f32": "StablelayersLogSoftmaxF32",
     "stablelayers_log_softmax_grad_f32": "StablelayersLogSoftmaxGradF32",
+    "stablelayers_softplus_f32": "StablelayersSoftplusF32",
+    "stablelayers_softplus_grad_f32": "StablelayersSoftplusGradF32",
 }
 
 # No -ffast-math: TwoSum and the NaN and infinity guards need IEEE arithmetic as written.

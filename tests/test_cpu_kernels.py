@@ -208,3 +208,54 @@ def test_the_build_is_cached_and_keyed_by_its_inputs(tmp_path, monkeypatch):
     assert _cpu_library.build() == path  # from the cache, not rebuilt
     monkeypatch.setenv("STABLELAYERS_CACHE_DIR", str(tmp_path))
     assert _cpu_library._cache_dir() == tmp_path
+
+
+SOFTPLUS_X = np.concatenate(
+    [
+        np.array(
+            [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, -104.0, 1e30]
+        ),
+        np.linspace(-30, 30, 997),
+    ]
+).astype(np.float32)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 3.0])
+def test_softplus_values_and_derivative_match_the_pure_jax_path(beta, pure_jax):
+    x = jnp.asarray(SOFTPLUS_X)
+
+    def value_and_derivative(x):
+        y, vjp = jax.vjp(lambda x: sl.softplus(x, beta), x)
+        return y, vjp(jnp.ones_like(y))[0]
+
+    (y, g), (y_ref, g_ref) = _kernel(value_and_derivative, x), pure_jax(value_and_derivative, x)
+    for ours, theirs in ((y, y_ref), (g, g_ref)):
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+        # Results that end up below float32's smallest normal may be flushed to 0 on one
+        # path and not the other (beta != 1 divides a normal value into that range).
+        np.testing.assert_allclose(ours, theirs, rtol=3e-7, atol=4e-38)
+
+
+def test_softplus_higher_derivatives_and_half_precision(pure_jax):
+    x = jnp.linspace(-5.0, 5.0, 37)
+
+    def loss(x):
+        return jnp.sum(jnp.sin(sl.softplus(x, 2.0)))
+
+    np.testing.assert_allclose(
+        _kernel(jax.hessian(loss), x), pure_jax(jax.hessian(loss), x), rtol=1e-5, atol=1e-7
+    )
+    half = x.astype(jnp.bfloat16)
+    assert _kernel(sl.softplus, half).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_kernel(sl.softplus, half), pure_jax(sl.softplus, half))
+
+
+def test_softplus_kernels_serve_constant_beta_only():
+    x = jnp.ones((3, 40))
+    assert "stablelayers_softplus_f32" in _lowered(sl.softplus, x)
+    grad = jax.grad(lambda x: jnp.sum(sl.softplus(x, 2.0)))
+    assert "stablelayers_softplus_grad_f32" in _lowered(grad, x)
+    # A traced or array beta has a gradient of its own: the pure-JAX path computes both.
+    assert "stablelayers_" not in _lowered(lambda x: sl.softplus(x, jnp.float32(2.0)), x)
