@@ -23,3 +23,29 @@ def hard_inputs():
         pytest.skip(f"{HARD_INPUTS} not found; it ships beside the repository in ../shared")
     with np.load(HARD_INPUTS) as data:
         return dict(data)
+
+
+# The numerical claims hold on both paths an op can take: the CPU kernels (the default
+# here) and the pure-JAX code that runs everywhere else (GPU, TPU) and wherever the kernels
+# cannot be built. These modules run once on each; test_cpu_kernels.py checks the two
+# against each other under every transform.
+BOTH_PATHS = {"test_values", "test_accuracy", "test_gradients", "test_residuals"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_PATHS:
+        metafunc.fixturenames.append("op_path")
+        metafunc.parametrize("op_path", ["kernels", "pure_jax"], indirect=True)
+
+
+@pytest.fixture
+def op_path(request, monkeypatch):
+    """``kernels`` (if they could be built here) or ``pure_jax``, read at each trace."""
+    from stablelayers import _cpu_library
+
+    if request.param == "pure_jax":
+        monkeypatch.setenv("STABLELAYERS_CPU_KERNELS", "0")
+    elif not _cpu_library.available():
+        pytest.skip("the CPU kernels could not be built here")
+    jax.clear_caches()  # nothing traced on the other path may be reused
+    return request.param
