@@ -18,17 +18,25 @@ MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
     "MALLOC_ARENA_MAX": "1",
 }
+# torch's OpenMP workers spin for a while after each parallel region. With contenders
+# interleaved in one process, that spinning takes a core from whichever case runs next
+# (measured: stablelayers' two-thread log_softmax kernel 1.42x jax.nn's time right after
+# torch, 1.00x with this set; torch's own times unchanged). Passive workers sleep at once.
+SHARED_PROCESS_ENV = {**MALLOC_ENV, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def ensure_malloc_env(argv: list[str], module: str = "benchmarks") -> None:
-    """Re-execute ``python -m <module>`` with :data:`MALLOC_ENV` unless it is already set.
+def ensure_malloc_env(
+    argv: list[str], module: str = "benchmarks", env: dict[str, str] = SHARED_PROCESS_ENV
+) -> None:
+    """Re-execute ``python -m <module>`` with ``env`` (:data:`SHARED_PROCESS_ENV`: glibc's
+    settings and passive OpenMP workers) unless it is already set.
 
-    glibc reads these variables once, at start-up, so setting them in a running process
-    changes nothing: the only way is a fresh process.
+    glibc and OpenMP read these variables once, at start-up, so setting them in a running
+    process changes nothing: the only way is a fresh process.
     """
-    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+    if all(os.environ.get(k) == v for k, v in env.items()):
         return
-    env = {**os.environ, **MALLOC_ENV}
+    env = {**os.environ, **env}
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
@@ -102,4 +110,13 @@ def describe() -> dict[str, str]:
         "flax": _version("flax"),
         "equinox": _version("equinox"),
         "stablelayers": f"{_version('stablelayers')} (git {_git_state()})",
+        "stablelayers path": _stablelayers_path(),
     }
+
+
+def _stablelayers_path() -> str:
+    from stablelayers import _cpu_library
+
+    if _cpu_library.available():
+        return "CPU kernels (softmax, log_softmax, softplus)"
+    return "pure JAX (CPU kernels off or unavailable)"

@@ -15,7 +15,16 @@ _NOTES = [
     "gradient (3; the value is a scalar), timed as the jitted `2 * x + w`.",
     "glibc is told to keep freed buffers (`MALLOC_MMAP_MAX_=0 "
     "MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_ARENA_MAX=1`; the harness re-executes "
-    "itself with them); otherwise page faults on fresh buffers dominate every figure.",
+    "itself with them); otherwise page faults on fresh buffers dominate every figure. "
+    "`OMP_WAIT_POLICY=PASSIVE` is set too: torch's OpenMP workers otherwise spin after "
+    "each parallel region and take a core from the next contender (stablelayers' "
+    "log_softmax measured 1.42x jax.nn's time without it, 1.00x with it; torch's times "
+    "did not change).",
+    "stablelayers runs its CPU kernels here (`STABLELAYERS_CPU_KERNELS=1`, the default): "
+    "softmax, log_softmax and softplus with a constant beta, built on first use for this "
+    "CPU. With `STABLELAYERS_CPU_KERNELS=0`, or on GPU and TPU, the same ops run as pure "
+    "JAX, with the same semantics and the accuracy limits of the tests; their figures are "
+    "those of the previous benchmark pages (git history of docs/benchmarks.md).",
     "At 4096x4096 every contender reads the same 3 copies of x and w, at different "
     "addresses, one after another (and the bounds do too): how fast a pass runs depends "
     "steadily on where its buffers sit relative to each other (`python -m "
