@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 
 #ifdef __AVX512F__
@@ -189,33 +190,50 @@ class Accumulator {
   double tail_ = 0;
 };
 
-// Splits rows over XLA's intra-op thread pool; the calling thread takes the first share.
+// Splits rows over XLA's intra-op thread pool. The calling thread works too, claiming
+// shares like any helper, and then waits only for shares that other threads have already
+// started: a helper task still queued behind busy threads (two kernels running side by
+// side, each on a pool thread) finds nothing left to claim, so no one ever waits on a task
+// that cannot run. The helpers own the counters (a late one may start after the call has
+// returned) and touch the caller's stack only after claiming a share.
 template <typename F>
 void ForEachRow(ffi::ThreadPool& pool, int64_t rows, int64_t n, const F& f) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Below ~64K entries a task costs more than it saves.
   if (rows * n < (int64_t{1} << 16)) threads = 1;
   threads = std::min(threads, rows);
-  auto run = [&f, rows, threads](int64_t part) {
-    for (int64_t r = rows * part / threads; r < rows * (part + 1) / threads; ++r) f(r);
-  };
   if (threads <= 1) {
-    run(0);
+    for (int64_t r = 0; r < rows; ++r) f(r);
     return;
   }
-  std::atomic<int64_t> pending(threads - 1);
-  std::mutex mutex;
-  std::condition_variable done;
-  for (int64_t part = 1; part < threads; ++part) {
-    pool.Schedule([&, part] {
-      run(part);
-      std::lock_guard<std::mutex> lock(mutex);
-      if (--pending == 0) done.notify_one();
-    });
+  struct Shares {
+    std::atomic<int64_t> next{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+    int64_t done = 0;  // guarded by mutex
+  };
+  auto shares = std::make_shared<Shares>();
+  const int64_t parts = threads;
+  auto run_part = [&f, rows, parts](int64_t part) {
+    for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; ++r) f(r);
+  };
+  // Claims and runs shares until none are left. run_part lives on this stack, so it is
+  // only followed after a share is claimed, and the caller waits for every share.
+  auto work = [shares, parts](const decltype(run_part)* run) {
+    int64_t ran = 0;
+    for (int64_t part; (part = shares->next.fetch_add(1)) < parts; ++ran) (*run)(part);
+    if (ran > 0) {
+      std::lock_guard<std::mutex> lock(shares->mutex);
+      shares->done += ran;
+      if (shares->done == parts) shares->finished.notify_all();
+    }
+  };
+  for (int64_t helper = 1; helper < threads; ++helper) {
+    pool.Schedule([work, run = &run_part] { work(run); });
   }
-  run(0);
-  std::unique_lock<std::mutex> lock(mutex);
-  done.wait(lock, [&] { return pending.load() == 0; });
+  work(&run_part);
+  std::unique_lock<std::mutex> lock(shares->mutex);
+  shares->finished.wait(lock, [&] { return shares->done == parts; });
 }
 
 struct RowMax {

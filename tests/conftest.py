@@ -35,17 +35,20 @@ BOTH_PATHS = {"test_values", "test_accuracy", "test_gradients", "test_residuals"
 def pytest_generate_tests(metafunc):
     if metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_PATHS:
         metafunc.fixturenames.append("op_path")
-        metafunc.parametrize("op_path", ["kernels", "pure_jax"], indirect=True)
+        # Module scope: pytest runs a module's tests on one path, then on the other.
+        metafunc.parametrize("op_path", ["kernels", "pure_jax"], indirect=True, scope="module")
 
 
-@pytest.fixture
-def op_path(request, monkeypatch):
+@pytest.fixture(scope="module")
+def op_path(request):
     """``kernels`` (if they could be built here) or ``pure_jax``, read at each trace."""
     from stablelayers import _cpu_library
 
-    if request.param == "pure_jax":
-        monkeypatch.setenv("STABLELAYERS_CPU_KERNELS", "0")
-    elif not _cpu_library.available():
-        pytest.skip("the CPU kernels could not be built here")
-    jax.clear_caches()  # nothing traced on the other path may be reused
-    return request.param
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "pure_jax":
+            patch.setenv("STABLELAYERS_CPU_KERNELS", "0")
+        elif not _cpu_library.available():
+            pytest.skip("the CPU kernels could not be built here")
+        jax.clear_caches()  # nothing traced on the other path may be reused
+        yield request.param
+    jax.clear_caches()

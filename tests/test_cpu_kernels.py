@@ -302,3 +302,19 @@ def test_kernel_gradients_beat_jax_nn_on_the_hard_inputs(hard_inputs, op):
             ours,
             theirs,
         )
+
+
+def test_kernels_running_side_by_side_never_wait_on_each_other():
+    # Independent calls in one program may run at once on XLA's threads, each splitting its
+    # rows over the same pool; a kernel must never block on a share no thread can take.
+    code = (
+        "import jax, jax.numpy as jnp, stablelayers as sl\n"
+        "xs = [jax.random.normal(jax.random.key(i), (256, 1024)) for i in range(8)]\n"
+        "def loss(xs):\n"
+        "    ys = [sl.softmax(x) * sl.log_softmax(x) + sl.softplus(x) for x in xs]\n"
+        "    return sum(jnp.sum(y) for y in ys)\n"
+        "step = jax.jit(jax.value_and_grad(loss))\n"
+        "for _ in range(30):\n"
+        "    jax.block_until_ready(step(xs))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

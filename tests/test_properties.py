@@ -9,7 +9,8 @@ from hypothesis.extra import numpy as hnp
 
 import stablelayers as sl
 
-settings.register_profile("stablelayers", deadline=None, max_examples=60)
+# 30 examples a test: each new shape compiles afresh, and CI runs on two cores.
+settings.register_profile("stablelayers", deadline=None, max_examples=30)
 settings.load_profile("stablelayers")
 
 shapes = hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6)
