@@ -3,6 +3,7 @@ overflow, never leak a NaN, and keep only what the backward pass needs."""
 
 from stablelayers._attention import dot_product_attention
 from stablelayers._functions import log_softmax, masked_softmax, softmax, softplus
+from stablelayers._kernel_switch import pure_jax
 from stablelayers._mode import forward_mode
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "forward_mode",
     "log_softmax",
     "masked_softmax",
+    "pure_jax",
     "softmax",
     "softplus",
 ]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers import _cpu_calls
+from stablelayers import _cpu_calls, _cpu_library
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -439,26 +439,46 @@ def _log_softmax_jvp(axis, y, x_dot):
     return jnp.where(live, x_dot - mean, 0.0)
 
 
+@jax.tree_util.register_pytree_node_class
+class _LogSoftmaxRows:
+    """The per-row values log_softmax's backward pass reads, and which path made them:
+    ``(max, total)`` from the pure-JAX code, ``(shift, rest)`` (the log-sum-exp as a float
+    pair) from the row kernel. ``dispatched`` records that the forward pass left the
+    choice to the platform, so that the backward pass makes the same one even if it is
+    traced under other switches."""
+
+    def __init__(self, first, second, dispatched):
+        self.first, self.second, self.dispatched = first, second, dispatched
+
+    def tree_flatten(self):
+        return (self.first, self.second), self.dispatched
+
+    @classmethod
+    def tree_unflatten(cls, dispatched, children):
+        return cls(*children, dispatched)
+
+
 def _log_softmax_values(x, where, axis):
     """``_log_softmax_primal``, from the row kernel where it applies and the program runs
-    on the CPU. The per-row values differ by path: ``(max, total)`` in pure JAX, the
-    log-sum-exp as a float pair ``(shift, rest)`` from the kernel; each path's backward
-    pass reads its own."""
-    if where is not None or not _kernels_apply(x, axis):
-        return _log_softmax_primal(x, where, axis)
+    on the CPU; the per-row values are a ``_LogSoftmaxRows``."""
+    if where is not None or not _kernels_apply(x, axis) or not _cpu_library.available():
+        y, rows = _log_softmax_primal(x, where, axis)
+        return y, _LogSoftmaxRows(*rows, dispatched=False)
 
     def kernel(x):
         y, shift, rest = _log_softmax_rows(_as_rows(x, axis))
         rows = (_from_rows(shift, x, axis), _from_rows(rest, x, axis))
         return y.reshape(x.shape).astype(x.dtype), rows
 
-    return _cpu_calls.on_cpu(kernel, lambda x: _log_softmax_primal(x, None, axis), x)
+    y, rows = _cpu_calls.on_cpu(kernel, lambda x: _log_softmax_primal(x, None, axis), x)
+    return y, _LogSoftmaxRows(*rows, dispatched=True)
 
 
 def _log_softmax_grad_from_input(axis, x, rows, g):
-    """``_log_softmax_vjp_from_input``, from the row kernel where it applies."""
-    if not _kernels_apply(x, axis):
-        return _log_softmax_vjp_from_input(axis, x, rows, g)
+    """``_log_softmax_vjp_from_input``, from the row kernel where the forward pass used
+    it."""
+    if not rows.dispatched:
+        return _log_softmax_vjp_from_input(axis, x, (rows.first, rows.second), g)
 
     def kernel(x, shift, rest, g):
         per_row = (shift.reshape(-1), rest.reshape(-1))
@@ -468,7 +488,7 @@ def _log_softmax_grad_from_input(axis, x, rows, g):
     def pure_jax(x, top, total, g):
         return _log_softmax_vjp_from_input(axis, x, (top, total), g)
 
-    return _cpu_calls.on_cpu(kernel, pure_jax, x, *rows, g)
+    return _cpu_calls.on_cpu(kernel, pure_jax, x, rows.first, rows.second, g, decided=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

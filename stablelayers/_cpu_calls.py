@@ -66,13 +66,17 @@ def softplus_grad(y: jax.Array, g: jax.Array, beta: float) -> jax.Array:
     return _call("stablelayers_softplus_grad_f32", [y.shape], y, g, beta=np.float32(beta))[0]
 
 
-def on_cpu(kernel: Callable[..., Any], fallback: Callable[..., Any], *args: Any) -> Any:
+def on_cpu(
+    kernel: Callable[..., Any], fallback: Callable[..., Any], *args: Any, decided: bool = False
+) -> Any:
     """``kernel(*args)`` where the program runs on the CPU, ``fallback(*args)`` elsewhere.
 
     Both must return the same shapes and dtypes. The choice is made when the program is
     lowered for a platform, so one traced function serves CPU and GPU alike; where the
-    kernels could not be built, ``fallback`` is all there is.
+    kernels may not be used (see ``_cpu_library.available``), ``fallback`` is all there is.
+    ``decided=True`` is for a backward pass whose forward pass already chose to dispatch:
+    it must follow that choice, whatever the switches say when it is traced.
     """
-    if not _cpu_library.available():
+    if not decided and not _cpu_library.available():
         return fallback(*args)
     return lax.platform_dependent(*args, cpu=kernel, default=fallback)

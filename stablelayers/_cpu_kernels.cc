@@ -298,11 +298,20 @@ double ExpRow(const float* x, float max, float* out, int64_t n) {
 void SoftmaxRow(const float* x, float* y, float* total_out, int64_t n) {
   RowMax row = ScanRow(x, n);
   if (IsSpecial(row)) {
-    // NaN rows are NaN except at -inf logits (which count as masked); a row of only -inf
-    // is all 0; a row holding +inf shares the mass among its +inf entries.
+    // A row of only -inf is all 0; a row holding +inf shares the mass among its +inf
+    // entries. A row with a NaN is NaN, except where the pure-JAX code gives exactly 0:
+    // it shifts such a row by 0, so entries whose exp(x) is 0 in float32 (-inf, and x
+    // below about -87.3) stay 0 there.
     float share = row.max == kInf && !row.nan ? 1.0f / CountPosInf(x, n) : 0.0f;
     for (int64_t i = 0; i < n; ++i) {
-      y[i] = row.nan ? (x[i] == -kInf ? 0.0f : NAN) : (x[i] == kInf ? share : 0.0f);
+      if (row.nan) {
+        float clamped = x[i] > -140.0f ? x[i] : -140.0f;  // NaN stays NaN below
+        bool vanishes = x[i] == -kInf ||
+                        (x[i] == x[i] && ExpReduced(Splat(clamped), Floats{})[0] == 0.0f);
+        y[i] = vanishes ? 0.0f : NAN;
+      } else {
+        y[i] = x[i] == kInf ? share : 0.0f;
+      }
     }
     *total_out = row.nan ? NAN : 1.0f;
     return;
@@ -396,8 +405,10 @@ double LogSumExp(const float* e, double total, int64_t n) {
 void LogSoftmaxRow(const float* x, float* y, float* shift_out, float* rest_out, int64_t n) {
   RowMax row = ScanRow(x, n);
   if (IsSpecial(row)) {
-    float at_inf =
-        row.max == kInf && !row.nan ? -std::log(static_cast<float>(CountPosInf(x, n))) : 0.0f;
+    // + 0.0f: one +inf entry gets +0, as in the pure-JAX code, not -log(1) = -0.
+    float at_inf = row.max == kInf && !row.nan
+                       ? -std::log(static_cast<float>(CountPosInf(x, n))) + 0.0f
+                       : 0.0f;
     for (int64_t i = 0; i < n; ++i) {
       y[i] = row.nan ? (x[i] == -kInf ? -kInf : NAN) : (x[i] == kInf ? at_inf : -kInf);
     }

@@ -16,6 +16,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,8 @@ import warnings
 
 import jax
 import jaxlib
+
+from stablelayers._kernel_switch import pure_jax_enabled
 
 SOURCE = pathlib.Path(__file__).with_name("_cpu_kernels.cc")
 
@@ -46,9 +49,17 @@ class BuildError(RuntimeError):
 
 
 def available() -> bool:
-    """Whether ops traced now may use the kernels: not turned off with
-    ``STABLELAYERS_CPU_KERNELS=0`` (read at each trace), and built and registered."""
-    return os.environ.get("STABLELAYERS_CPU_KERNELS", "1") != "0" and load()
+    """Whether ops traced now may use the kernels: not turned off (``pure_jax()``, or
+    ``STABLELAYERS_CPU_KERNELS=0``, both read at each trace), one CPU device, and built
+    and registered.
+
+    With several CPU devices (``--xla_force_host_platform_device_count``) a program may be
+    sharded, and XLA cannot partition a custom call it knows nothing about: it would gather
+    the whole array onto every device. The pure-JAX code partitions like any JAX code.
+    """
+    if pure_jax_enabled() or os.environ.get("STABLELAYERS_CPU_KERNELS", "1") == "0":
+        return False
+    return len(jax.devices("cpu")) == 1 and load()
 
 
 @functools.cache
@@ -79,23 +90,34 @@ def build() -> pathlib.Path:
     """The path of the compiled library, compiling it first if the cache lacks it."""
     compiler = _compiler()
     errors = []
-    # A compiler that does not know -march=native (some clang builds) still gets a build.
+    # A compiler that does not know -march=native (some clang builds) still gets a build;
+    # a marker file remembers the failure, so later processes skip straight to it.
     for flags in (_FLAGS + _HOST_FLAGS, _FLAGS):
         target = _cache_dir() / f"cpu_kernels-{_fingerprint(compiler, flags)}.so"
+        failed = target.with_suffix(".failed")
         if target.exists():
             return target
+        if failed.exists():
+            errors.append(failed.read_text(errors="replace"))
+            continue
         try:
             _compile(compiler, flags, target)
             return target
         except BuildError as error:
             errors.append(str(error))
+            try:
+                failed.write_text(str(error))
+            except OSError:
+                pass
     raise BuildError("\n".join(errors))
 
 
-def _compiler() -> str:
-    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return candidate
+def _compiler() -> list[str]:
+    # $CXX may carry arguments of its own ("ccache g++").
+    for candidate in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
+        command = shlex.split(candidate)
+        if command and shutil.which(command[0]):
+            return command
     raise BuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
 
 
@@ -107,11 +129,12 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "stablelayers"
 
 
-def _fingerprint(compiler: str, flags: tuple[str, ...]) -> str:
+def _fingerprint(compiler: list[str], flags: tuple[str, ...]) -> str:
     # Everything the binary depends on: the source, the compiler, the flags, the FFI
     # headers' jaxlib and the machine (-march=native builds for this CPU only).
     parts = [
         SOURCE.read_bytes(),
+        " ".join(compiler).encode(),
         _compiler_version(compiler).encode(),
         " ".join(flags).encode(),
         jaxlib.__version__.encode(),
@@ -125,13 +148,18 @@ def _fingerprint(compiler: str, flags: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _compiler_version(compiler: str) -> str:
+def _compiler_version(compiler: list[str]) -> str:
     try:
         result = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
+            [*compiler, "--version"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise BuildError(f"{compiler} --version failed: {error}") from error
+        raise BuildError(f"{' '.join(compiler)} --version failed: {error}") from error
     return result.stdout
 
 
@@ -146,13 +174,13 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _compile(compiler: str, flags: tuple[str, ...], target: pathlib.Path) -> None:
+def _compile(compiler: list[str], flags: tuple[str, ...], target: pathlib.Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name and rename: concurrent processes never see half a file.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
     command = [
-        compiler,
+        *compiler,
         *flags,
         "-I",
         jax.ffi.include_dir(),
@@ -161,9 +189,13 @@ def _compile(compiler: str, flags: tuple[str, ...], target: pathlib.Path) -> Non
         partial,
     ]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            command, capture_output=True, text=True, errors="replace", timeout=600
+        )
         if result.returncode != 0:
             raise BuildError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        # mkstemp made the file private; a cache directory may be shared between users.
+        os.chmod(partial, 0o755)
         os.replace(partial, target)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise BuildError(f"{' '.join(command)} failed: {error}") from error

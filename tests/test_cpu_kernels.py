@@ -63,7 +63,11 @@ def _hard_rows():
 
 
 ROWS_WITH_NAN = np.array(
-    [[np.nan, -np.inf, 1.0, 2.0], [-np.inf, np.nan, np.inf, 0.0]], np.float32
+    [
+        [np.nan, -np.inf, 1.0, 2.0, -200.0, -87.0, -87.5],
+        [-np.inf, np.nan, np.inf, 0.0, -1e30, 3.4e38, -3.4e38],
+    ],
+    np.float32,
 )
 
 
@@ -85,11 +89,12 @@ def test_edge_rows_match_the_pure_jax_path(op, pure_jax):
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_rows_with_nan_are_nan_but_keep_minus_inf_entries_out(op):
-    y = np.asarray(_kernel(OPS[op], jnp.asarray(ROWS_WITH_NAN)))
-    fill = -np.inf if op == "log_softmax" else 0.0
-    assert np.all(y[ROWS_WITH_NAN == -np.inf] == fill)
-    assert np.all(np.isnan(y[(ROWS_WITH_NAN != -np.inf)]))
+def test_rows_with_nan_match_the_pure_jax_path_entry_for_entry(op, pure_jax):
+    # NaN where the pure-JAX code gives NaN; 0 (log_softmax: -inf) where it gives that.
+    x = jnp.asarray(ROWS_WITH_NAN)
+    ours, theirs = np.asarray(_kernel(OPS[op], x)), np.asarray(pure_jax(OPS[op], x))
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.isnan(ours[np.isnan(ROWS_WITH_NAN)]).all()
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -114,10 +119,12 @@ def test_gradients_match_the_pure_jax_path(op, pure_jax):
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
-def test_nan_rows_give_nan_gradients_only_where_the_row_is_live(op):
+def test_nan_rows_give_nan_gradients_only_where_the_row_is_live(op, pure_jax):
     w = jnp.ones_like(ROWS_WITH_NAN)
-    g = np.asarray(_kernel(jax.grad(lambda x: jnp.sum(OPS[op](x) * w)), ROWS_WITH_NAN))
-    assert np.all(g[ROWS_WITH_NAN == -np.inf] == 0)
+    grad = jax.grad(lambda x: jnp.sum(OPS[op](x) * w))
+    ours, theirs = np.asarray(_kernel(grad, ROWS_WITH_NAN)), pure_jax(grad, ROWS_WITH_NAN)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(np.asarray(theirs)))
+    assert np.all(ours[ROWS_WITH_NAN == -np.inf] == 0)
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
@@ -318,3 +325,45 @@ def test_kernels_running_side_by_side_never_wait_on_each_other():
         "    jax.block_until_ready(step(xs))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+def test_one_plus_inf_entry_gets_plus_zero_as_in_pure_jax(pure_jax):
+    x = jnp.array([[1.0, jnp.inf, 2.0]])
+    for y in (_kernel(sl.log_softmax, x), pure_jax(sl.log_softmax, x)):
+        assert y[0, 1] == 0 and not np.signbit(np.asarray(y)[0, 1])
+
+
+def test_pure_jax_switch_traces_without_kernels_and_exports():
+    x = jnp.ones((4, 8))
+    with sl.pure_jax():
+        assert "stablelayers_" not in _lowered(sl.softmax, x)
+        assert "stablelayers_" not in _lowered(jax.grad(lambda x: sl.log_softmax(x).sum()), x)
+        exported = jax.export.export(jax.jit(sl.softplus))(x)
+    np.testing.assert_allclose(exported.call(x), sl.softplus(x), rtol=1e-6)
+    # Back on outside, for functions traced there (jit keeps a trace made inside).
+    assert "stablelayers_softplus_f32" in _lowered(lambda x: sl.softplus(x), x)
+
+
+def test_the_backward_pass_follows_the_forward_passs_path(monkeypatch):
+    # A vjp traced under other switches than its forward pass must still read the per-row
+    # values the forward pass made.
+    x, g = jnp.array([[1.0, 2.0, 3.0, 4.0]]), jnp.array([[1.0, 0.0, 0.0, 0.0]])
+    want = g - jax.nn.softmax(x) * g.sum()
+    _, vjp = jax.vjp(sl.log_softmax, x)
+    with sl.pure_jax():
+        np.testing.assert_allclose(vjp(g)[0], want, rtol=1e-6)
+    with sl.pure_jax():
+        _, vjp = jax.vjp(sl.log_softmax, x)
+    np.testing.assert_allclose(vjp(g)[0], want, rtol=1e-6)
+
+
+def test_several_cpu_devices_take_the_pure_jax_path():
+    # A sharded program would gather a custom call's operands onto every device.
+    code = (
+        "import jax, jax.numpy as jnp, stablelayers as sl\n"
+        "assert len(jax.devices('cpu')) == 2\n"
+        "text = jax.jit(sl.softmax).lower(jnp.ones((4, 8))).as_text()\n"
+        "assert 'stablelayers_' not in text\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
