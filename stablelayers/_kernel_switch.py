@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
-_PURE_JAX = contextvars.ContextVar("stablelayers_pure_jax", default=False)
+import jax
+
+# Part of jax.jit's cache key, so a function traced with the kernels is traced afresh
+# inside the context, and the other way round.
+_PURE_JAX = jax.make_user_context(default_value=False)
 
 
 @contextlib.contextmanager
@@ -21,7 +24,8 @@ def pure_jax() -> Iterator[None]:
     with the kernels' to a few float32 ulps; the kernels are the more accurate.
 
     The switch is read when a function is traced, like
-    :func:`stablelayers.forward_mode`, so wrap the tracing::
+    :func:`stablelayers.forward_mode`, and is part of ``jax.jit``'s cache key: a jitted
+    function that has already run with the kernels is traced afresh inside the context::
 
         with stablelayers.pure_jax():
             exported = jax.export.export(jax.jit(model))(x)
@@ -29,13 +33,10 @@ def pure_jax() -> Iterator[None]:
     Setting ``STABLELAYERS_CPU_KERNELS=0`` in the environment does the same for every
     trace.
     """
-    token = _PURE_JAX.set(True)
-    try:
+    with _PURE_JAX(True):
         yield
-    finally:
-        _PURE_JAX.reset(token)
 
 
 def pure_jax_enabled() -> bool:
     """Whether ops traced now must be pure JAX (inside :func:`pure_jax`)."""
-    return _PURE_JAX.get()
+    return bool(_PURE_JAX.value)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
-_FORWARD_MODE = contextvars.ContextVar("stablelayers_forward_mode", default=False)
+import jax
+
+# Part of jax.jit's cache key, so a function jitted outside the context is traced afresh
+# inside it (with the forward-mode rules), and the other way round.
+_FORWARD_MODE = jax.make_user_context(default_value=False)
 
 
 @contextlib.contextmanager
@@ -20,20 +23,17 @@ def forward_mode() -> Iterator[None]:
     works, and reverse mode still works by transposing it. The price: reverse mode may keep
     more than the one output-sized residual that the default rules keep.
 
-    The switch is read when a function is traced. A function that ``jax.jit`` has already
-    traced outside the context keeps its old trace, so wrap the first call (the tracing),
-    not just later calls::
+    The switch is read when a function is traced, and it is part of ``jax.jit``'s cache
+    key: a jitted function that has already run outside the context is traced afresh
+    inside it. Wrap the tracing, that is the call that transforms or runs the function::
 
         with stablelayers.forward_mode():
             jac = jax.jacfwd(stablelayers.softmax)(x)
     """
-    token = _FORWARD_MODE.set(True)
-    try:
+    with _FORWARD_MODE(True):
         yield
-    finally:
-        _FORWARD_MODE.reset(token)
 
 
 def forward_mode_enabled() -> bool:
     """Whether ops traced now use the forward-mode (``custom_jvp``) rules."""
-    return _FORWARD_MODE.get()
+    return bool(_FORWARD_MODE.value)

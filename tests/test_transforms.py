@@ -131,3 +131,16 @@ def test_forward_mode_switch_is_scoped():
         pass
     with pytest.raises(TypeError):
         jax.jvp(functools.partial(sl.log_softmax, axis=0), (X,), (W,))
+
+
+def test_forward_mode_switch_retraces_a_function_jitted_outside_it():
+    jitted = jax.jit(sl.softmax)
+    y = jitted(X)
+    with sl.forward_mode():
+        _, t = jax.jvp(jitted, (X,), (W,))
+    _, t_ref = jax.jvp(REFERENCES["softmax"], (X,), (W,))
+    np.testing.assert_allclose(t, t_ref, **TOL)
+    # And outside again, the reverse-mode rules (a jvp raises).
+    np.testing.assert_allclose(jitted(X), y)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(jitted, (X,), (W,))
