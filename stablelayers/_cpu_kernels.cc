@@ -34,6 +34,7 @@ namespace {
 constexpr int kLanes = 16;
 typedef float Floats __attribute__((vector_size(4 * kLanes)));
 typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t Uints __attribute__((vector_size(4 * kLanes)));
 typedef float Half __attribute__((vector_size(2 * kLanes)));
 typedef double Doubles __attribute__((vector_size(4 * kLanes)));
 
@@ -525,30 +526,40 @@ constexpr float kLog2Hi = 0.6931472f, kLog2Lo = -1.9046542e-09f;
 constexpr float kExpm1Q[7] = {0.5f,          0.16666667f,   0.041666668f, 0.008333297f,
                               0.0013888837f, 0.00019900444f, 2.4869207e-05f};
 
-// (t, t_lo) with t + t_lo = exp(a) to about 2^-30 relative, for a <= 0: Cody-Waite, then
-// 1 + p split into its rounded sum and the exact error (Fast2Sum), both scaled by 2^k.
+// 2^k for integral k in [-127, 127], from kk = k + 0x1.8p23 as the rounding trick leaves
+// it: kk's low mantissa bits hold k, which the shift moves into the exponent field (the
+// sum's own exponent bits fall off the top). k = -127 gives +0, as XLA's flush would.
+inline Floats PowerOfTwo(Floats kk) {
+  return (Floats)(((Uints)kk << 23) + (127u << 23));
+}
+
+// (t, t_lo) with t + t_lo = exp(a) to about 2^-30 relative, for a <= 0 (NaN passes the
+// clamp, so it reaches both): Cody-Waite, then 1 + p split into its rounded sum and the
+// exact error (Fast2Sum), both scaled by 2^k.
 inline void ExpPair(Floats a, Floats& t, Floats& t_lo) {
-  a = a > -88.0f ? a : Splat(-88.0f);
-  Floats k = (a * 1.44269504f + 12582912.0f) - 12582912.0f;
+  a = a < -88.0f ? Splat(-88.0f) : a;
+  Floats kk = a * 1.44269504f + 12582912.0f;
+  Floats k = kk - 12582912.0f;
   Floats r = (a - k * kLn2Hi) - k * kLn2Lo;
   Floats p = r + r * (r * (kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)))));
   Floats sum = 1.0f + p;
-  Floats scale = Scale(Splat(1.0f), k);  // 0 from k = -127 on
+  Floats scale = PowerOfTwo(kk);  // 0 from k = -127 on
   t = sum * scale;
   t_lo = ((1.0f - sum) + p) * scale;
 }
 
+// Both forms are evaluated in every lane and one is kept, so the other may be anything
+// there (u * u overflows far from 0; that lane keeps `far`). A NaN u reaches `far` through
+// ExpPair and is kept, since NaN > -1 is false.
 inline Floats Softplus(Floats u) {
-  Ints positive = u > 0.0f;
-  Ints near_zero = (u > -1.0f) & (u < 1.0f);
+  Floats minus_abs = (Floats)((Uints)u | 0x80000000u);
   Floats t, t_lo;
-  ExpPair(Select(positive, -u, u), t, t_lo);
+  ExpPair(minus_abs, t, t_lo);
   Floats log1p_t = t + ((t_lo - t_lo * t) + t * (t * Horner(kLog1pQ, t)));
-  Floats far = Select(positive, u, Floats{}) + log1p_t;
-  Floats v = Select(near_zero, u, Floats{});
-  Floats s = v * v;
-  Floats near = kLog2Hi + (0.5f * v + (s * Horner(kNearZero, s) + kLog2Lo));
-  return Select(u != u, u, Select(near_zero, near, far));
+  Floats far = (u > 0.0f ? u : Floats{}) + log1p_t;
+  Floats s = u * u;
+  Floats near = kLog2Hi + (0.5f * u + (s * Horner(kNearZero, s) + kLog2Lo));
+  return minus_abs > -1.0f ? near : far;
 }
 
 // -expm1(-v) = sigmoid(u) for v = softplus(u) >= 0, in one Cody-Waite reduction:
@@ -580,17 +591,25 @@ void ForEachChunk(ffi::ThreadPool& pool, int64_t count, const F& f) {
   });
 }
 
-void SoftplusRange(const float* x, float* y, float beta, int64_t begin, int64_t end) {
+template <bool kUnitBeta>
+void SoftplusRangeWithBeta(const float* x, float* y, float beta, int64_t begin, int64_t end) {
   Floats b = Splat(beta);
-  bool unit = beta == 1.0f;
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    Floats v = Softplus(b * Load(x + i));
-    Store(y + i, unit ? v : v / b);
+    Floats v = Softplus(kUnitBeta ? Load(x + i) : b * Load(x + i));
+    Store(y + i, kUnitBeta ? v : v / b);
   }
   for (; i < end; ++i) {
     float v = Softplus(Splat(beta * x[i]))[0];
-    y[i] = unit ? v : v / beta;
+    y[i] = kUnitBeta ? v : v / beta;
+  }
+}
+
+void SoftplusRange(const float* x, float* y, float beta, int64_t begin, int64_t end) {
+  if (beta == 1.0f) {
+    SoftplusRangeWithBeta<true>(x, y, beta, begin, end);
+  } else {
+    SoftplusRangeWithBeta<false>(x, y, beta, begin, end);
   }
 }
 

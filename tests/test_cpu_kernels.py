@@ -217,6 +217,67 @@ def test_the_build_is_cached_and_keyed_by_its_inputs(tmp_path, monkeypatch):
     assert _cpu_library._cache_dir() == tmp_path
 
 
+# The source has AVX-512 code and generic vector code for every other target; a build for
+# AVX2 (x86-64-v3) and one for plain x86-64 (SSE2) run the generic code on this machine.
+_ISA_CHECK = """
+import sys
+import jax, numpy as np
+import stablelayers as sl
+from stablelayers import _cpu_library
+_cpu_library._HOST_FLAGS = (sys.argv[1],)
+assert _cpu_library.available()
+assert _cpu_library.build().parent == _cpu_library._cache_dir()
+inputs = dict(np.load(sys.argv[2]))
+for name, op in {'softmax': sl.softmax, 'log_softmax': sl.log_softmax,
+                 'softplus': sl.softplus}.items():
+    for key, x in inputs.items():
+        if (key == 'softplus') != (name == 'softplus'):
+            continue
+        w = np.linspace(-2.0, 2.0, x.size, dtype=np.float32).reshape(x.shape)
+        def value_and_vjp(x, w, op=op):
+            y, vjp = jax.vjp(op, x)
+            return y, vjp(w)[0]
+        ours = jax.jit(value_and_vjp)(x, w)
+        with sl.pure_jax():
+            theirs = jax.jit(value_and_vjp)(x, w)
+        for a, b in zip(ours, theirs):
+            a, b = np.asarray(a), np.asarray(b)
+            message = f'{name} on {key}'
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=message)
+            np.testing.assert_allclose(a, b, rtol=3e-6, atol=2e-6, err_msg=message)
+"""
+
+
+def _cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as info:
+            words = set(info.read().split())
+    except OSError:
+        return False
+    return set(flags) <= words
+
+
+@pytest.mark.skipif(not _cpu_has("avx2", "fma"), reason="needs an x86-64 CPU with AVX2")
+@pytest.mark.parametrize("march", ["-march=x86-64-v3", "-march=x86-64"])
+def test_builds_for_other_instruction_sets_match_the_pure_jax_path(march, tmp_path):
+    # 1000 columns: vectors of 16 and a tail of 8.
+    scales = np.repeat([1.0, 7.0, 30.0, 300.0], 10)[:, None]
+    random_rows = np.random.default_rng(7).normal(size=(40, 1000)) * scales
+    inputs = tmp_path / "inputs.npz"
+    np.savez(
+        inputs,
+        hard_rows=_hard_rows(),
+        rows_with_nan=ROWS_WITH_NAN,
+        random_rows=random_rows.astype(np.float32),
+        softplus=SOFTPLUS_X,
+    )
+    env = dict(os.environ, STABLELAYERS_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("STABLELAYERS_CPU_KERNELS", None)
+    subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK, march, str(inputs)], check=True, env=env, timeout=300
+    )
+
+
 SOFTPLUS_X = np.concatenate(
     [
         np.array(
@@ -340,8 +401,20 @@ def test_pure_jax_switch_traces_without_kernels_and_exports():
         assert "stablelayers_" not in _lowered(jax.grad(lambda x: sl.log_softmax(x).sum()), x)
         exported = jax.export.export(jax.jit(sl.softplus))(x)
     np.testing.assert_allclose(exported.call(x), sl.softplus(x), rtol=1e-6)
-    # Back on outside, for functions traced there (jit keeps a trace made inside).
-    assert "stablelayers_softplus_f32" in _lowered(lambda x: sl.softplus(x), x)
+    assert "stablelayers_softplus_f32" in _lowered(sl.softplus, x)
+
+
+def test_pure_jax_switch_retraces_a_function_jitted_outside_it():
+    # The switch is part of jax.jit's cache key: a function that ran with the kernels is
+    # traced afresh inside it (and exports), and with the kernels again outside.
+    x = jnp.ones((4, 8))
+    jitted = jax.jit(sl.log_softmax)
+    jitted(x)
+    with sl.pure_jax():
+        assert "stablelayers_" not in jitted.lower(x).as_text()
+        exported = jax.export.export(jitted)(x)
+    np.testing.assert_allclose(exported.call(x), jitted(x), rtol=1e-6)
+    assert "stablelayers_log_softmax_f32" in jitted.lower(x).as_text()
 
 
 def test_the_backward_pass_follows_the_forward_passs_path(monkeypatch):
