@@ -124,9 +124,19 @@ def _compiler() -> list[str]:
 def _cache_dir() -> pathlib.Path:
     root = os.environ.get("STABLELAYERS_CACHE_DIR")
     if root:
-        return pathlib.Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "stablelayers"
+        directory = pathlib.Path(root)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+        directory = pathlib.Path(base) / "stablelayers"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK | os.X_OK):
+            return directory
+    except OSError:
+        pass
+    # A read-only home (some containers and batch jobs): build per user in the temp dir.
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return pathlib.Path(tempfile.gettempdir()) / f"stablelayers-{user}"
 
 
 def _fingerprint(compiler: list[str], flags: tuple[str, ...]) -> str:

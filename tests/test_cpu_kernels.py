@@ -2,8 +2,10 @@
 same edge cases, the same derivatives, and a clean fallback where they cannot be built."""
 
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +217,17 @@ def test_the_build_is_cached_and_keyed_by_its_inputs(tmp_path, monkeypatch):
     assert _cpu_library.build() == path  # from the cache, not rebuilt
     monkeypatch.setenv("STABLELAYERS_CACHE_DIR", str(tmp_path))
     assert _cpu_library._cache_dir() == tmp_path
+
+
+def test_a_read_only_cache_directory_moves_the_build_to_the_temp_dir(tmp_path, monkeypatch):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    monkeypatch.setenv("STABLELAYERS_CACHE_DIR", str(read_only / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anyway
+    fallback = _cpu_library._cache_dir()
+    assert fallback.parent == pathlib.Path(tempfile.gettempdir())
+    assert fallback.name.startswith("stablelayers-")
 
 
 # The source has AVX-512 code and generic vector code for every other target; a build for
