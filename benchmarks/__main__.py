@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from benchmarks.config import DEFAULT_HARD_INPUTS, REPO_ROOT, make_config
-from benchmarks.environment import ensure_malloc_env
+from benchmarks.environment import ensure_process_env
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
-    ensure_malloc_env(argv)  # before anything allocates: it may re-execute this process
+    ensure_process_env(argv)  # before anything allocates: it may re-execute this process
     args = parse_args(argv)
     config = make_config(args.quick, args.hard_inputs)
 

@@ -25,7 +25,7 @@ MALLOC_ENV = {
 SHARED_PROCESS_ENV = {**MALLOC_ENV, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def ensure_malloc_env(
+def ensure_process_env(
     argv: list[str], module: str = "benchmarks", env: dict[str, str] = SHARED_PROCESS_ENV
 ) -> None:
     """Re-execute ``python -m <module>`` with ``env`` (:data:`SHARED_PROCESS_ENV`: glibc's

@@ -12,13 +12,13 @@ import argparse
 import sys
 import time
 
-from benchmarks.environment import ensure_malloc_env
+from benchmarks.environment import ensure_process_env
 
 COPIES = 8
 
 
 def main(argv: list[str]) -> None:
-    ensure_malloc_env(argv, "benchmarks.placement")
+    ensure_process_env(argv, "benchmarks.placement")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.placement")
     parser.add_argument("--quick", action="store_true", help="a 256x1024 x, 3 runs a copy")
     args = parser.parse_args(argv)

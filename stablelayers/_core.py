@@ -23,6 +23,7 @@ has the keepdims shape of a reduction over ``axis``.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
@@ -147,11 +148,17 @@ def _reciprocal_pair(t):
 # --------------------------------------------------------------------------------------
 
 
+def _kernels_take(x):
+    """Whether the CPU kernels can take ``x``'s entries: float32 work (half precision
+    included), and at least one entry."""
+    return compute_dtype(x.dtype) == jnp.float32 and x.size > 0
+
+
 def _kernels_apply(x, axis):
-    """Whether the row kernels can take ``x``: float32 work (half precision included) over
+    """Whether the row kernels can take ``x``: entries they take (``_kernels_take``) over
     trailing axes, so that each row is contiguous."""
     trailing = axis == tuple(range(x.ndim - len(axis), x.ndim))
-    return compute_dtype(x.dtype) == jnp.float32 and trailing and x.size > 0
+    return _kernels_take(x) and trailing
 
 
 def _as_rows(a, axis):
@@ -165,16 +172,25 @@ def _from_rows(rows, like, axis):
     return rows.reshape(tuple(1 if i in axis else n for i, n in enumerate(like.shape)))
 
 
-def _with_derivative_of(reference):
+def _with_derivative_of(reference, static_trailing=0):
     """Make a kernel call differentiable to any order: its derivative is ``reference``'s,
-    the pure-JAX function it stands in for (same arguments, same output structure)."""
+    the pure-JAX function it stands in for (same arguments, same output structure). The
+    last ``static_trailing`` arguments are constants (a Python ``beta``): both functions
+    get them as they are, and they have no derivative."""
 
     def wrap(kernel):
-        op = jax.custom_jvp(kernel)
+        count = len(inspect.signature(kernel).parameters)
+        static = tuple(range(count - static_trailing, count))
+        op = jax.custom_jvp(kernel, nondiff_argnums=static)
 
         @op.defjvp
-        def rule(primals, tangents):
-            return op(*primals), jax.jvp(reference, primals, tangents)[1]
+        def rule(*args):
+            *constants, primals, tangents = args
+
+            def differentiable(*primals):
+                return reference(*primals, *constants)
+
+            return op(*primals, *constants), jax.jvp(differentiable, primals, tangents)[1]
 
         return op
 
@@ -765,33 +781,26 @@ def softplus_fixed_beta_vjp_op(x, beta):
 # algorithm, in AVX-512 or AVX2 rather than XLA's vector width) where they apply.
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _softplus_reference(x, beta):
+    return _softplus_primal(x, jnp.asarray(beta, jnp.float32))
+
+
+@_with_derivative_of(_softplus_reference, static_trailing=1)
 def _softplus_kernel(x, beta):
     return _cpu_calls.softplus(x, beta)
 
 
-@_softplus_kernel.defjvp
-def _softplus_kernel_jvp(beta, primals, tangents):
-    (x,), (x_dot,) = primals, tangents
-    reference = functools.partial(_softplus_primal, beta=jnp.asarray(beta, jnp.float32))
-    return _softplus_kernel(x, beta), jax.jvp(reference, (x,), (x_dot,))[1]
+def _softplus_grad_reference(y, g, beta):
+    return g * _softplus_sigmoid(y, jnp.asarray(beta, jnp.float32))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+@_with_derivative_of(_softplus_grad_reference, static_trailing=1)
 def _softplus_grad_kernel(y, g, beta):
     return _cpu_calls.softplus_grad(y, g, beta)
 
 
-@_softplus_grad_kernel.defjvp
-def _softplus_grad_kernel_jvp(beta, primals, tangents):
-    def reference(y, g):
-        return g * _softplus_sigmoid(y, jnp.asarray(beta, jnp.float32))
-
-    return _softplus_grad_kernel(*primals, beta), jax.jvp(reference, primals, tangents)[1]
-
-
 def _softplus_fixed_beta_values(x, beta):
-    if compute_dtype(x.dtype) != jnp.float32 or x.size == 0:
+    if not _kernels_take(x):
         return _softplus_primal(x, jnp.asarray(beta))
 
     def kernel(x):
@@ -810,7 +819,7 @@ def _softplus_fixed_beta_bwd(beta, y, g):
         sig = _softplus_sigmoid(y, jnp.asarray(beta))
         return (g.astype(sig.dtype) * sig).astype(y.dtype)
 
-    if compute_dtype(y.dtype) != jnp.float32 or y.size == 0:
+    if not _kernels_take(y):
         return (pure_jax(y, g),)
 
     def kernel(y, g):

@@ -118,14 +118,27 @@ inline Floats Scale(Floats p, Floats k) {
 #endif
 }
 
-// exp(t + err) for t in [-140, 0] and |err| <= ulp(t): Cody-Waite reduction t = k log(2)
-// + r (exact up to the rounding of r), exp(r) = 1 + (r + r^2 Q(r)) rounded once, then the
-// exact scaling by 2^k. Within about 0.6 ULP.
+// Cody-Waite reduction a = k log(2) + r with k integral and |r| <= log(2) / 2, exact up to
+// the rounding of r. Returns k + 0x1.8p23, the sum that rounds k, whose low mantissa bits
+// hold k (PowerOfTwo reads 2^k from them).
+inline Floats ReduceByLn2(Floats a, Floats& k, Floats& r) {
+  Floats rounded = a * 1.44269504f + 12582912.0f;
+  k = rounded - 12582912.0f;
+  r = (a - k * kLn2Hi) - k * kLn2Lo;
+  return rounded;
+}
+
+// expm1(r) = r + r^2 Q(r) for a reduced r, so that exp(r) = 1 + Expm1Reduced(r) rounds once.
+inline Floats Expm1Reduced(Floats r) {
+  return r + r * (r * (kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)))));
+}
+
+// exp(t + err) for t in [-140, 0] and |err| <= ulp(t): the reduction of t, with err added to
+// r, exp(r) rounded once, then the exact scaling by 2^k. Within about 0.6 ULP.
 inline Floats ExpReduced(Floats t, Floats err) {
-  Floats k = (t * 1.44269504f + 12582912.0f) - 12582912.0f;
-  Floats r = ((t - k * kLn2Hi) - k * kLn2Lo) + err;
-  Floats q = kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)));
-  return Scale(1.0f + (r + r * (r * q)), k);
+  Floats k, r;
+  ReduceByLn2(t, k, r);
+  return Scale(1.0f + Expm1Reduced(r + err), k);
 }
 
 // The rounding error of a - b (Knuth's TwoSum, given the rounded difference).
@@ -526,11 +539,11 @@ constexpr float kLog2Hi = 0.6931472f, kLog2Lo = -1.9046542e-09f;
 constexpr float kExpm1Q[7] = {0.5f,          0.16666667f,   0.041666668f, 0.008333297f,
                               0.0013888837f, 0.00019900444f, 2.4869207e-05f};
 
-// 2^k for integral k in [-127, 127], from kk = k + 0x1.8p23 as the rounding trick leaves
-// it: kk's low mantissa bits hold k, which the shift moves into the exponent field (the
-// sum's own exponent bits fall off the top). k = -127 gives +0, as XLA's flush would.
-inline Floats PowerOfTwo(Floats kk) {
-  return (Floats)(((Uints)kk << 23) + (127u << 23));
+// 2^k for integral k in [-127, 127], from ReduceByLn2's k + 0x1.8p23: the shift moves k
+// from the low mantissa bits into the exponent field (the sum's own exponent bits fall off
+// the top). k = -127 gives +0, as XLA's flush would.
+inline Floats PowerOfTwo(Floats rounded_k) {
+  return (Floats)(((Uints)rounded_k << 23) + (127u << 23));
 }
 
 // (t, t_lo) with t + t_lo = exp(a) to about 2^-30 relative, for a <= 0 (NaN passes the
@@ -538,12 +551,10 @@ inline Floats PowerOfTwo(Floats kk) {
 // exact error (Fast2Sum), both scaled by 2^k.
 inline void ExpPair(Floats a, Floats& t, Floats& t_lo) {
   a = a < -88.0f ? Splat(-88.0f) : a;
-  Floats kk = a * 1.44269504f + 12582912.0f;
-  Floats k = kk - 12582912.0f;
-  Floats r = (a - k * kLn2Hi) - k * kLn2Lo;
-  Floats p = r + r * (r * (kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)))));
+  Floats k, r;
+  Floats scale = PowerOfTwo(ReduceByLn2(a, k, r));  // 0 from k = -127 on
+  Floats p = Expm1Reduced(r);
   Floats sum = 1.0f + p;
-  Floats scale = PowerOfTwo(kk);  // 0 from k = -127 on
   t = sum * scale;
   t_lo = ((1.0f - sum) + p) * scale;
 }
@@ -571,8 +582,8 @@ inline Floats Softplus(Floats u) {
 inline Floats NegExpm1(Floats v) {
   Floats a = -v;
   a = a > -140.0f ? a : Splat(-140.0f);
-  Floats k = (a * 1.44269504f + 12582912.0f) - 12582912.0f;
-  Floats r = (a - k * kLn2Hi) - k * kLn2Lo;
+  Floats k, r;
+  ReduceByLn2(a, k, r);
   Floats q = Horner(kExpm1Q, r);
   Floats scale = Scale(Splat(1.0f), k);
   Floats one_minus = 1.0f - scale, scaled_r = scale * r;

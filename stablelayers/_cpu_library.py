@@ -92,8 +92,9 @@ def build() -> pathlib.Path:
     errors = []
     # A compiler that does not know -march=native (some clang builds) still gets a build;
     # a marker file remembers the failure, so later processes skip straight to it.
+    directory = _cache_dir()
     for flags in (_FLAGS + _HOST_FLAGS, _FLAGS):
-        target = _cache_dir() / f"cpu_kernels-{_fingerprint(compiler, flags)}.so"
+        target = directory / f"cpu_kernels-{_fingerprint(compiler, flags)}.so"
         failed = target.with_suffix(".failed")
         if target.exists():
             return target
