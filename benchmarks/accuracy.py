@@ -1,4 +1,4 @@
-"""Accuracy on ../shared/accuracy/hard_inputs.npz: ULP errors, non-finite outputs, flushed
+"""Accuracy on tests/data/hard_inputs.npz: ULP errors, non-finite outputs, flushed
 subnormals, and the gradient at the arg-max of dominant rows."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import dataclasses
 import pathlib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_HARD_INPUTS = REPO_ROOT.parent / "shared" / "accuracy" / "hard_inputs.npz"
+DEFAULT_HARD_INPUTS = REPO_ROOT / "tests" / "data" / "hard_inputs.npz"
 
 OPS = ("softmax", "log_softmax", "softplus")
 
@@ -24,7 +24,8 @@ class Config:
         warmup: untimed rounds before the timed ones (first-touch page faults, caches).
         runs: timed rounds; every case runs once per round.
         quick: whether this is the smoke-test configuration.
-        hard_inputs: path to hard_inputs.npz (accuracy is skipped if it is missing).
+        hard_inputs: path to hard_inputs.npz (``tests/data/`` by default; a missing file is an
+            error).
     """
 
     shapes: tuple[tuple[int, ...], ...]

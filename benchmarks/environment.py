@@ -60,14 +60,14 @@ def _version(module: str) -> str:
 
 
 def _git_state() -> str:
-    """Short commit and whether stablelayers/ differs from it, since the core changes often."""
+    """Short commit and whether src/stablelayers/ differs from it, since the core changes often."""
     root = pathlib.Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "stablelayers"],
+            ["git", "status", "--porcelain", "--", "src/stablelayers"],
             cwd=root,
             capture_output=True,
             text=True,

@@ -1,4 +1,4 @@
-"""Error scores against float64 references, as ../shared/accuracy/README.md defines them.
+"""Error scores against float64 references, as tests/data/README.md defines them.
 
 The tests import :func:`ulp_error` from here (through ``tests/_ulp.py``), so the benchmark
 tables and the accuracy tests can never disagree about what "4 ULP" means.

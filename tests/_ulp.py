@@ -1,4 +1,4 @@
-"""ULP scoring as ../shared/accuracy/README.md defines it.
+"""ULP scoring as tests/data/README.md defines it.
 
 The one definition lives in ``benchmarks/ulp.py``, shared with the benchmark tables, so a
 test's "4 ULP" and the report's "4 ULP" are the same number.

@@ -4,9 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-HARD_INPUTS = (
-    pathlib.Path(__file__).resolve().parents[2] / "shared" / "accuracy" / "hard_inputs.npz"
-)
+# Part of the repository: a missing file is a failure, never a skip.
+HARD_INPUTS = pathlib.Path(__file__).resolve().parent / "data" / "hard_inputs.npz"
 
 
 @pytest.fixture
@@ -18,9 +17,7 @@ def x64():
 
 @pytest.fixture(scope="session")
 def hard_inputs():
-    """The float32 inputs with 40-digit references from ../shared/accuracy."""
-    if not HARD_INPUTS.exists():
-        pytest.skip(f"{HARD_INPUTS} not found; it ships beside the repository in ../shared")
+    """The float32 inputs with 40-digit references (tests/data/README.md)."""
     with np.load(HARD_INPUTS) as data:
         return dict(data)
 
