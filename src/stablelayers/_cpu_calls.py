@@ -21,11 +21,12 @@ from stablelayers import _cpu_library
 
 
 def _call(
-    target: str, shapes: list[tuple[int, ...]], *args: jax.Array, **attributes: Any
+    kernel: str, shapes: list[tuple[int, ...]], *args: jax.Array, **attributes: Any
 ) -> Any:
     results = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
     # vmap adds a leading batch dimension to every argument, which the kernels read as more
     # rows (or entries).
+    target = _cpu_library.target_name(kernel)
     call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")
     return call(*args, **attributes)
 
@@ -33,19 +34,19 @@ def _call(
 def softmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(y, total)``: the softmax of each row and its ``sum(exp(x - max))``."""
     rows = x.shape[:1]
-    return tuple(_call("stablelayers_softmax_f32", [x.shape, rows], x))
+    return tuple(_call("softmax", [x.shape, rows], x))
 
 
 def softmax_grad(y: jax.Array, g: jax.Array) -> jax.Array:
     """The softmax VJP ``y * (g - sum(g * y))`` from the output ``y``."""
-    return _call("stablelayers_softmax_grad_f32", [y.shape], y, g)[0]
+    return _call("softmax_grad", [y.shape], y, g)[0]
 
 
 def log_softmax(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(y, shift, rest)``: the log-softmax of each row and its log-sum-exp as a float pair
     (``shift + rest``); ``rest`` is NaN in a row without a finite max, or with a NaN."""
     rows = x.shape[:1]
-    return tuple(_call("stablelayers_log_softmax_f32", [x.shape, rows, rows], x))
+    return tuple(_call("log_softmax", [x.shape, rows, rows], x))
 
 
 def log_softmax_grad(
@@ -53,17 +54,17 @@ def log_softmax_grad(
 ) -> jax.Array:
     """The log-softmax VJP ``g - softmax(x) * sum(g)`` from the input and the forward pass's
     ``(shift, rest)``."""
-    return _call("stablelayers_log_softmax_grad_f32", [x.shape], x, shift, rest, g)[0]
+    return _call("log_softmax_grad", [x.shape], x, shift, rest, g)[0]
 
 
 def softplus(x: jax.Array, beta: float) -> jax.Array:
     """``log1p(exp(beta * x)) / beta``, entry by entry."""
-    return _call("stablelayers_softplus_f32", [x.shape], x, beta=np.float32(beta))[0]
+    return _call("softplus", [x.shape], x, beta=np.float32(beta))[0]
 
 
 def softplus_grad(y: jax.Array, g: jax.Array, beta: float) -> jax.Array:
     """``g * sigmoid(beta * x)``, read from the output ``y`` as ``-expm1(-beta * y)``."""
-    return _call("stablelayers_softplus_grad_f32", [y.shape], y, g, beta=np.float32(beta))[0]
+    return _call("softplus_grad", [y.shape], y, g, beta=np.float32(beta))[0]
 
 
 def on_cpu(
