@@ -27,6 +27,7 @@ import hashlib
 import os
 import pathlib
 import stat
+import sys
 import warnings
 
 import jax
@@ -89,10 +90,19 @@ def load() -> str | None:
             "pure-JAX path (same results, slower). Set STABLELAYERS_CPU_KERNELS=0 to "
             "silence this.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=_caller_stacklevel(),
         )
         return None
     return variant
+
+
+def _caller_stacklevel() -> int:
+    # Point the warning at the user's call, past this package's frames and JAX's tracing.
+    frame, level = sys._getframe(1), 1
+    inside = (str(PACKAGE_DIR), str(pathlib.Path(jax.__file__).resolve().parent))
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def choose_variant() -> str:
