@@ -118,5 +118,5 @@ def _stablelayers_path() -> str:
     from stablelayers import _cpu_library
 
     if _cpu_library.available():
-        return "CPU kernels (softmax, log_softmax, softplus)"
+        return f"CPU kernels, {_cpu_library.load()} build (softmax, log_softmax, softplus)"
     return "pure JAX (CPU kernels off or unavailable)"
