@@ -64,9 +64,12 @@ def test_log_softmax_dominant_rows_of_hard_inputs(hard_inputs):
     top = np.argmax(x, axis=-1)
     got = np.take_along_axis(np.asarray(sl.log_softmax(x)), top[:, None], -1)[:, 0]
     want = np.take_along_axis(ref, top[:, None], -1)[:, 0]
-    nonzero = want != 0
-    assert np.all(got[nonzero] != 0)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # The v2 references keep values far below float32's range (tests/data/README.md):
+    # those must round to 0 or a subnormal, the normal-range ones must be right.
+    normal = np.abs(want) >= np.finfo(np.float32).tiny
+    assert np.all(got[normal] != 0)
+    np.testing.assert_allclose(got[normal], want[normal], rtol=1e-6)
+    assert np.all(np.abs(got[~normal]) < np.finfo(np.float32).tiny)
 
 
 def test_softmax_matches_jax_nn_on_ordinary_input():

@@ -14,12 +14,14 @@ from jax.typing import ArrayLike
 
 
 def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
-    """``x`` as a JAX array; integers and booleans are promoted to the default float type."""
+    """``x`` as a JAX array of a float dtype, promoted as ``jax.nn`` promotes: booleans and
+    integers of up to 32 bits become float32, 64-bit integers the default float type
+    (float64 under ``jax_enable_x64``)."""
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(f"`{name}` must be real, got dtype {x.dtype}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
+        x = x.astype(jnp.float32 if x.dtype.itemsize <= 4 else jnp.result_type(float))
     return x
 
 
@@ -100,7 +102,8 @@ def check_initial(initial: ArrayLike | None, shape: tuple[int, ...]) -> None:
 
 
 def check_beta(beta: ArrayLike) -> None:
-    """A concrete ``beta`` must be positive; a traced one is the caller's to keep positive."""
+    """A concrete ``beta`` (a Python, NumPy or JAX number or array) must be positive and
+    finite; a traced one is the caller's to keep so."""
     try:
         values = np.asarray(beta)
     except (TypeError, jax.errors.TracerArrayConversionError):
@@ -109,9 +112,10 @@ def check_beta(beta: ArrayLike) -> None:
         return
     if np.iscomplexobj(values):
         raise TypeError(f"`beta` must be real, got dtype {values.dtype}.")
-    if not np.all(values > 0):
+    if not np.all((values > 0) & np.isfinite(values)):
         raise ValueError(
-            f"`beta` must be positive, got {beta!r}: softplus(x, beta) divides by beta."
+            f"`beta` must be positive and finite, got {beta!r}: softplus(x, beta) divides "
+            "by beta, and an infinite beta has no softplus (its limit is relu)."
         )
 
 

@@ -553,12 +553,14 @@ def _log_softmax_jvp_rule(axis, primals, tangents):
 def _softplus_primal(x, beta):
     out_dtype = x.dtype
     dtype = compute_dtype(out_dtype)
-    u = beta.astype(dtype) * x.astype(dtype)
+    x = x.astype(dtype)
+    u = beta.astype(dtype) * x
     if jnp.finfo(dtype).bits <= 32:
         y = _softplus_float32(u)
     else:
         y = _softplus_float64(u)
-    y = y / beta.astype(dtype)
+    # Where beta * x overflows, softplus(beta * x) / beta is x itself.
+    y = jnp.where(u == jnp.inf, x, y / beta.astype(dtype))
     return y.astype(out_dtype)
 
 
@@ -647,7 +649,7 @@ def _exp_pair_float32(a):
     s_lo = lax.stop_gradient((1 - s) + p)
     # 2^k for integral k in [-127, 0], built from its bits (k = -127 gives 0).
     biased = lax.stop_gradient(k).astype(jnp.int32) + 127
-    scale = lax.bitcast_convert_type(lax.shift_left(biased, 23), jnp.float32)
+    scale = lax.bitcast_convert_type(lax.shift_left(biased, jnp.int32(23)), jnp.float32)
     scale = jnp.where(underflow, 0.0, scale)
     return s * scale, s_lo * scale
 

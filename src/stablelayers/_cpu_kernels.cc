@@ -607,12 +607,19 @@ void SoftplusRangeWithBeta(const float* x, float* y, float beta, int64_t begin, 
   Floats b = Splat(beta);
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    Floats v = Softplus(kUnitBeta ? Load(x + i) : b * Load(x + i));
-    Store(y + i, kUnitBeta ? v : v / b);
+    Floats xs = Load(x + i);
+    if (kUnitBeta) {
+      Store(y + i, Softplus(xs));
+    } else {
+      // Where beta * x overflows, softplus(beta * x) / beta is x itself.
+      Floats u = b * xs;
+      Store(y + i, Select(u == kInf, xs, Softplus(u) / b));
+    }
   }
   for (; i < end; ++i) {
-    float v = Softplus(Splat(beta * x[i]))[0];
-    y[i] = kUnitBeta ? v : v / beta;
+    float u = beta * x[i];
+    float v = Softplus(Splat(u))[0];
+    y[i] = kUnitBeta ? v : (u == kInf ? x[i] : v / beta);
   }
 }
 
