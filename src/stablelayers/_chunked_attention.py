@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers._rank_promotion import allow_rank_promotion
+
 
 class Config(NamedTuple):
     """The static part of a call: hashable, passed as a non-differentiable argument."""
@@ -188,6 +190,7 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
     return lax.fori_loop(0, n_q, query_block, (out, lse))
 
 
+@allow_rank_promotion
 def _backward(cfg, residuals, cotangents):
     q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse = residuals
     d_out, d_lse = cotangents
@@ -314,6 +317,7 @@ def chunked_attention(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
     return _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate)
 
 
+@allow_rank_promotion
 def _fwd(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
     out, lse = _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate)
     return (out, lse), (q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse)

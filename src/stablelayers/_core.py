@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stablelayers import _cpu_calls, _cpu_library
+from stablelayers._rank_promotion import allow_rank_promotion
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -184,6 +185,7 @@ def _with_derivative_of(reference, static_trailing=0):
         op = jax.custom_jvp(kernel, nondiff_argnums=static)
 
         @op.defjvp
+        @allow_rank_promotion
         def rule(*args):
             *constants, primals, tangents = args
 
@@ -359,11 +361,13 @@ def softmax_vjp_op(x, where, sink, axis):
     return _softmax_values(x, where, sink, axis)[0]
 
 
+@allow_rank_promotion
 def _softmax_fwd(x, where, sink, axis):
     y, p_sink, dominant = _softmax_values(x, where, sink, axis)
     return y, (y, p_sink, dominant)
 
 
+@allow_rank_promotion
 def _softmax_bwd(axis, residuals, g):
     y, p_sink, dominant = residuals
     grad_x, grad_sink = _softmax_grad(axis, y, p_sink, g, dominant)
@@ -380,6 +384,7 @@ def softmax_jvp_op(x, where, sink, axis):
 
 
 @softmax_jvp_op.defjvp
+@allow_rank_promotion
 def _softmax_jvp_rule(axis, primals, tangents):
     x, where, sink = primals
     x_dot, _, sink_dot = tangents
@@ -512,6 +517,7 @@ def log_softmax_vjp_op(x, where, axis):
     return _log_softmax_values(x, where, axis)[0]
 
 
+@allow_rank_promotion
 def _log_softmax_fwd(x, where, axis):
     y, rows = _log_softmax_values(x, where, axis)
     # Without a mask the backward pass keeps x, the rows' values and nothing else; with one
@@ -522,6 +528,7 @@ def _log_softmax_fwd(x, where, axis):
     return y, (y, None, None)
 
 
+@allow_rank_promotion
 def _log_softmax_bwd(axis, residuals, g):
     y, x, rows = residuals
     if y is None:
@@ -538,6 +545,7 @@ def log_softmax_jvp_op(x, where, axis):
 
 
 @log_softmax_jvp_op.defjvp
+@allow_rank_promotion
 def _log_softmax_jvp_rule(axis, primals, tangents):
     x, where = primals
     x_dot, _ = tangents
@@ -755,11 +763,13 @@ def softplus_vjp_op(x, beta):
     return _softplus_primal(x, beta)
 
 
+@allow_rank_promotion
 def _softplus_fwd(x, beta):
     y = _softplus_primal(x, beta)
     return y, (y, beta)
 
 
+@allow_rank_promotion
 def _softplus_bwd(residuals, g):
     # softplus'(u) = sigmoid(u), read from the output: g * -expm1(-beta * y).
     y, beta = residuals
@@ -811,11 +821,13 @@ def _softplus_fixed_beta_values(x, beta):
     return _cpu_calls.on_cpu(kernel, lambda x: _softplus_primal(x, jnp.asarray(beta)), x)
 
 
+@allow_rank_promotion
 def _softplus_fixed_beta_fwd(x, beta):
     y = _softplus_fixed_beta_values(x, beta)
     return y, y
 
 
+@allow_rank_promotion
 def _softplus_fixed_beta_bwd(beta, y, g):
     def pure_jax(y, g):
         sig = _softplus_sigmoid(y, jnp.asarray(beta))
@@ -840,6 +852,7 @@ def softplus_jvp_op(x, beta):
 
 
 @softplus_jvp_op.defjvp
+@allow_rank_promotion
 def _softplus_jvp_rule(primals, tangents):
     x, beta = primals
     x_dot, beta_dot = tangents

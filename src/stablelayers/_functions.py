@@ -10,10 +10,12 @@ from jax.typing import ArrayLike
 
 from stablelayers import _checks, _core
 from stablelayers._mode import forward_mode_enabled
+from stablelayers._rank_promotion import allow_rank_promotion
 
 Axis = int | Sequence[int] | None
 
 
+@allow_rank_promotion
 def softmax(
     x: ArrayLike,
     axis: Axis = -1,
@@ -59,6 +61,7 @@ def softmax(
     return op(x, where, None, axis)
 
 
+@allow_rank_promotion
 def masked_softmax(
     x: ArrayLike,
     where: ArrayLike | None = None,
@@ -106,6 +109,7 @@ def masked_softmax(
     return op(x, where, sink, axis)
 
 
+@allow_rank_promotion
 def log_softmax(
     x: ArrayLike,
     axis: Axis = -1,
@@ -145,6 +149,7 @@ def log_softmax(
     return op(x, where, axis)
 
 
+@allow_rank_promotion
 def softplus(x: ArrayLike, beta: ArrayLike = 1.0) -> jax.Array:
     r"""Softplus with a temperature, accurate over the whole float range.
 
