@@ -18,6 +18,7 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers import _checks, _chunked_attention, _core
 from stablelayers._functions import masked_softmax
 from stablelayers._mode import forward_mode_enabled
+from stablelayers._rank_promotion import allow_rank_promotion
 
 Einsum = Callable[..., jax.Array]
 
@@ -80,6 +81,7 @@ def dot_product_attention(
 ) -> tuple[jax.Array, jax.Array]: ...
 
 
+@allow_rank_promotion
 def dot_product_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -231,12 +233,11 @@ def dot_product_attention(
     query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
     batch, q_len, heads, kv_len, kv_heads = _check_shapes(query, key, value)
     logits_shape = (*batch, heads, q_len, kv_len)
-    if isinstance(dropout_rate, (int, float)) and not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate}.")
+    rate = _checks.concrete_number(dropout_rate, "dropout_rate")
+    if rate is not None and not 0.0 <= rate < 1.0:
+        raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
     # A traced rate (an Equinox Dropout's ``p`` may be an array) counts as active.
-    dropout_on = not deterministic and (
-        not isinstance(dropout_rate, (int, float)) or dropout_rate > 0.0
-    )
+    dropout_on = not deterministic and (rate is None or rate > 0.0)
     if dropout_on and dropout_rng is None:
         raise ValueError(
             f"Dropout is active (dropout_rate={dropout_rate}, deterministic=False) but "
@@ -251,8 +252,8 @@ def dot_product_attention(
         sink = _checks.as_float_array(sink, "sink")
         _check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
         sink = sink.astype(compute)
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"`window` must be a positive int or None, got {window!r}.")
+    if window is not None:
+        window = _checks.positive_int(window, "window")
     lengths = [
         _check_lengths(n, name, batch)
         for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
@@ -266,6 +267,7 @@ def dot_product_attention(
         _check_broadcast("mask", mask.shape, logits_shape)
         # Flax's make_attention_mask returns float 0/1 masks by default.
         mask = mask if mask.dtype == jnp.bool_ else mask != 0
+    query, key, value = _silence_dead_rows(query, key, value, mask, *lengths)
     if chunked:
         out, lse = _chunked(
             query,
@@ -372,6 +374,58 @@ def _use_chunked(implementation, q_len, kv_len, custom_einsum, module):
     return implementation == "chunked" or q_len * kv_len >= CHUNKED_MIN_LOGITS
 
 
+def _block_sizes(chunk_size):
+    """``(query block, key block)`` from ``chunk_size``: an int for both, or a pair."""
+    if chunk_size is None:
+        return DEFAULT_CHUNK
+    if isinstance(chunk_size, (tuple, list)):
+        if len(chunk_size) != 2:
+            raise ValueError(
+                "`chunk_size` must be an int or a pair (query block, key block), got "
+                f"{chunk_size!r}."
+            )
+        return tuple(_checks.positive_int(n, "chunk_size") for n in chunk_size)
+    size = _checks.positive_int(chunk_size, "chunk_size")
+    return size, size
+
+
+def _silence_dead_rows(query, key, value, mask, q_lengths, kv_lengths):
+    """Zero the queries, keys and values that no pair of the attention uses.
+
+    A key that every query masks (padding past ``key_lengths``, or a mask column that is
+    False throughout) has weight 0 in every row, but 0 times the NaN or inf that padding
+    may hold is NaN: in the weighted sum, and in the gradient of the query through the
+    logits. Likewise a query that attends nothing, in the gradient of the keys. Zeroed,
+    they contribute exactly nothing, and their own gradients are exactly 0.
+    """
+    if mask is None and q_lengths is None and kv_lengths is None:
+        return query, key, value
+    *batch, q_len, _, _ = query.shape
+    kv_len = key.shape[-3]
+    q_live = _live_positions(mask, q_lengths, batch, q_len, reduce=(-3, -1))
+    k_live = _live_positions(mask, kv_lengths, batch, kv_len, reduce=(-3, -2))
+    if q_live is not None:
+        query = jnp.where(q_live[..., None, None], query, 0)
+    if k_live is not None:
+        key = jnp.where(k_live[..., None, None], key, 0)
+        value = jnp.where(k_live[..., None, None], value, 0)
+    return query, key, value
+
+
+def _live_positions(mask, lengths, batch, n, reduce):
+    """Per batch entry, which of ``n`` positions some pair may use: below ``lengths`` and
+    not masked along the mask's heads and other positions; shape ``(batch..., n)``."""
+    live = None
+    if mask is not None:
+        full = mask.reshape((1,) * (len(batch) + 3 - mask.ndim) + mask.shape)
+        any_live = jnp.any(full, axis=reduce)
+        live = jnp.broadcast_to(any_live, (*batch, n))
+    if lengths is not None:
+        below = jnp.arange(n, dtype=jnp.int32) < lengths[..., None]
+        live = below if live is None else live & below
+    return live
+
+
 def _check_lengths(lengths, name, batch):
     if lengths is None:
         return None
@@ -384,13 +438,18 @@ def _check_lengths(lengths, name, batch):
 
 def _dense_logsumexp(logits, where, sink):
     """log(exp(sink) + sum of exp over the unmasked logits) per row; -inf for an empty row."""
-    if where is not None:
-        logits = jnp.where(where, logits, -jnp.inf)
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    # Masked logits are left out with a finite stand-in (no inf inside, for
+    # jax.debug_infs) and a zero weight; an empty row (no keys at all) has total 0.
+    live = (
+        jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
+    )
+    lowest = jnp.finfo(logits.dtype).min
+    top = jnp.max(jnp.where(live, logits, lowest), axis=-1, keepdims=True, initial=lowest)
     if sink is not None:
         top = jnp.maximum(top, sink)
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)
+    shifted = jnp.where(live, logits - top, lowest)
+    total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
     if sink is not None:
         total = total + jnp.exp(sink - top)
     safe = jnp.where(total == 0, 1.0, total)
@@ -420,11 +479,7 @@ def _chunked(
     n_batch = math.prod(batch)
     dtype = query.dtype
     compute = _core.compute_dtype(dtype)
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK
-    block_q, block_k = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"`chunk_size` must be positive, got {chunk_size!r}.")
+    block_q, block_k = _block_sizes(chunk_size)
     block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
     q_pad, kv_pad = -q_len % block_q, -kv_len % block_k
 

@@ -119,6 +119,31 @@ def check_beta(beta: ArrayLike) -> None:
         )
 
 
+def concrete_number(value: ArrayLike, name: str) -> float | None:
+    """A Python, NumPy or JAX scalar as a float, or ``None`` when it is traced (its value
+    is not known until run time)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, jax.errors.TracerArrayConversionError):
+        return None
+    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    if np.iscomplexobj(array):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    return float(array)
+
+
+def positive_int(value: object, name: str) -> int:
+    """A Python, NumPy or concrete JAX integer scalar that is at least 1, as an int."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"`{name}` must be a positive int, got {value!r}.") from None
+    if number < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return number
+
+
 def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     if len(shape) > len(target):
         return False
