@@ -129,7 +129,7 @@ class LM(eqx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         mask = attention_mask(tokens)[:, 0]  # (batch, L, L): Equinox's has no head axis
-        x = self.embed[tokens] + self.position[: tokens.shape[-1]]
+        x = self.embed[tokens] + self.position[None, : tokens.shape[-1]]
         for block in self.blocks:
             x = block(x, mask)
         return self.log_softmax(_per_token(self.head, _per_token(self.norm, x)))

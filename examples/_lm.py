@@ -38,7 +38,8 @@ def attention_mask(tokens: jax.Array) -> jax.Array:
     valid = tokens != PAD
     length = tokens.shape[-1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return (causal & valid[..., :, None] & valid[..., None, :])[..., None, :, :]
+    pairs = valid[..., :, None] & valid[..., None, :]
+    return (jnp.broadcast_to(causal, pairs.shape) & pairs)[..., None, :, :]
 
 
 def textbook_attention(

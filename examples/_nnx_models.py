@@ -100,7 +100,7 @@ class LM(nnx.Module):
         # --context: the attention is causal by itself, and an L x L mask would be the one
         # quadratic array left.
         mask = None if self.long_context else attention_mask(tokens)
-        x = self.embed(tokens) + self.position[: tokens.shape[-1]]
+        x = self.embed(tokens) + self.position[None, : tokens.shape[-1]]
         for block in self.blocks:
             x = block(x, mask)
         return self.log_softmax(self.head(self.norm(x)))

@@ -4,6 +4,11 @@ import jax
 import numpy as np
 import pytest
 
+# As the peers test (JAX's and Equinox's suites): an implicit rank promotion is an error,
+# so stablelayers' own broadcasts must be explicit or deliberate (_rank_promotion.py).
+# Warnings are errors too (pyproject.toml's filterwarnings).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 # Part of the repository: a missing file is a failure, never a skip.
 HARD_INPUTS = pathlib.Path(__file__).resolve().parent / "data" / "hard_inputs.npz"
 

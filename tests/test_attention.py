@@ -65,7 +65,7 @@ def _reference(query, key, value, bias=None, mask=None, sink=None, scale=None):
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("...qhd,...khd->...hqk", query, key) * scale
     if bias is not None:
-        logits = logits + bias
+        logits = logits + jnp.broadcast_to(bias, logits.shape)
     where = None if mask is None else jnp.broadcast_to(mask, logits.shape)
     if sink is not None:
         sink = jnp.broadcast_to(jnp.asarray(sink)[..., None, None], (*logits.shape[:-1], 1))
@@ -114,7 +114,8 @@ def test_is_causal_is_a_top_left_lower_triangular_mask():
     mask = _mask((2, 4, 5, 5))
     causal = jnp.tril(jnp.ones((5, 5), bool))
     out = attend(query, key, value, mask=mask, is_causal=True)
-    np.testing.assert_array_equal(out, attend(query, key, value, mask=mask & causal))
+    both = mask & jnp.broadcast_to(causal, mask.shape)
+    np.testing.assert_array_equal(out, attend(query, key, value, mask=both))
 
 
 def test_float_masks_from_make_attention_mask_count_nonzero_as_kept():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+import jax
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
@@ -50,9 +51,12 @@ def test_page_code_runs(page: pathlib.Path) -> None:
         ):
             pytest.importorskip(module)
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
-    for line, source in blocks:
-        # Pad so tracebacks point at the page's own line numbers.
-        exec(compile("\n" * (line - 1) + source, str(page), "exec"), namespace)
+    # The pages are user code, run with JAX's default settings (the suite's own code runs
+    # with rank promotion "raise", conftest.py).
+    with jax.numpy_rank_promotion("allow"):
+        for line, source in blocks:
+            # Pad so tracebacks point at the page's own line numbers.
+            exec(compile("\n" * (line - 1) + source, str(page), "exec"), namespace)
 
 
 def test_skip_marker() -> None:

@@ -122,7 +122,7 @@ def test_fully_masked_row_and_non_finite_masked_places_give_zero_gradient(op):
 
 def test_all_minus_inf_row_has_zero_gradient():
     x = jnp.array([[-jnp.inf] * 3, [0.0, 1.0, -jnp.inf]])
-    w = jnp.ones((2, 3)) * jnp.array([1.0, 2.0, 3.0])
+    w = jnp.ones((2, 3)) * jnp.array([[1.0, 2.0, 3.0]])
     g = jax.grad(lambda x: jnp.sum(sl.masked_softmax(x) * w))(x)
     np.testing.assert_array_equal(g[0], 0.0)
     assert np.all(np.isfinite(g))

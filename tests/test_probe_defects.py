@@ -240,3 +240,104 @@ def test_defect_6_attention_under_rank_promotion_raise(implementation, options):
             argnums=(0, 1, 2),
         )(q, k, v)
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+# Defect 6 (debug_infs): masked attention and plain softmax on the pure-JAX path raised
+# FloatingPointError in eager mode (masked logits became -inf inside).
+_EAGER_CALLS = {
+    "softmax": lambda x, m: sl.softmax(x),
+    "softmax-where": lambda x, m: sl.softmax(x, where=m),
+    "log_softmax": lambda x, m: sl.log_softmax(x),
+    "masked_softmax-sink": lambda x, m: sl.masked_softmax(x, where=m, sink=jnp.zeros(2)),
+    "softmax-where-grad": lambda x, m: jax.grad(lambda x: jnp.sum(sl.softmax(x, where=m) * x))(
+        x
+    ),
+    "softplus": lambda x, m: sl.softplus(x, 2.0),
+}
+
+
+@pytest.mark.parametrize("path", ["kernels", "pure_jax"])
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(_EAGER_CALLS))
+def test_defect_6_ops_run_under_debug_infs_and_debug_nans(name, mode, path):
+    x = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    m = jnp.array([[True, False, True], [False, False, False]])
+    call = _EAGER_CALLS[name]
+    call = call if mode == "eager" else jax.jit(call)
+    with sl.pure_jax() if path == "pure_jax" else _nothing():
+        with jax.debug_infs(True), jax.debug_nans(True):
+            assert np.all(np.isfinite(call(x, m)))
+
+
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_defect_6_masked_attention_runs_under_debug_infs(implementation, mode):
+    q, k, v = _attention_inputs()
+
+    def loss(q, k, v):
+        out = sl.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            key_lengths=jnp.array([5, 3]),
+            query_lengths=jnp.array([8, 6]),
+            implementation=implementation,
+            chunk_size=4,
+        )
+        return jnp.sum(out * out)
+
+    call = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    call = call if mode == "eager" else jax.jit(call)
+    with jax.debug_infs(True), jax.debug_nans(True):
+        value, grads = call(q, k, v)
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+# Defect 7: the CPU kernels and the pure-JAX path disagreed on rows holding NaN (0 where
+# exp underflows in long rows; a one-hot where XLA's max dropped the NaN next to +inf) and
+# on log_softmax's backward with non-finite cotangents. The rule (docs/semantics.md): a
+# NaN in an unmasked place makes every entry of its row NaN except the -inf ones.
+def _nan_rows(n):
+    rng = np.random.default_rng(n)
+    rows = rng.normal(size=(4, n)).astype(np.float32) * 50
+    rows[0, n // 2] = np.nan
+    rows[1, 0], rows[1, n - 1] = np.inf, np.nan
+    rows[2, 1 % n], rows[2, 0] = -np.inf, np.nan
+    rows[3, :] = -200.0
+    rows[3, n - 1] = np.nan
+    return rows
+
+
+@pytest.mark.parametrize("n", [4, 17, 1023, 1024, 1025, 4096])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_defect_7_nan_rows_follow_one_rule_on_both_paths(name, n):
+    op = getattr(sl, name)
+    x = _nan_rows(n)
+    kernels = np.asarray(jax.jit(op)(x))
+    with sl.pure_jax():
+        pure = np.asarray(jax.jit(op)(x))
+    gone = -np.inf if name == "log_softmax" else 0.0
+    expected = np.where(x == -np.inf, gone, np.nan)
+    np.testing.assert_array_equal(kernels, expected)
+    np.testing.assert_array_equal(pure, expected)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_defect_7_log_softmax_backward_with_non_finite_cotangents_agrees(bad):
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 40)).astype(np.float32))
+    x = x.at[:, 5].set(-jnp.inf).at[2, 7].set(-200.0)
+    g = jnp.ones_like(x).at[:, 3].set(bad)
+
+    def vjp(x, g):
+        return jax.vjp(sl.log_softmax, x)[1](g)[0]
+
+    kernels = np.asarray(jax.jit(vjp)(x, g))
+    with sl.pure_jax():
+        pure = np.asarray(jax.jit(vjp)(x, g))
+    np.testing.assert_array_equal(np.isnan(kernels), np.isnan(pure))
+    np.testing.assert_array_equal(np.isinf(kernels), np.isinf(pure))
+    finite = np.isfinite(pure)
+    np.testing.assert_allclose(kernels[finite], pure[finite], rtol=1e-5, atol=1e-6)
+    # A -inf logit neither takes nor gives gradient, whatever the cotangent.
+    assert np.all(kernels[:, 5] == 0) and np.all(pure[:, 5] == 0)

@@ -284,7 +284,10 @@ def dot_product_attention(
             chunk_size=chunk_size,
             dropout=(dropout_rng, dropout_rate, broadcast_dropout) if dropout_on else None,
         )
-        return (out, lse) if return_logsumexp else out
+        if not return_logsumexp:
+            return out
+        # The chunked path marks an empty row's logsumexp with the lowest float.
+        return out, jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
 
     groups = heads // kv_heads
     if custom_einsum and groups > 1:

@@ -17,7 +17,8 @@ Everything here works on a canonical layout prepared by ``_attention``:
 * ``q_len``, ``kv_len``: ``(B,)`` int32, the number of valid queries and keys per batch
   entry (padding, internal or the caller's, lies beyond them).
 
-A query row with no valid key (and no sink) has output exactly 0, logsumexp ``-inf`` and
+A query row with no valid key (and no sink) has output exactly 0, logsumexp ``-inf`` (kept
+as the lowest finite float inside, so that nothing inside is infinite) and
 gradient exactly 0; masked places never reach a sum, so NaN or inf there does no harm.
 """
 
@@ -94,7 +95,10 @@ def _q_range(cfg: Config, j, n_q, q_max, kv_max):
 
 
 def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
-    """Scaled logits of block ``(i, j)`` with invalid places at ``-inf``."""
+    """Scaled logits of block ``(i, j)``, with invalid places (and ``-inf`` logits, which a
+    ``-inf`` bias makes) at the lowest finite float and every valid one above it: nothing
+    here is infinite unless the input is (``jax.debug_infs`` checks every intermediate in
+    eager mode), and ``s > lowest`` tells the valid places."""
     compute = _compute(cfg)
     s = jnp.einsum(
         "bhgqd,bhkd->bhgqk",
@@ -119,11 +123,13 @@ def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
         valid = valid & (q_pos - k_pos < cfg.window)
     if mask is not None:
         valid = valid & _slice(_slice(mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
+    valid = valid & (s != -jnp.inf)
     # A +inf logit (from a +inf bias, or q.k overflowing) becomes the largest float: the
     # running max stays finite, so s - max is 0 there and -inf-like elsewhere, and the row's
     # mass is shared among its +inf entries as on the dense path, instead of inf - inf = NaN.
-    s = jnp.minimum(s, jnp.finfo(compute).max)
-    return jnp.where(valid, s, -jnp.inf)
+    lowest = jnp.finfo(compute).min
+    s = jnp.clip(s, jnp.nextafter(lowest, jnp.zeros((), compute)), jnp.finfo(compute).max)
+    return jnp.where(valid, s, lowest)
 
 
 def _keep(cfg, rng, rate, i, j, shape):
@@ -143,8 +149,9 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
     n_q, n_k = lq // cfg.block_q, lk // cfg.block_k
     row_shape = (batch, kv_heads, groups, cfg.block_q)
     q_max, kv_max = jnp.max(q_len), jnp.max(kv_len)
+    lowest = jnp.finfo(compute).min
     if sink is None:
-        m0 = jnp.full(row_shape, -jnp.inf, compute)
+        m0 = jnp.full(row_shape, lowest, compute)
         l0 = jnp.zeros(row_shape, compute)
     else:
         m0 = jnp.broadcast_to(sink.astype(compute)[..., None], row_shape)
@@ -161,7 +168,7 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
             s = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - shift[..., None])
+            p = jnp.where(s > lowest, jnp.exp(s - shift[..., None]), 0.0)
             alpha = jnp.exp(m - shift)
             l = alpha * l + jnp.sum(p, axis=-1)
             if cfg.dropout:
@@ -180,13 +187,16 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
         m, l, acc = lax.fori_loop(lo, hi, key_block, (m0, l0, acc0))
         empty = l == 0
         o_blk = acc / jnp.where(empty, 1.0, l)[..., None]
-        lse_blk = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+        # An empty row's logsumexp is -inf; it is kept as the lowest float (nothing inside
+        # is infinite), and the caller turns it into -inf where it returns it.
+        lse_blk = jnp.where(empty, lowest, m + jnp.log(jnp.where(empty, 1.0, l)))
         out = lax.dynamic_update_slice_in_dim(out, o_blk, i * cfg.block_q, 3)
         lse = lax.dynamic_update_slice_in_dim(lse, lse_blk, i * cfg.block_q, 3)
         return out, lse
 
     out = jnp.zeros((batch, kv_heads, groups, lq, dv), compute)
-    lse = jnp.full((batch, kv_heads, groups, lq), -jnp.inf, compute)
+    # Every query block writes its rows (an empty one -inf, as the output must say).
+    lse = jnp.zeros((batch, kv_heads, groups, lq), compute)
     return lax.fori_loop(0, n_q, query_block, (out, lse))
 
 
@@ -202,7 +212,7 @@ def _backward(cfg, residuals, cotangents):
     # D = rowsum(dO * O): the softmax backward's row term; a logsumexp cotangent enters as
     # d s_qk += p_qk * d_lse_q, i.e. with the opposite sign.
     delta = jnp.sum(d_out * out, axis=-1) - d_lse.astype(compute)
-    finite_lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+    finite_lse = jnp.where(lse == jnp.finfo(compute).min, 0.0, lse)
     d_out_mm = d_out.astype(cfg.dtype)
     scale = jnp.asarray(cfg.scale, compute)
 
@@ -219,7 +229,8 @@ def _backward(cfg, residuals, cotangents):
             lse_blk = lax.dynamic_slice_in_dim(finite_lse, q0, cfg.block_q, 3)
             delta_blk = lax.dynamic_slice_in_dim(delta, q0, cfg.block_q, 3)
             s = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
-            p = jnp.exp(s - lse_blk[..., None])
+            valid = s > jnp.finfo(compute).min
+            p = jnp.where(valid, jnp.exp(s - lse_blk[..., None]), 0.0)
             dp = jnp.einsum(
                 "bhgqd,bhkd->bhgqk",
                 do_blk,

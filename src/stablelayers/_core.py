@@ -52,9 +52,14 @@ def _two_sum_error(a: jax.Array, b: jax.Array, total: jax.Array) -> jax.Array:
 
 
 def _row_max(x, where, sink, axis):
-    """The row max over unmasked entries (and the sink), under stop_gradient."""
+    """The row max over unmasked entries (and the sink), under stop_gradient.
+
+    Masked entries count as the lowest finite float rather than ``-inf``, so nothing here
+    is infinite unless the input is (``jax.debug_infs`` checks every intermediate in eager
+    mode); a row with nothing unmasked gets that finite max, and no entry of it has mass.
+    """
     if where is not None:
-        x = jnp.where(where, x, -jnp.inf)
+        x = jnp.where(where, x, jnp.finfo(x.dtype).min)
     top = jnp.max(x, axis=axis, keepdims=True)
     if sink is not None:
         top = jnp.maximum(top, sink)
@@ -73,20 +78,41 @@ def _row_shift(x, where, sink, axis):
 
 
 def _shift(x, where, shift, has_posinf):
-    """Return ``(d, err)`` with ``x - shift = d + err`` exactly, entry by entry.
+    """Return ``(d, err, dead)`` with ``x - shift = d + err`` exactly at live entries.
 
-    Masked entries become ``-inf``. A row holding ``+inf`` is replaced by its limit: its
-    ``+inf`` entries share the mass equally.
+    ``dead`` marks the entries without mass: masked ones, and in a row holding ``+inf``
+    every entry below it (the row is replaced by its limit: its ``+inf`` entries share the
+    mass equally). A dead entry gets the lowest finite ``d``, whose exp is 0, rather than
+    ``-inf``, so nothing inside is infinite unless the input is; whatever it held (NaN
+    included) is gone.
     """
+    dead = has_posinf & (x != jnp.inf)
     if where is not None:
-        x = jnp.where(where, x, -jnp.inf)
-    x = jnp.where(has_posinf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x)
+        dead = dead | ~where
+    x = jnp.where(dead | has_posinf, 0.0, x)
     raw = x - shift
     err = _two_sum_error(x, -shift, raw)
     # A finite logit stays finite after the shift (x - shift may overflow for logits near
-    # the float limits), so it keeps its log-probability gradient; -inf marks "no mass".
-    d = jnp.where(x == -jnp.inf, -jnp.inf, jnp.maximum(raw, jnp.finfo(x.dtype).min))
-    return d, err
+    # the float limits), so it keeps its log-probability gradient; a -inf logit has none.
+    lowest = jnp.finfo(x.dtype).min
+    d = jnp.where(x == -jnp.inf, -jnp.inf, jnp.maximum(raw, lowest))
+    return jnp.where(dead, lowest, d), err, dead
+
+
+def _nan_rows(x, where, axis):
+    """Whether each row holds a NaN in an unmasked place. Such a row is NaN at every
+    unmasked entry but its ``-inf`` ones, on both CPU paths and whatever the row length
+    (XLA's max may drop a NaN, so the rule is applied, not left to the arithmetic)."""
+    nan = jnp.isnan(x)
+    if where is not None:
+        nan = nan & where
+    return jnp.any(nan, axis=axis, keepdims=True)
+
+
+def _exempt_from_nan(x, where):
+    """The entries a NaN row leaves alone: masked ones and ``-inf`` logits."""
+    exempt = x == -jnp.inf
+    return exempt if where is None else exempt | ~where
 
 
 def _shifted_logits(x, where, sink, axis):
@@ -97,12 +123,14 @@ def _shifted_logits(x, where, sink, axis):
     mass equally. A row with nothing unmasked is not shifted; its result is zero anyway.
     """
     shift, has_posinf = _row_shift(x, where, sink, axis)
-    d, err = _shift(x, where, shift, has_posinf)
+    d, err, _ = _shift(x, where, shift, has_posinf)
     if sink is None:
         return d, err, None, None
-    sink = jnp.where(has_posinf, jnp.where(sink == jnp.inf, 0.0, -jnp.inf), sink)
+    sink_dead = has_posinf & (sink != jnp.inf)
+    sink = jnp.where(has_posinf, 0.0, sink)
     d_sink = sink - shift
-    return d, err, d_sink, _two_sum_error(sink, -shift, d_sink)
+    err_sink = _two_sum_error(sink, -shift, d_sink)
+    return d, err, jnp.where(sink_dead, jnp.finfo(d.dtype).min, d_sink), err_sink
 
 
 def _recomputed(x):
@@ -272,7 +300,9 @@ def _softmax_primal(x, where, sink, axis):
     r, r_lo = _reciprocal_pair(total)
     y = e * r + lax.reduce_precision(e * r_lo, *_format_bits(dtype))
     # Masked places stay exactly 0 even when a NaN logit elsewhere makes the row's total NaN.
-    y = jnp.where(e == 0, 0.0, y).astype(out_dtype)
+    y = jnp.where(e == 0, 0.0, y)
+    y = jnp.where(_nan_rows(x, where, axis) & ~_exempt_from_nan(x, where), jnp.nan, y)
+    y = y.astype(out_dtype)
     p_sink = None if sink is None else e_sink / total
     # The largest entry of a row has e == 1, so its share is 1 / total.
     dominant = (total < 2) if sink is None else None
@@ -404,7 +434,7 @@ def _log_softmax_primal(x, where, axis):
     x = x.astype(compute_dtype(out_dtype))
     top = _row_max(x, where, None, axis)
     shift, has_posinf = _shift_of_row_max(top)
-    d, err = _shift(x, where, shift, has_posinf)
+    d, err, _ = _shift(x, where, shift, has_posinf)
     e = _exp_corrected(d, err)
     # log(sum_j exp(d_j)) = log1p(sum_j exp(d_j) - 1). A row with one dominant entry has
     # e == 1 there and a tiny rest, which float addition to 1 would lose (jax.nn returns
@@ -417,8 +447,10 @@ def _log_softmax_primal(x, where, axis):
     total = jnp.sum(e, axis=axis, keepdims=True)
     rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
     lse = jnp.log1p(jnp.where(total < 2, rest, total - 1))
-    d, err = _shift(_recomputed(x), where, shift, has_posinf)
-    y = jnp.where(d == -jnp.inf, -jnp.inf, (d - lse) + err)
+    x = _recomputed(x)
+    d, err, dead = _shift(x, where, shift, has_posinf)
+    y = jnp.where(dead | (d == -jnp.inf), -jnp.inf, (d - lse) + err)
+    y = jnp.where(_nan_rows(x, where, axis) & ~_exempt_from_nan(x, where), jnp.nan, y)
     # A row with nothing unmasked has total == 0; it has no live entry to use the total.
     return y.astype(out_dtype), (top, jnp.where(total == 0, 1.0, total))
 
@@ -443,12 +475,13 @@ def _log_softmax_vjp_from_input(axis, x, rows, g):
     # from y, jax.nn 6395).
     top, total = rows
     x = x.astype(compute_dtype(x.dtype))
-    d, err = _shift(x, None, *_shift_of_row_max(top))
-    live = d != -jnp.inf
+    d, err, dead = _shift(x, None, *_shift_of_row_max(top))
+    live = ~dead & (d != -jnp.inf)
     g = jnp.where(live, g.astype(x.dtype), 0.0)
     g_total = jnp.sum(g, axis=axis, keepdims=True)
     p = _exp_corrected(d, err) * (1 / total)
-    return jnp.where(live, g - p * g_total, 0.0)
+    dx = jnp.where(live, g - p * g_total, 0.0)
+    return jnp.where(_nan_rows(x, None, axis) & (x != -jnp.inf), jnp.nan, dx)
 
 
 def _log_softmax_jvp(axis, y, x_dot):

@@ -313,16 +313,12 @@ void SoftmaxRow(const float* x, float* y, float* total_out, int64_t n) {
   RowMax row = ScanRow(x, n);
   if (IsSpecial(row)) {
     // A row of only -inf is all 0; a row holding +inf shares the mass among its +inf
-    // entries. A row with a NaN is NaN, except where the pure-JAX code gives exactly 0:
-    // it shifts such a row by 0, so entries whose exp(x) is 0 in float32 (-inf, and x
-    // below about -87.3) stay 0 there.
+    // entries. A row with a NaN is NaN at every entry but its -inf ones (docs/semantics.md;
+    // the pure-JAX code applies the same rule).
     float share = row.max == kInf && !row.nan ? 1.0f / CountPosInf(x, n) : 0.0f;
     for (int64_t i = 0; i < n; ++i) {
       if (row.nan) {
-        float clamped = x[i] > -140.0f ? x[i] : -140.0f;  // NaN stays NaN below
-        bool vanishes = x[i] == -kInf ||
-                        (x[i] == x[i] && ExpReduced(Splat(clamped), Floats{})[0] == 0.0f);
-        y[i] = vanishes ? 0.0f : NAN;
+        y[i] = x[i] == -kInf ? 0.0f : NAN;
       } else {
         y[i] = x[i] == kInf ? share : 0.0f;
       }
@@ -473,7 +469,10 @@ void LogSoftmaxGradLive(const float* x, float shift, float rest, const float* g,
   // be many ulps of the result.
   double total = g_sum.Total();
   float total_hi = static_cast<float>(total);
-  Floats hi = Splat(total_hi), lo = Splat(static_cast<float>(total - total_hi));
+  // An infinite or NaN sum has no low part: g - p * sum(g) is then the IEEE result, as in
+  // the pure-JAX code (inf - inf would make every entry NaN).
+  float total_lo = std::isfinite(total) ? static_cast<float>(total - total_hi) : 0.0f;
+  Floats hi = Splat(total_hi), lo = Splat(total_lo);
   Floats shift_v = Splat(shift), rest_v = Splat(rest);
   for (i = 0; i + kLanes <= n; i += kLanes) {
     PrefetchNextRow(x + i, n);
