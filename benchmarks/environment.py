@@ -60,7 +60,7 @@ def _version(module: str) -> str:
 
 
 def _git_state() -> str:
-    """Short commit and whether src/stablelayers/ differs from it, since the core changes often."""
+    """Short commit and whether src/stablelayers/ differs from it (the core changes often)."""
     root = pathlib.Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(

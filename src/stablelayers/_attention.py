@@ -392,7 +392,14 @@ def _block_sizes(chunk_size):
     return size, size
 
 
-def _silence_dead_rows(query, key, value, mask, q_lengths, kv_lengths):
+def _silence_dead_rows(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    q_lengths: jax.Array | None,
+    kv_lengths: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Zero the queries, keys and values that no pair of the attention uses.
 
     A key that every query masks (padding past ``key_lengths``, or a mask column that is
@@ -415,7 +422,13 @@ def _silence_dead_rows(query, key, value, mask, q_lengths, kv_lengths):
     return query, key, value
 
 
-def _live_positions(mask, lengths, batch, n, reduce):
+def _live_positions(
+    mask: jax.Array | None,
+    lengths: jax.Array | None,
+    batch: list[int],
+    n: int,
+    reduce: tuple[int, int],
+) -> jax.Array | None:
     """Per batch entry, which of ``n`` positions some pair may use: below ``lengths`` and
     not masked along the mask's heads and other positions; shape ``(batch..., n)``."""
     live = None
