@@ -6,8 +6,6 @@ with ``attention_fn=stablelayers.dot_product_attention``, and
 15): ...")`` marks what a user switching over still hits.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,7 +221,7 @@ def test_decode_with_x64(layer):
     with jax.enable_x64(True):
         x = jnp.ones((1, 4, 4))
         module = layer(num_heads=2, qkv_features=4, decode=True)
-        variables = module.init(jax.random.key(0), x, inputs_k=x, inputs_v=x)
+        variables = module.init(jax.random.key(0), x)  # (x, x, x) trips a Flax warning
         params, cache = variables["params"], variables["cache"]
         y1, updates = module.apply(
             {"params": params, "cache": cache}, x[:, :1], mutable=["cache"]
@@ -364,6 +362,3 @@ def test_fully_masked_query_gives_output_bias(layer):
     flax_out = nn.MultiHeadDotProductAttention(num_heads=2).apply(variables, x, mask=mask)
     np.testing.assert_allclose(out[0, :2], flax_out[0, :2], atol=1e-5)
     assert not np.allclose(flax_out[0, 2:], out[0, 2:])
-
-
-_ = functools
