@@ -1,0 +1,167 @@
+r"""softmax_cross_entropy on the logsumexp op, and the mean over the examples that count.
+
+.. math::
+    \ell = \mathrm{lse}(x) - \sum_j q_j x_j + z\,\mathrm{lse}(x)^2, \qquad
+    \frac{\partial \ell}{\partial x_j} = (1 + 2 z\,\mathrm{lse})\,p_j - q_j
+
+with ``p = softmax(x)`` over the unmasked classes and ``q`` the target distribution: the
+one-hot of an integer label, or given probabilities, smoothed as
+``q = (1 - eps) q + eps / K`` over the ``K`` unmasked classes only (no mass leaks to a
+masked class, optax PR #1760). ``z`` is PaLM's auxiliary z-loss (Chowdhery et al., 2022).
+The log-sum-exp's backward pass keeps the logits (one array) and two numbers per row; the
+target term keeps the integer labels or the given probabilities. Integer and one-hot labels
+go through the same arithmetic and give the same gradient (optax #1335).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from stablelayers import _checks
+from stablelayers._logsumexp import lse_rows
+from stablelayers._rank_promotion import allow_rank_promotion
+
+
+def check_loss_options(label_smoothing: float, z_loss: float, ignore_index: int | None) -> None:
+    """The scalar options shared by both cross-entropies, checked at trace time."""
+    eps = _checks.concrete_number(label_smoothing, "label_smoothing")
+    if eps is not None and not 0.0 <= eps < 1.0:
+        raise ValueError(
+            f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}: it is the mass "
+            "moved from the label to the uniform distribution (0.1 is usual)."
+        )
+    z = _checks.concrete_number(z_loss, "z_loss")
+    if z is not None and not (z >= 0.0 and z < float("inf")):
+        raise ValueError(f"`z_loss` must be a finite number >= 0, got {z_loss!r}.")
+    if ignore_index is not None:
+        try:
+            operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(f"`ignore_index` must be an int, got {ignore_index!r}.") from None
+
+
+def check_integer_labels(labels: ArrayLike, rows: tuple[int, ...]) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"integer `labels` must have an integer dtype, got {labels.dtype}.")
+    if labels.shape != rows:
+        raise ValueError(
+            f"integer `labels` must have the logits' shape without the class axis, {rows}, "
+            f"got {labels.shape}; for probabilities pass a float array of the logits' shape."
+        )
+    return labels
+
+
+@allow_rank_promotion
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    ignore_index: int | None = None,
+) -> jax.Array:
+    r"""Per-example softmax cross-entropy, for integer or probability labels.
+
+    .. math::
+        \ell = \mathrm{lse}(x) - \sum_j q_j x_j + z\,\mathrm{lse}(x)^2
+
+    with ``lse`` the accurate :func:`logsumexp` and ``q`` the (smoothed) target
+    distribution; the gradient is ``(1 + 2 z lse) softmax(x) - q`` per example.
+
+    Args:
+        logits: logits of shape ``(..., classes, ...)`` (``axis`` names the class axis).
+        labels: integer class indices of the logits' shape without ``axis`` (any integer
+            dtype, int64 under x64 included), or float probabilities of the logits' shape
+            (one-hot or soft; rows should sum to 1).
+        axis: the class axis.
+        where: optional boolean mask broadcastable to ``logits``: ``False`` classes are
+            left out of the softmax and of the smoothing. A row with no class left gives
+            loss 0 and gradient 0.
+        label_smoothing: ``eps`` in ``[0, 1)``: the target becomes
+            ``(1 - eps) q + eps / K`` over the ``K`` unmasked classes.
+        z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term (1e-4 in PaLM).
+        ignore_index: integer labels equal to it give loss 0 and gradient 0, whatever their
+            logits hold (NaN and inf included).
+
+    Returns:
+        The loss per example, of the logits' shape without ``axis``, in the logits' dtype.
+        Reduce it yourself; :func:`mean_over_valid` gives the mean over counted examples.
+        A ``-inf`` logit off the target gives a finite loss and gradient 0 there; a ``-inf``
+        logit on the target gives ``+inf``, as the math says.
+
+    Raises:
+        TypeError: labels of the wrong dtype, non-boolean ``where``, bad ``axis``.
+        ValueError: labels of the wrong shape, ``axis`` out of range, ``label_smoothing``
+            outside ``[0, 1)``, negative ``z_loss``.
+    """
+    x = _checks.as_float_array(logits, "logits")
+    if not isinstance(axis, int):
+        raise TypeError(f"`axis` must be one int, the class axis, got {axis!r}.")
+    (axis_,) = _checks.canonical_axis(axis, x.ndim)
+    check_loss_options(label_smoothing, z_loss, ignore_index)
+    where_ = _checks.check_where(where, x.shape)
+    rows = tuple(n for i, n in enumerate(x.shape) if i != axis_)
+    labels_ = jnp.asarray(labels)
+    integer = jnp.issubdtype(labels_.dtype, jnp.integer)
+    if integer:
+        labels_ = check_integer_labels(labels_, rows)
+    elif not jnp.issubdtype(labels_.dtype, jnp.floating):
+        raise TypeError(f"`labels` must be integer or float, got dtype {labels_.dtype}.")
+    elif labels_.shape != x.shape:
+        raise ValueError(
+            f"probability `labels` must have the logits' shape {x.shape}, got "
+            f"{labels_.shape}; for class indices pass an integer array of shape {rows}."
+        )
+    live = jnp.ones(x.shape, bool) if where_ is None else jnp.broadcast_to(where_, x.shape)
+    valid_row = jnp.ones(rows, bool)
+    if integer and ignore_index is not None:
+        valid_row = labels_ != ignore_index
+    live = live & jnp.expand_dims(valid_row, axis_)
+    # What an ignored or masked place held (NaN, inf) is replaced before anything reads
+    # it; jnp.where's derivative sends exactly 0 back there.
+    x_live = jnp.where(live, x, 0.0)
+    lse, _ = lse_rows(x_live, live, None, (axis_,), 0.0)
+    dtype = lse.dtype
+    if integer:
+        q = jax.nn.one_hot(labels_, x.shape[axis_], dtype=dtype, axis=axis_)
+    else:
+        q = labels_.astype(dtype)
+    count = jnp.sum(live, axis=axis_, keepdims=True).astype(dtype)
+    if label_smoothing != 0.0:
+        uniform = jnp.where(live, 1.0 / jnp.maximum(count, 1.0), 0.0)
+        q = (1.0 - label_smoothing) * q + label_smoothing * uniform
+    # q_j x_j only where q_j != 0, so a -inf logit with no target mass is no 0 * inf.
+    target = jnp.sum(jnp.where(live & (q != 0), q * x_live.astype(dtype), 0.0), axis=axis_)
+    lse = jnp.squeeze(lse, axis_)
+    loss = lse - target
+    if z_loss != 0.0:
+        loss = loss + z_loss * lse * lse
+    counted = valid_row & (jnp.squeeze(count, axis_) > 0)
+    return jnp.where(counted, loss, 0.0).astype(x.dtype)
+
+
+@allow_rank_promotion
+def mean_over_valid(loss: ArrayLike, valid: ArrayLike) -> jax.Array:
+    """The mean of ``loss`` over the entries where ``valid`` is true; 0, not NaN, when none
+    is (a batch of padding only), with gradient 0.
+
+    Args:
+        loss: per-example losses, e.g. from :func:`softmax_cross_entropy`.
+        valid: boolean array broadcastable to ``loss``, e.g. ``labels != ignore_index``.
+
+    Returns:
+        A scalar in ``loss``'s dtype.
+    """
+    loss = _checks.as_float_array(loss, "loss")
+    valid_ = _checks.check_where(valid, loss.shape)
+    assert valid_ is not None
+    valid_ = jnp.broadcast_to(valid_, loss.shape)
+    total = jnp.sum(jnp.where(valid_, loss, 0.0))
+    return total / jnp.maximum(jnp.sum(valid_), 1).astype(loss.dtype)

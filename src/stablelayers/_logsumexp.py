@@ -1,0 +1,217 @@
+r"""logsumexp: ``log(sum_j b_j exp(x_j))`` over a row, on the shared core's shift.
+
+The value is Blanchard, Higham & Higham's accurate form (2021, "Accurately computing the
+log-sum-exp and softmax functions", IMA J. Numer. Anal. 41(4)):
+
+.. math::
+    \mathrm{lse}(x) = m + \mathrm{log1p}\Big(\sum_{j \ne k} e^{x_j - m}\Big),
+    \qquad m = x_k = \max_j x_j,
+
+so a row with one dominant entry keeps the tail that ``log(1 + tail)`` would round away.
+Its derivative is the softmax, ``d lse / d x_j = b_j e^{x_j - lse}``, which the backward pass
+rebuilds from ``x`` (the one array it keeps) and two numbers per row.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from stablelayers import _checks, _core
+from stablelayers._rank_promotion import allow_rank_promotion
+
+Axis = int | Sequence[int] | None
+
+
+def _live_mask(where, b):
+    # b_j == 0 takes entry j out of the sum, as in jax.nn.logsumexp (even if x_j is inf).
+    if b is None:
+        return where
+    nonzero = b != 0
+    return nonzero if where is None else where & nonzero
+
+
+def _terms(x, where, b, top):
+    """``(e, dead)``: ``e_j = exp(x_j - shift)`` (TwoSum-corrected) with 0 at dead entries."""
+    shift, has_posinf = _core._shift_of_row_max(top)
+    d, err, dead = _core._shift(x, where, shift, has_posinf)
+    return _core._exp_corrected(d, err), dead
+
+
+def _primal(x, where, b, axis, empty):
+    """Return ``(lse, sign, top, total)`` per row (keepdims), in the compute dtype.
+
+    ``total = sum_j b_j e_j``; ``lse = shift + log|total|``. A row with nothing live gets
+    ``empty`` (``-inf`` for the public function, a finite value inside the losses, where the
+    row is ignored and must not make an inf).
+    """
+    dtype = _core.compute_dtype(x.dtype)
+    x = x.astype(dtype)
+    where = _live_mask(where, b)
+    top = _core._row_max(x, where, None, axis)
+    shift, has_posinf = _core._shift_of_row_max(top)
+    e, _ = _terms(x, where, b, top)
+    if b is None:
+        total = jnp.sum(e, axis=axis, keepdims=True)
+        # Blanchard-Higham-Higham: the arg-max's term (exactly 1) is left out of the sum and
+        # added by log1p. e - floor(e) is e below the max and 0 where e == 1 (e <= 1), and
+        # floor has derivative 0, so this differentiates as the plain sum (see log_softmax).
+        rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
+        log_total = jnp.log1p(jnp.where(total < 2, rest, total - 1))
+        sign = jnp.where(total > 0, 1.0, 0.0).astype(dtype)
+    else:
+        total = jnp.sum(jnp.where(e == 0, 0.0, e * b.astype(dtype)), axis=axis, keepdims=True)
+        sign = jnp.sign(total)
+        log_total = jnp.log(jnp.where(total == 0, 1.0, jnp.abs(total)))
+    empty_row = total == 0
+    lse = jnp.where(has_posinf, jnp.inf, shift + log_total)
+    lse = jnp.where(empty_row, jnp.asarray(empty, dtype), lse)
+    lse = jnp.where(_core._nan_rows(x, where, axis), jnp.nan, lse)
+    return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
+
+
+def _softmax_weights(x, where, b, top, total):
+    """``d lse / d b_j = e_j / total`` (0 at dead entries), rebuilt from ``x``."""
+    x = x.astype(_core.compute_dtype(x.dtype))
+    e, dead = _terms(x, _live_mask(where, b), b, top)
+    return jnp.where(dead | (e == 0), 0.0, e / total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def lse_vjp_op(x, where, b, axis, empty):
+    """``(lse, sign)`` per row in keepdims shape, compute dtype."""
+    return _primal(x, where, b, axis, empty)[:2]
+
+
+@allow_rank_promotion
+def _lse_fwd(x, where, b, axis, empty):
+    lse, sign, top, total = _primal(x, where, b, axis, empty)
+    # Kept: x (an input), b (an input, when given) and two numbers per row.
+    return (lse, sign), (x, where, b, top, total)
+
+
+@allow_rank_promotion
+def _lse_bwd(axis, empty, residuals, cotangents):
+    # d lse / d x_j = b_j e_j / total and d lse / d b_j = e_j / total, with total the signed
+    # sum (so |total| inside the log contributes the sign). The sign has no derivative.
+    # Dead entries (masked, b == 0, or below a +inf) have e == 0: exactly zero gradient,
+    # whatever the cotangent or the value there.
+    x, where, b, top, total = residuals
+    g = cotangents[0].astype(total.dtype)
+    w = _softmax_weights(x, where, b, top, total)
+    g = jnp.where(total == 0, 0.0, g)
+    dx = g * (w if b is None else w * b.astype(w.dtype))
+    dx = jnp.where(w == 0, 0.0, dx).astype(x.dtype)
+    db = None if b is None else _core._sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
+    return dx, None, None if db is None else db.astype(b.dtype)
+
+
+lse_vjp_op.defvjp(_lse_fwd, _lse_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def lse_jvp_op(x, where, b, axis, empty):
+    return _primal(x, where, b, axis, empty)[:2]
+
+
+@lse_jvp_op.defjvp
+@allow_rank_promotion
+def _lse_jvp_rule(axis, empty, primals, tangents):
+    x, where, b = primals
+    x_dot, _, b_dot = tangents
+    lse, sign, top, total = _primal(x, where, b, axis, empty)
+    w = _softmax_weights(x, where, b, top, total)
+    dtype = w.dtype
+    x_dot = jnp.where(w == 0, 0.0, x_dot.astype(dtype))
+    weighted = w if b is None else w * b.astype(dtype)
+    lse_dot = jnp.sum(weighted * x_dot, axis=axis, keepdims=True)
+    if b is not None:
+        b_dot = jnp.where(w == 0, 0.0, jnp.broadcast_to(b_dot, w.shape).astype(dtype))
+        lse_dot = lse_dot + jnp.sum(w * b_dot, axis=axis, keepdims=True)
+    return (lse, sign), (lse_dot, jnp.zeros_like(sign))
+
+
+def lse_rows(
+    x: jax.Array,
+    where: jax.Array | None,
+    b: jax.Array | None,
+    axis: tuple[int, ...],
+    empty: float,
+) -> tuple[jax.Array, jax.Array]:
+    """The op for the current mode: ``(lse, sign)`` per row, keepdims, compute dtype."""
+    from stablelayers._mode import forward_mode_enabled
+
+    op = lse_jvp_op if forward_mode_enabled() else lse_vjp_op
+    return op(x, where, b, axis, empty)
+
+
+@allow_rank_promotion
+def logsumexp(
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log-sum-exp with ``jax.nn.logsumexp``'s signature, accurate and NaN-free.
+
+    .. math::
+        \mathrm{lse}(a) = \log \Big|\sum_j b_j e^{a_j}\Big|
+        = m + \mathrm{log1p}\Big(\sum_{j \ne k} e^{a_j - m}\Big)
+
+    with ``m = a_k`` the row max (Blanchard, Higham & Higham, 2021, "Accurately computing
+    the log-sum-exp and softmax functions"): the arg-max's term is added by ``log1p``, so a
+    dominant row keeps its tail. The shift's rounding is carried (TwoSum) as in
+    :func:`softmax`. The gradient is the softmax, ``d lse / d a_j = b_j e^{a_j - lse}``
+    (``e^{a_j - lse}`` for ``b``); the backward pass keeps ``a`` (and ``b``) and two numbers
+    per row, and rebuilds it.
+
+    Args:
+        a: input of any shape (integers promoted; half precision computed in float32 and
+            returned in its own dtype).
+        axis: axis or tuple of axes to reduce; ``None`` (the default, as in JAX and SciPy)
+            reduces every axis.
+        b: optional weights broadcastable to ``a.shape``, negative entries allowed.
+            Entries with ``b == 0`` are left out, whatever ``a`` holds there. Differentiable.
+        keepdims: keep the reduced axes as size 1.
+        return_sign: return ``(log|sum|, sign(sum))``; otherwise a negative sum gives NaN.
+        where: optional boolean mask broadcastable to ``a.shape``; ``False`` entries
+            contribute exactly nothing, value or gradient, even if NaN or inf.
+
+    Returns:
+        The reduced array (and the sign, with ``return_sign``). A row with nothing to sum
+        gives ``-inf`` (sign 0) with gradient exactly 0; a row holding ``+inf`` gives
+        ``+inf``; a NaN in a live place gives NaN.
+
+    Raises:
+        TypeError: ``where`` is not boolean, or ``axis`` is not an int or tuple of ints.
+        ValueError: ``where`` or ``b`` does not broadcast to ``a``, or ``axis`` is out of
+            range.
+    """
+    x = _checks.as_float_array(a, "a")
+    axes = _checks.canonical_axis(axis, x.ndim)
+    where_ = _checks.check_where(where, x.shape)
+    b_ = None
+    if b is not None:
+        b_ = _checks.as_float_array(b, "b")
+        if not _checks.broadcasts_to(b_.shape, x.shape):
+            raise ValueError(
+                f"`b` of shape {b_.shape} does not broadcast to the input's shape {x.shape}."
+            )
+    if x.size == 0:
+        lse = jnp.full(_checks.reduced_shape(x.shape, axes), -jnp.inf, x.dtype)
+        sign = jnp.zeros_like(lse)
+    else:
+        lse, sign = lse_rows(x, where_, b_, axes, -jnp.inf)
+        if b_ is not None and not return_sign:
+            lse = jnp.where(sign < 0, jnp.nan, lse)
+        lse, sign = lse.astype(x.dtype), sign.astype(x.dtype)
+    if not keepdims:
+        lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)
+    return (lse, sign) if return_sign else lse
