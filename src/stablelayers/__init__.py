@@ -2,6 +2,7 @@
 overflow, never leak a NaN, and keep only what the backward pass needs."""
 
 from stablelayers._attention import dot_product_attention
+from stablelayers._ring_attention import ring_attention, ring_attention_sharded, zigzag_order
 from stablelayers._functions import log_softmax, masked_softmax, softmax, softplus
 from stablelayers._kernel_switch import pure_jax
 from stablelayers._mode import forward_mode
@@ -14,6 +15,9 @@ __all__ = [
     "log_softmax",
     "masked_softmax",
     "pure_jax",
+    "ring_attention",
+    "ring_attention_sharded",
     "softmax",
     "softplus",
+    "zigzag_order",
 ]

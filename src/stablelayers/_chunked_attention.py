@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers import _vma
 from stablelayers._rank_promotion import allow_rank_promotion
 
 
@@ -184,7 +185,8 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
 
         lo, hi = (x.astype(jnp.int32) for x in _kv_range(cfg, i, n_k, kv_max, q_max))
         acc0 = jnp.zeros((*row_shape, dv), compute)
-        m, l, acc = lax.fori_loop(lo, hi, key_block, (m0, l0, acc0))
+        init = _vma.match((m0, l0, acc0), q, k, v, sink, q_len, kv_len)
+        m, l, acc = lax.fori_loop(lo, hi, key_block, init)
         empty = l == 0
         o_blk = acc / jnp.where(empty, 1.0, l)[..., None]
         # An empty row's logsumexp is -inf; it is kept as the lowest float (nothing inside
@@ -197,7 +199,9 @@ def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
     out = jnp.zeros((batch, kv_heads, groups, lq, dv), compute)
     # Every query block writes its rows (an empty one -inf, as the output must say).
     lse = jnp.zeros((batch, kv_heads, groups, lq), compute)
-    return lax.fori_loop(0, n_q, query_block, (out, lse))
+    return lax.fori_loop(
+        0, n_q, query_block, _vma.match((out, lse), q, k, v, sink, q_len, kv_len)
+    )
 
 
 @allow_rank_promotion
@@ -280,7 +284,7 @@ def _backward(cfg, residuals, cotangents):
         dk0 = jnp.zeros(jnp.swapaxes(k_blk, 2, 3).shape, compute)
         dv0 = jnp.zeros(jnp.swapaxes(v_blk, 2, 3).shape, compute)
         d_q, dk_blk, dv_blk, d_bias = lax.fori_loop(
-            lo, hi, query_block, (d_q, dk0, dv0, d_bias)
+            lo, hi, query_block, _vma.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, lse, sink)
         )
         dk_blk, dv_blk = jnp.swapaxes(dk_blk, 2, 3), jnp.swapaxes(dv_blk, 2, 3)
         d_k = lax.dynamic_update_slice_in_dim(d_k, dk_blk * scale, j * cfg.block_k, 2)
@@ -294,6 +298,7 @@ def _backward(cfg, residuals, cotangents):
         jnp.zeros(v.shape, compute),
         d_bias0,
     )
+    init = _vma.match(init, q, k, v, d_out, lse, sink, q_len, kv_len)
     d_q, d_k, d_v, d_bias = lax.fori_loop(0, n_k, key_block, init)
     d_sink = None
     if sink is not None:

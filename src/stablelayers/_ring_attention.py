@@ -1,0 +1,278 @@
+"""Context parallelism: :func:`ring_attention` inside ``shard_map``, and
+:func:`ring_attention_sharded`, which does the ``shard_map`` for arrays on a ``Mesh``.
+
+The ring itself (the rotation, the chunk pairs, the ``custom_vjp``) is in ``_ring_blocks``;
+here are the checks, the canonical layout and the zigzag order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+from jax.typing import ArrayLike, DTypeLike
+
+from stablelayers import _attention, _checks, _chunked_attention, _core, _ring_blocks
+from stablelayers._rank_promotion import allow_rank_promotion
+
+Layout = Literal["contiguous", "zigzag"]
+
+
+@allow_rank_promotion
+def ring_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    *,
+    axis_name: str,
+    sink: ArrayLike | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_lengths: ArrayLike | None = None,
+    key_lengths: ArrayLike | None = None,
+    layout: Layout = "contiguous",
+    dtype: DTypeLike | None = None,
+    precision: jax.lax.PrecisionLike = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    return_logsumexp: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """:func:`stablelayers.dot_product_attention` over a sequence split across devices.
+
+    Call it inside ``jax.shard_map`` with the sequence axis of ``query``, ``key`` and
+    ``value`` split over the mesh axis ``axis_name`` (``N`` devices). Keys and values
+    travel round the ring with ``lax.ppermute`` while each device runs the chunked online
+    softmax on the block it holds; partial results merge by logsumexp. The backward pass
+    rotates keys, values and their gradients again and keeps only the output and one
+    logsumexp per row. No device ever holds more than two devices' keys and values.
+
+    Each device's block is two chunks of ``L / 2N`` positions of the global sequence of
+    length ``L``: with ``layout="contiguous"``, device ``d`` holds positions
+    ``[d L/N, (d+1) L/N)`` (``shard_map``'s plain split); with ``layout="zigzag"``, chunks
+    ``d`` and ``2N - 1 - d``, which balances causal attention exactly (every device does
+    the same work at every step; see :func:`zigzag_order` to lay a sequence out so).
+
+    Args:
+        query: local block, shape ``(batch..., L/N, heads, qk_dim)``.
+        key: local block, shape ``(batch..., L/N, kv_heads, qk_dim)``.
+        value: local block, shape ``(batch..., L/N, kv_heads, v_dim)``.
+        axis_name: the ``shard_map`` mesh axis the sequence is split over.
+        sink: optional learned sink logits broadcastable to ``(batch..., heads)``, the
+            same on every device of the ring. Differentiable.
+        scale: multiplies the logits; defaults to ``1 / sqrt(qk_dim)``.
+        is_causal: mask key ``k`` from query ``q`` when ``k > q``, in global positions.
+        query_lengths: optional global int lengths broadcastable to ``(batch...)``, the
+            same on every device; queries at global position ``>=`` it attend nothing.
+        key_lengths: likewise for keys: keys at global position ``>=`` it are masked.
+        layout: ``"contiguous"`` or ``"zigzag"``, the global positions of the local block.
+        dtype: computation dtype (default: the promoted dtype of the inputs); logits and
+            softmax are at least float32.
+        precision: ``jax.lax.Precision`` for the einsums.
+        chunk_size: block sizes of the chunked path on each device, as in
+            :func:`stablelayers.dot_product_attention`.
+        return_logsumexp: also return each local row's logsumexp, shape
+            ``(batch..., heads, L/N)``, ``-inf`` for a row that attends nothing.
+
+    Returns:
+        The local output, shape ``(batch..., L/N, heads, v_dim)``, dtype ``dtype``; a row
+        with nothing to attend is exactly 0 and passes no gradient.
+
+    Raises:
+        ValueError: called outside ``shard_map`` or with an ``axis_name`` it does not
+            bind, the local length is odd, the shapes do not fit, or ``layout`` is unknown.
+    """
+    try:
+        size = lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"ring_attention needs the mesh axis {axis_name!r} bound: call it inside "
+            "jax.shard_map with the sequence split over that axis, or use "
+            "stablelayers.ring_attention_sharded, which does the shard_map for you."
+        ) from None
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"`layout` must be 'contiguous' or 'zigzag', got {layout!r}.")
+    query, key, value = (
+        _checks.as_float_array(a, name)
+        for a, name in ((query, "query"), (key, "key"), (value, "value"))
+    )
+    dtype = jnp.dtype(dtype or jnp.result_type(query.dtype, key.dtype, value.dtype))
+    query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
+    batch, q_len, heads, kv_len, kv_heads = _attention._check_shapes(query, key, value)
+    if q_len != kv_len or q_len % 2:
+        raise ValueError(
+            "ring_attention needs the queries, keys and values split alike, an even number "
+            f"of positions per device (two chunks each); got {q_len} queries and {kv_len} "
+            f"keys per device. Pad the sequence to a multiple of {2 * size}."
+        )
+    compute = _core.compute_dtype(dtype)
+    groups, n_batch, chunk = heads // kv_heads, math.prod(batch), q_len // 2
+    total = q_len * size
+    lengths = [
+        jnp.full((n_batch,), total, jnp.int32)
+        if n is None
+        else jnp.clip(_attention._check_lengths(n, name, batch).reshape(n_batch), 0, total)
+        for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
+    ]
+    block_q, block_k = (min(b, chunk) for b in _attention._block_sizes(chunk_size))
+    inner = _chunked_attention.Config(
+        block_q=block_q,
+        block_k=block_k,
+        scale=float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale),
+        is_causal=False,
+        window=None,
+        dtype=dtype,
+        precision=precision,
+        broadcast_dropout=False,
+        dropout=False,
+    )
+    cfg = _ring_blocks.RingConfig(inner, axis_name, size, chunk, layout == "zigzag", is_causal)
+
+    q = query.reshape(n_batch, q_len, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
+    k, v = (
+        x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3) for x in (key, value)
+    )
+    # Queries and keys past the lengths are zeroed: NaN or inf padding then does no harm.
+    positions = _positions(cfg)
+    q = jnp.where((positions < lengths[0][:, None])[:, None, None, :, None], q, 0)
+    k_live = (positions < lengths[1][:, None])[:, None, :, None]
+    k, v = jnp.where(k_live, k, 0), jnp.where(k_live, v, 0)
+    q, k, v = (
+        _pad_chunks(x, x.ndim - 2, chunk, b)
+        for x, b in ((q, block_q), (k, block_k), (v, block_k))
+    )
+    cfg = cfg._replace(chunk=q.shape[3] // 2)
+    if sink is not None:
+        sink = _checks.as_float_array(sink, "sink")
+        _attention._check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
+        sink = jnp.broadcast_to(sink.astype(compute), (*batch, heads))
+        sink = sink.reshape(n_batch, kv_heads, groups)
+    out, lse = _ring_blocks.ring(cfg, q, k, v, sink, *lengths)
+    out, lse = _unpad_chunks(out, 3, chunk), _unpad_chunks(lse, 3, chunk)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, value.shape[-1])
+    out = out.astype(dtype)
+    if not return_logsumexp:
+        return out
+    lse = jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
+    return out, lse.reshape(*batch, heads, q_len)
+
+
+def _positions(cfg: _ring_blocks.RingConfig) -> jax.Array:
+    """Global positions of this device's local block, shape ``(2C,)``."""
+    first, second = _ring_blocks.chunk_ids(cfg, lax.axis_index(cfg.axis_name))
+    idx = jnp.arange(cfg.chunk, dtype=jnp.int32)
+    return jnp.concatenate([first * cfg.chunk + idx, second * cfg.chunk + idx])
+
+
+def _pad_chunks(x: jax.Array, axis: int, chunk: int, block: int) -> jax.Array:
+    """Each of the two chunks along ``axis`` padded to a whole number of blocks."""
+    pad = -chunk % block
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    halves = (
+        lax.slice_in_dim(x, 0, chunk, axis=axis),
+        lax.slice_in_dim(x, chunk, None, axis=axis),
+    )
+    return jnp.concatenate([jnp.pad(h, widths) for h in halves], axis=axis)
+
+
+def _unpad_chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
+    padded = x.shape[axis] // 2
+    if padded == chunk:
+        return x
+    halves = (
+        lax.slice_in_dim(x, 0, chunk, axis=axis),
+        lax.slice_in_dim(x, padded, padded + chunk, axis=axis),
+    )
+    return jnp.concatenate(halves, axis=axis)
+
+
+def zigzag_order(seq_len: int, num_devices: int) -> np.ndarray:
+    """The permutation that lays a sequence out in the zigzag layout: ``x[:, order]``
+    split contiguously over ``num_devices`` gives device ``d`` chunks ``d`` and
+    ``2 num_devices - 1 - d`` of ``2 num_devices`` equal chunks. ``np.argsort(order)``
+    undoes it."""
+    n = 2 * num_devices
+    if seq_len % n:
+        raise ValueError(f"The sequence length {seq_len} must be a multiple of {n}.")
+    c = seq_len // n
+    ids = [i for d in range(num_devices) for i in (d, n - 1 - d)]
+    return np.concatenate([np.arange(i * c, (i + 1) * c) for i in ids])
+
+
+def ring_attention_sharded(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None = None,
+    head_axis: str | None = None,
+    sink: ArrayLike | None = None,
+    query_lengths: ArrayLike | None = None,
+    key_lengths: ArrayLike | None = None,
+    is_causal: bool = False,
+    layout: Layout | None = None,
+    **kwargs,
+) -> jax.Array:
+    """:func:`ring_attention` on whole arrays: ``shard_map`` over ``mesh`` with the
+    sequence (axis 1 of ``(batch, seq, heads, head_dim)``) split over ``axis_name``, the
+    batch over ``batch_axis`` and the heads over ``head_axis`` if given.
+
+    With ``is_causal`` the default ``layout`` is ``"zigzag"``: the sequence is permuted
+    into that order before the ``shard_map`` and back after it (under ``jit``, a
+    collective permutation); pass ``layout="contiguous"`` to skip that, or lay the data
+    out with :func:`zigzag_order` yourself and call :func:`ring_attention` directly.
+    ``sink`` must then be per head, shape ``(heads,)``; the lengths ``(batch,)``. Other
+    keywords go to :func:`ring_attention`. Returns ``(batch, seq, heads, v_dim)``.
+    """
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"`axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}."
+        )
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    if query.ndim != 4:
+        raise ValueError(f"`query` must be (batch, seq, heads, head_dim), got {query.shape}.")
+    n = mesh.shape[axis_name]
+    layout = layout or ("zigzag" if is_causal else "contiguous")
+    order = None
+    if layout == "zigzag":
+        order = zigzag_order(query.shape[1], n)
+        query, key, value = (jnp.take(x, order, axis=1) for x in (query, key, value))
+    seq = PartitionSpec(batch_axis, axis_name, head_axis)
+    per_batch = PartitionSpec(batch_axis)
+    extras = {}
+    specs = []
+    for name, x, spec in (
+        ("sink", sink, PartitionSpec(head_axis)),
+        ("query_lengths", query_lengths, per_batch),
+        ("key_lengths", key_lengths, per_batch),
+    ):
+        if x is not None:
+            extras[name] = jnp.asarray(x)
+            specs.append(spec)
+
+    def local(q, k, v, *rest):
+        return ring_attention(
+            q,
+            k,
+            v,
+            axis_name=axis_name,
+            is_causal=is_causal,
+            layout=layout,
+            **dict(zip(extras, rest)),
+            **kwargs,
+        )
+
+    out = jax.shard_map(
+        local, mesh=mesh, in_specs=(seq, seq, seq, *specs), out_specs=seq, check_vma=False
+    )(query, key, value, *extras.values())
+    if order is not None:
+        out = jnp.take(out, np.argsort(order), axis=1)
+    return out
