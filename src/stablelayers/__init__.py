@@ -2,10 +2,10 @@
 overflow, never leak a NaN, and keep only what the backward pass needs."""
 
 from stablelayers._attention import dot_product_attention
-from stablelayers._ring_attention import ring_attention, ring_attention_sharded, zigzag_order
 from stablelayers._functions import log_softmax, masked_softmax, softmax, softplus
 from stablelayers._kernel_switch import pure_jax
 from stablelayers._mode import forward_mode
+from stablelayers._ring_attention import ring_attention, ring_attention_sharded, zigzag_order
 
 __version__ = "0.1.0"
 

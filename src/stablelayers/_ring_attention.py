@@ -266,7 +266,7 @@ def ring_attention_sharded(
             axis_name=axis_name,
             is_causal=is_causal,
             layout=layout,
-            **dict(zip(extras, rest)),
+            **dict(zip(extras, rest, strict=True)),
             **kwargs,
         )
 

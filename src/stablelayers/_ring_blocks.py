@@ -126,7 +126,7 @@ def _forward(cfg: RingConfig, q, k, v, sink, q_len, kv_len):
         acc = list(acc)
         for qi in range(2):
             for kc, k_blk, v_blk in zip(
-                k_ids, _split(k, 2, cfg.chunk), _split(v, 2, cfg.chunk)
+                k_ids, _split(k, 2, cfg.chunk), _split(v, 2, cfg.chunk), strict=True
             ):
                 o_p, lse_p = pair(qi, kc, k_blk, v_blk)
                 acc[qi] = _merge(*acc[qi], o_p, lse_p, lowest)

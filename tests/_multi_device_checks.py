@@ -1,0 +1,155 @@
+"""Multi-device checks, run by tests/test_ring_attention.py in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count must be set
+before JAX starts). Prints one JSON object: each check's worst relative error."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import stablelayers as sl  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+B, L, H, D = 2, 64, 4, 8
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite result"
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def worst(xs, ys) -> float:
+    return max(rel(x, y) for x, y in zip(jax.tree.leaves(xs), jax.tree.leaves(ys), strict=True))
+
+
+def ring_vs_dense(n: int, causal: bool) -> float:
+    mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
+    ks = jax.random.split(jax.random.key(n + causal), 4)
+    q = jax.random.normal(ks[0], (B, L, H, D))
+    k, v = (jax.random.normal(kk, (B, L, H // 2, D)) for kk in ks[1:3])  # grouped heads
+    sink = jax.random.normal(ks[3], (H,))
+    # Entry 1: 5 queries and 9 keys, so most devices' query blocks are empty.
+    ql, kl = jnp.array([L, 5]), jnp.array([L - 7, 9])
+    kw = dict(sink=None, is_causal=causal, query_lengths=ql, key_lengths=kl)
+
+    def dense(q, k, v, s):
+        kw["sink"] = s
+        o = sl.dot_product_attention(q, k, v, implementation="dense", **kw)
+        return o
+
+    def ring(q, k, v, s):
+        kw["sink"] = s
+        return sl.ring_attention_sharded(q, k, v, mesh=mesh, axis_name="sp", chunk_size=4, **kw)
+
+    def vg(f):
+        w = jnp.cos(jnp.arange(L * H * D, dtype=jnp.float32)).reshape(1, L, H, D)
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2, 3)))(
+            q, k, v, sink
+        ), jax.jit(f)(q, k, v, sink)
+
+    return worst(vg(ring), vg(dense))
+
+
+def inside_shard_map() -> float:
+    """ring_attention called by the user inside shard_map (check_vma on), heads and batch
+    split too, lse returned."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, L, H, D)) for i in range(3))
+    order = sl.zigzag_order(L, 4)
+    spec = P("data", "sp")
+
+    def local(q, k, v):
+        o, lse = sl.ring_attention(
+            q, k, v, axis_name="sp", is_causal=True, layout="zigzag", return_logsumexp=True
+        )
+        return o, lse
+
+    f = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, P("data", None, "sp"))
+    )
+
+    def ring(q, k, v):
+        o, lse = f(*(x[:, order] for x in (q, k, v)))
+        back = np.argsort(order)
+        return o[:, back], lse[..., back]
+
+    def dense(q, k, v):
+        return sl.dot_product_attention(q, k, v, is_causal=True, return_logsumexp=True)
+
+    def vg(fn):
+        return jax.jit(
+            jax.value_and_grad(
+                lambda *a: sum(jnp.sum(jnp.sin(x)) for x in fn(*a)), argnums=(0, 1, 2)
+            )
+        )(q, k, v)
+
+    return worst(vg(ring), vg(dense))
+
+
+def sharded_ops() -> dict[str, float]:
+    """Every public op under jit with NamedSharding inputs split by batch, heads, sequence."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("batch", "seq", "heads"))
+    x = jax.random.normal(jax.random.key(5), (4, 16, 8, 32))  # (batch, seq, heads, dim)
+    out = {}
+    ops = {
+        "softmax": lambda a: sl.softmax(a, axis=-1),
+        "log_softmax": lambda a: sl.log_softmax(a, axis=-1),
+        "masked_softmax": lambda a: sl.masked_softmax(a, where=a > -0.5, axis=-1),
+        "softplus": sl.softplus,
+    }
+    spec = NamedSharding(mesh, P("batch", "seq", "heads"))
+    for name, op in ops.items():
+        f = jax.jit(jax.value_and_grad(lambda a, op=op: jnp.sum(jnp.sin(op(a)))))
+        out[name] = worst(f(jax.device_put(x, spec)), f(x))
+    q, k, v = (jax.random.normal(jax.random.key(i), (4, 64, 8, 8)) for i in range(3))
+    for impl in ("dense", "chunked"):
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda q, k, v, impl=impl: jnp.sum(
+                    jnp.sin(
+                        sl.dot_product_attention(
+                            q, k, v, is_causal=True, implementation=impl, chunk_size=16
+                        )
+                    )
+                ),
+                argnums=(0, 1, 2),
+            )
+        )
+        put = [jax.device_put(a, spec) for a in (q, k, v)]
+        out[f"attention_{impl}"] = worst(f(*put), f(q, k, v))
+    from flax import nnx
+
+    from stablelayers import nnx as slnnx
+
+    m = slnnx.MultiHeadAttention(num_heads=4, in_features=32, decode=False, rngs=nnx.Rngs(0))
+    xs = jax.random.normal(jax.random.key(9), (4, 16, 32))
+    f = nnx.jit(lambda m, a: m(a))
+    out["nnx_layer"] = rel(
+        f(m, jax.device_put(xs, NamedSharding(mesh, P("batch", "seq")))), f(m, xs)
+    )
+    return out
+
+
+def main() -> None:
+    results = {
+        f"ring_{n}_{'causal' if c else 'full'}": ring_vs_dense(n, c)
+        for n in (4, 8)
+        for c in (False, True)
+    }
+    results["inside_shard_map"] = inside_shard_map()
+    results.update(sharded_ops())
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
