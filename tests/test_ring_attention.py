@@ -64,7 +64,7 @@ def test_ops_on_named_sharding_equal_one_device(multi_device_results, op):
 
 def test_outside_shard_map_says_what_to_do():
     x = jnp.zeros((1, 8, 2, 4))
-    with pytest.raises(ValueError, match="inside jax.shard_map"):
+    with pytest.raises(ValueError, match=r"inside jax\.shard_map"):
         sl.ring_attention(x, x, x, axis_name="seq")
 
 
