@@ -26,6 +26,8 @@ class LMConfig:
     textbook: bool = False
     # --context: causal attention on the chunked path, without an L x L mask.
     long_context: bool = False
+    # --context-parallel N: causal ring attention with the sequence split over N devices.
+    context_parallel: int = 1
 
 
 def attention_mask(tokens: jax.Array) -> jax.Array:

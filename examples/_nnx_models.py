@@ -5,8 +5,11 @@ from __future__ import annotations
 from itertools import pairwise
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+import stablelayers
 import stablelayers.nnx as sl
 from _lm import LMConfig, attention_mask, textbook_attention
 from _train import Model
@@ -50,6 +53,26 @@ class LongContextAttention(sl.DotProductAttention):
         return super().__call__(query, key, value, bias, None, **kwargs)
 
 
+class RingAttention(sl.DotProductAttention):
+    """Causal ring attention for ``--context-parallel N``: the sequence is split over a
+    mesh axis ``"seq"`` of ``N`` devices (``stablelayers.ring_attention_sharded``, zigzag
+    layout), keys and values travel round the ring. As in ``LongContextAttention``, the
+    causal mask alone gives the masked model's loss and gradients on right-padded rows,
+    so ``mask`` is ignored."""
+
+    def __init__(self, num_heads: int, sink: bool, devices: int):
+        super().__init__(num_heads, sink=sink)
+        self.devices = devices
+
+    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
+        del bias, mask, kwargs  # no bias here; dropout and dtype are not used by the model
+        mesh = Mesh(np.array(jax.local_devices()[: self.devices]), ("seq",))
+        sink = None if self.sink is None else self.sink[...]
+        return stablelayers.ring_attention_sharded(
+            query, key, value, mesh=mesh, axis_name="seq", sink=sink, is_causal=True
+        )
+
+
 class Block(nnx.Module):
     """A pre-norm transformer block; attention with one learnable sink per head."""
 
@@ -59,6 +82,14 @@ class Block(nnx.Module):
         if config.textbook:
             self.attention = nnx.MultiHeadAttention(
                 config.heads, width, attention_fn=textbook_attention, decode=False, rngs=rngs
+            )
+        elif config.context_parallel > 1:
+            self.attention = sl.MultiHeadAttention(
+                config.heads,
+                width,
+                attention_fn=RingAttention(config.heads, config.sinks, config.context_parallel),
+                decode=False,
+                rngs=rngs,
             )
         elif config.long_context:
             # The same parameters (attention_fn.sink included) as the default branch.
@@ -94,7 +125,7 @@ class LM(nnx.Module):
         self.norm = nnx.LayerNorm(config.width, rngs=rngs)
         self.head = nnx.Linear(config.width, config.vocab_size, rngs=rngs)
         self.log_softmax = sl.LogSoftmax()
-        self.long_context = config.long_context
+        self.long_context = config.long_context or config.context_parallel > 1
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         # --context: the attention is causal by itself, and an L x L mask would be the one

@@ -17,13 +17,29 @@ class Placement:
     split along its first axis (``PartitionSpec("data")``). ``jax.jit`` then runs the
     same program on every device and inserts the all-reduce of the gradients itself, so
     the training step needs no change.
+
+
+    Context parallel (``context_parallel=N``): a one-axis ``Mesh`` named ``"seq"`` over
+    the first ``N`` local devices; parameters and batches are replicated, and the model's
+    attention (``stablelayers.ring_attention_sharded``) splits the sequence over ``"seq"``
+    inside ``shard_map``.
     """
 
-    def __init__(self, data_parallel: bool = False):
+    def __init__(self, data_parallel: bool = False, context_parallel: int = 1):
         devices = jax.local_devices()
         self.data_parallel = data_parallel
+        self.context_parallel = context_parallel
         self.num_devices = len(devices) if data_parallel else 1
-        if data_parallel:
+        if context_parallel > 1:
+            if len(devices) < context_parallel:
+                raise SystemExit(
+                    f"--context-parallel {context_parallel} needs {context_parallel} devices, "
+                    f"found {len(devices)}; on CPU set "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={context_parallel}."
+                )
+            mesh = Mesh(np.array(devices[:context_parallel]), ("seq",))
+            self.replicated = self.sharded = self.stacked = NamedSharding(mesh, PartitionSpec())
+        elif data_parallel:
             mesh = Mesh(np.array(devices), ("data",))
             self.replicated = NamedSharding(mesh, PartitionSpec())
             self.sharded = NamedSharding(mesh, PartitionSpec("data"))
@@ -32,6 +48,9 @@ class Placement:
             self.replicated = self.sharded = self.stacked = SingleDeviceSharding(devices[0])
 
     def describe(self) -> str:
+        if self.context_parallel > 1:
+            platform = jax.local_devices()[0].platform
+            return f"context parallel over {self.context_parallel} {platform} devices"
         if not self.data_parallel:
             return f"1 device ({jax.local_devices()[0].platform})"
         return (

@@ -15,6 +15,7 @@ curves.png. Examples:
   python examples/transformer.py --compare-naive
   python examples/transformer.py --context 4096 --batch-size 4  # long context, chunked
   python examples/transformer.py --data-parallel  # every local GPU or TPU core
+  python examples/transformer.py --context-parallel 4  # sequence split over 4 devices
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ _STARTED = time.perf_counter()  # the run's wall time includes importing JAX
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+
+def _force_host_devices(argv: Sequence[str]) -> None:
+    """--context-parallel N on CPU needs N devices, a number XLA reads once, when JAX
+    starts: ask for N host devices before importing it (GPU and TPU devices are not
+    affected). An XLA_FLAGS that already sets the count is left alone."""
+    for i, arg in enumerate(argv):
+        n = arg.split("=", 1)[1] if arg.startswith("--context-parallel=") else None
+        if arg == "--context-parallel" and i + 1 < len(argv):
+            n = argv[i + 1]
+        flags = os.environ.get("XLA_FLAGS", "")
+        if n and n.isdigit() and "xla_force_host_platform_device_count" not in flags:
+            count = f"--xla_force_host_platform_device_count={n}"
+            os.environ["XLA_FLAGS"] = f"{flags} {count}".strip()
+
+
+if __name__ == "__main__":
+    _force_host_devices(sys.argv[1:])
 
 import jax  # noqa: E402
 import optax  # noqa: E402
@@ -82,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         "NamedSharding) and replicate the parameters; --batch-size must divide evenly. "
         "To try it on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=4",
     )
+    train.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each row's sequence over N devices: causal ring attention "
+        "(stablelayers.ring_attention_sharded, zigzag layout) for --framework nnx; "
+        "--seq-len must be a multiple of 2N. Run as a script on CPU, it sets "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N itself",
+    )
     sample = p.add_argument_group("sampling")
     sample.add_argument("--prompt", default="The ", help="start of the generated sample")
     sample.add_argument(
@@ -110,6 +142,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.framework != "nnx" or args.compare_naive is not None:
             parser.error("--context needs --framework nnx and no --compare-naive")
         args.seq_len = args.context
+    if args.context_parallel > 1:
+        if args.framework != "nnx" or args.compare_naive is not None or args.data_parallel:
+            parser.error(
+                "--context-parallel needs --framework nnx, no --compare-naive and no "
+                "--data-parallel"
+            )
+        if args.seq_len % (2 * args.context_parallel):
+            parser.error(f"--seq-len must be a multiple of {2 * args.context_parallel}")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
     return args
@@ -142,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
         args.depth,
         args.heads,
         long_context=args.context is not None,
+        context_parallel=args.context_parallel,
     )
     batches = _data.TextBatches(corpus.train, args.seq_len, args.batch_size, args.seed)
     optimizer = make_optimizer(args)
@@ -149,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
     if args.compare_naive is not None:
         return compare_naive(args, models, config, batches, optimizer)
 
-    placement = Placement(args.data_parallel)
+    placement = Placement(args.data_parallel, args.context_parallel)
     placement.check_batch_size(args.batch_size)
     model = models.lm(config, args.seed)
     bigram = _data.bigram_loss(corpus)
