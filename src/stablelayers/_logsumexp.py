@@ -70,7 +70,7 @@ def _primal(x, where, b, axis, empty):
         log_total = jnp.log(jnp.where(total == 0, 1.0, jnp.abs(total)))
     empty_row = total == 0
     lse = jnp.where(has_posinf, jnp.inf, shift + log_total)
-    lse = jnp.where(empty_row, jnp.asarray(empty, dtype), lse)
+    lse = jnp.where(empty_row, empty, lse)
     lse = jnp.where(_core._nan_rows(x, where, axis), jnp.nan, lse)
     return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
 
