@@ -141,17 +141,16 @@ def ring_attention(
     k_live = (positions < lengths[1][:, None])[:, None, :, None]
     k, v = jnp.where(k_live, k, 0), jnp.where(k_live, v, 0)
     q, k, v = (
-        _pad_chunks(x, x.ndim - 2, chunk, b)
-        for x, b in ((q, block_q), (k, block_k), (v, block_k))
+        _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
     )
-    cfg = cfg._replace(chunk=q.shape[3] // 2)
     if sink is not None:
         sink = _checks.as_float_array(sink, "sink")
         _attention._check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
         sink = jnp.broadcast_to(sink.astype(compute), (*batch, heads))
         sink = sink.reshape(n_batch, kv_heads, groups)
     out, lse = _ring_blocks.ring(cfg, q, k, v, sink, *lengths)
-    out, lse = _unpad_chunks(out, 3, chunk), _unpad_chunks(lse, 3, chunk)
+    out = jnp.concatenate([x[..., :chunk, :] for x in out], axis=3)
+    lse = jnp.concatenate([x[..., :chunk] for x in lse], axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, value.shape[-1])
     out = out.astype(dtype)
     if not return_logsumexp:
@@ -167,29 +166,13 @@ def _positions(cfg: _ring_blocks.RingConfig) -> jax.Array:
     return jnp.concatenate([first * cfg.chunk + idx, second * cfg.chunk + idx])
 
 
-def _pad_chunks(x: jax.Array, axis: int, chunk: int, block: int) -> jax.Array:
-    """Each of the two chunks along ``axis`` padded to a whole number of blocks."""
-    pad = -chunk % block
-    if pad == 0:
-        return x
+def _halves(x: jax.Array, axis: int, chunk: int, block: int) -> tuple[jax.Array, jax.Array]:
+    """The two chunks along ``axis``, each padded to a whole number of blocks."""
     widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    halves = (
-        lax.slice_in_dim(x, 0, chunk, axis=axis),
-        lax.slice_in_dim(x, chunk, None, axis=axis),
-    )
-    return jnp.concatenate([jnp.pad(h, widths) for h in halves], axis=axis)
-
-
-def _unpad_chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
-    padded = x.shape[axis] // 2
-    if padded == chunk:
-        return x
-    halves = (
-        lax.slice_in_dim(x, 0, chunk, axis=axis),
-        lax.slice_in_dim(x, padded, padded + chunk, axis=axis),
-    )
-    return jnp.concatenate(halves, axis=axis)
+    widths[axis] = (0, -chunk % block)
+    first = lax.slice_in_dim(x, 0, chunk, axis=axis)
+    second = lax.slice_in_dim(x, chunk, None, axis=axis)
+    return jnp.pad(first, widths), jnp.pad(second, widths)
 
 
 def zigzag_order(seq_len: int, num_devices: int) -> np.ndarray:

@@ -53,10 +53,6 @@ def chunk_ids(cfg: RingConfig, device: jax.Array) -> tuple[jax.Array, jax.Array]
     return 2 * device, 2 * device + 1
 
 
-def _split(x: jax.Array, axis: int, chunk: int) -> tuple[jax.Array, jax.Array]:
-    return lax.slice_in_dim(x, 0, chunk, axis=axis), lax.slice_in_dim(x, chunk, None, axis=axis)
-
-
 def _lens(lengths: jax.Array, chunk_id: jax.Array, chunk: int) -> jax.Array:
     """Per batch entry, the valid positions of a chunk (global lengths made local)."""
     return jnp.clip(lengths - chunk_id * chunk, 0, chunk).astype(jnp.int32)
@@ -96,60 +92,48 @@ def _forward(cfg: RingConfig, q, k, v, sink, q_len, kv_len):
     lowest = jnp.finfo(compute).min
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
-    qs = _split(q, 3, cfg.chunk)
     q_lens = [_lens(q_len, c, cfg.chunk) for c in q_ids]
-    rows = (*q.shape[:3], cfg.chunk)
-    empty = (jnp.zeros((*rows, v.shape[-1]), compute), jnp.full(rows, lowest, compute))
+    rows = q[0].shape[:-1]
+    empty = (jnp.zeros((*rows, v[0].shape[-1]), compute), jnp.full(rows, lowest, compute))
     init = [_vma.match(empty, q, k, v, sink, q_len, kv_len)] * 2
 
     def pair(qi, kc, k_blk, v_blk):
-        lens = (q_lens[qi], _lens(kv_len, kc, cfg.chunk))
-
-        def skip():
-            return init[0]
-
-        def full():
-            return ca._forward(
-                cfg.inner, qs[qi], k_blk, v_blk, None, None, None, *lens, None, None
-            )
-
-        def diag():
-            return ca._forward(
-                _diag(cfg), qs[qi], k_blk, v_blk, None, None, None, *lens, None, None
-            )
-
-        return lax.switch(_pair_kind(cfg, q_ids[qi], kc), (skip, full, diag))
+        args = (q[qi], k_blk, v_blk, None, None, None, q_lens[qi])
+        args = (*args, _lens(kv_len, kc, cfg.chunk), None, None)
+        branches = (
+            lambda: init[0],
+            lambda: ca._forward(cfg.inner, *args),
+            lambda: ca._forward(_diag(cfg), *args),
+        )
+        return lax.switch(_pair_kind(cfg, q_ids[qi], kc), branches)
 
     def step(s, carry):
         k, v, acc = carry
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         acc = list(acc)
         for qi in range(2):
-            for kc, k_blk, v_blk in zip(
-                k_ids, _split(k, 2, cfg.chunk), _split(v, 2, cfg.chunk), strict=True
-            ):
-                o_p, lse_p = pair(qi, kc, k_blk, v_blk)
+            for ki in range(2):
+                o_p, lse_p = pair(qi, k_ids[ki], k[ki], v[ki])
                 acc[qi] = _merge(*acc[qi], o_p, lse_p, lowest)
         k, v = lax.cond(s + 1 < cfg.size, lambda: _rotate(cfg, (k, v)), lambda: (k, v))
         return k, v, tuple(acc)
 
     _, _, acc = lax.fori_loop(0, cfg.size, step, (k, v, tuple(init)))
-    out = jnp.concatenate([acc[0][0], acc[1][0]], axis=3)
-    lse = jnp.concatenate([acc[0][1], acc[1][1]], axis=3)
     if sink is not None:
         # The sink is one more entry of each row's normaliser: merged as a part with value 0.
-        s = jnp.broadcast_to(sink.astype(compute)[..., None], lse.shape)
+        s = jnp.broadcast_to(sink.astype(compute)[..., None], rows)
         s = jnp.where(s == -jnp.inf, lowest, s)
-        out, lse = _merge(out, lse, jnp.zeros_like(out), s, lowest)
-    return out, lse
+        acc = tuple(_merge(o, lse, jnp.zeros_like(o), s, lowest) for o, lse in acc)
+    return tuple(a[0] for a in acc), tuple(a[1] for a in acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def ring(cfg: RingConfig, q, k, v, sink, q_len, kv_len):
     """``(out, lse)`` of the local queries in ``_chunked_attention``'s canonical layout,
-    q ``(B, Hkv, G, 2C, D)``, k ``(B, Hkv, 2C, D)``, v ``(B, Hkv, 2C, Dv)``, sink
-    ``(B or 1, Hkv or 1, G or 1)`` or None, lengths ``(B,)`` global; empty rows have
-    output 0 and logsumexp at the lowest float."""
+    each input and output a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k
+    ``(B, Hkv, C, D)``, v ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths
+    ``(B,)`` global. Empty rows have output 0 and logsumexp at the lowest float. Chunks
+    are kept apart (never concatenated) so that no copy of the local block is made."""
     return _forward(cfg, q, k, v, sink, q_len, kv_len)
 
 
@@ -169,17 +153,15 @@ def _bwd(cfg, residuals, cotangents):
     compute = ca._compute(cfg.inner)
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
-    qs, outs, lses = (_split(x, 3, cfg.chunk) for x in (q, out, lse))
-    d_outs, d_lses = _split(d_out, 3, cfg.chunk), _split(d_lse, 3, cfg.chunk)
     q_lens = [_lens(q_len, c, cfg.chunk) for c in q_ids]
 
     def pair(qi, kc, k_blk, v_blk):
         lens = (q_lens[qi], _lens(kv_len, kc, cfg.chunk))
-        res = (qs[qi], k_blk, v_blk, None, None, None, *lens, None, None, outs[qi], lses[qi])
-        cot = (d_outs[qi], d_lses[qi])
+        res = (q[qi], k_blk, v_blk, None, None, None, *lens, None, None, out[qi], lse[qi])
+        cot = (d_out[qi], d_lse[qi])
 
         def skip():
-            zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in (qs[qi], k_blk, v_blk))
+            zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in (q[qi], k_blk, v_blk))
             return _vma.match(zeros, *res, *cot)
 
         def full():
@@ -193,45 +175,42 @@ def _bwd(cfg, residuals, cotangents):
     def step(s, carry):
         d_q, k, v, d_k, d_v = carry
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
-        d_q = list(d_q)
-        ks, vs = _split(k, 2, cfg.chunk), _split(v, 2, cfg.chunk)
-        dks, dvs = list(_split(d_k, 2, cfg.chunk)), list(_split(d_v, 2, cfg.chunk))
+        d_q, d_k, d_v = list(d_q), list(d_k), list(d_v)
         for qi in range(2):
             for ki in range(2):
-                dq_p, dk_p, dv_p = pair(qi, k_ids[ki], ks[ki], vs[ki])
+                dq_p, dk_p, dv_p = pair(qi, k_ids[ki], k[ki], v[ki])
                 d_q[qi] = d_q[qi] + dq_p.astype(compute)
-                dks[ki] = dks[ki] + dk_p.astype(compute)
-                dvs[ki] = dvs[ki] + dv_p.astype(compute)
-        d_k, d_v = jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
+                d_k[ki] = d_k[ki] + dk_p.astype(compute)
+                d_v[ki] = d_v[ki] + dv_p.astype(compute)
         # The gradients always move on (after N moves they are home); k and v need not.
         k, v = lax.cond(s + 1 < cfg.size, lambda: _rotate(cfg, (k, v)), lambda: (k, v))
-        d_k, d_v = _rotate(cfg, (d_k, d_v))
+        d_k, d_v = _rotate(cfg, (tuple(d_k), tuple(d_v)))
         return tuple(d_q), k, v, d_k, d_v
 
-    zeros = [jnp.zeros(x.shape, compute) for x in qs]
-    init = (tuple(zeros), k, v, jnp.zeros(k.shape, compute), jnp.zeros(v.shape, compute))
+    def zeros(xs):
+        return tuple(jnp.zeros(x.shape, compute) for x in xs)
+
+    init = (zeros(q), k, v, zeros(k), zeros(v))
     init = _vma.match(init, q, k, v, sink, q_len, kv_len, out, lse, d_out, d_lse)
     d_q, _, _, d_k, d_v = lax.fori_loop(0, cfg.size, step, init)
-    d_q = jnp.concatenate(d_q, axis=3)
     d_sink = None
     if sink is not None:
         # d sink = -sum_q p_sink_q * D_q over this device's rows (the sink is one more entry
         # of each row, with no value), summed over the devices that share the sink.
-        delta = jnp.sum(d_out.astype(compute) * out, axis=-1) - d_lse.astype(compute)
         lowest = jnp.finfo(compute).min
-        finite_lse = jnp.where(lse == lowest, 0.0, lse)
         sink_c = sink.astype(compute)[..., None]
-        p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
-        d_sink = ca._sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
+        d_sink = 0.0
+        for o, lse_c, do, dl in zip(out, lse, d_out, d_lse, strict=True):
+            delta = jnp.sum(do.astype(compute) * o, axis=-1) - dl.astype(compute)
+            finite_lse = jnp.where(lse_c == lowest, 0.0, lse_c)
+            p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
+            d_sink = d_sink + ca._sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
         d_sink = _vma.sum_to(d_sink, sink).astype(sink.dtype)
-    return (
-        d_q.astype(q.dtype),
-        d_k.astype(k.dtype),
-        d_v.astype(v.dtype),
-        d_sink,
-        None,
-        None,
-    )
+
+    def cast(xs, like):
+        return tuple(x.astype(y.dtype) for x, y in zip(xs, like, strict=True))
+
+    return (cast(d_q, q), cast(d_k, k), cast(d_v, v), d_sink, None, None)
 
 
 ring.defvjp(_fwd, _bwd)
