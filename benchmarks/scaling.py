@@ -40,7 +40,9 @@ def _child(devices: int, lengths: list[int], time_up_to: int) -> None:
         if devices == 1:
 
             def attend(q, k, v):
-                return sl.dot_product_attention(q, k, v, is_causal=True, implementation="chunked")
+                return sl.dot_product_attention(
+                    q, k, v, is_causal=True, implementation="chunked"
+                )
 
             shardings = None
         else:
@@ -48,12 +50,16 @@ def _child(devices: int, lengths: list[int], time_up_to: int) -> None:
             spec = P(None, "seq")
 
             def local(q, k, v):
-                return sl.ring_attention(q, k, v, axis_name="seq", is_causal=True, layout="zigzag")
+                return sl.ring_attention(
+                    q, k, v, axis_name="seq", is_causal=True, layout="zigzag"
+                )
 
             attend = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
             shardings = NamedSharding(mesh, spec)
         step = jax.jit(
-            jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)),
+            jax.value_and_grad(
+                lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)
+            ),
             in_shardings=None if shardings is None else (shardings,) * 3,
         )
         compiled = step.lower(*args).compile()

@@ -26,10 +26,9 @@ _STARTED = time.perf_counter()  # the run's wall time includes importing JAX
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
 import os  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 
 def _force_host_devices(argv: Sequence[str]) -> None:

@@ -216,3 +216,38 @@ def test_transformer_default_run(framework, tmp_path):
     print(stdout.splitlines()[-1], f"({seconds:.0f} s wall, target < 300 s)")
     assert "--- sample" in stdout
     assert metrics["final"]["below_bigram"] >= 0.40
+
+
+_CONTEXT_PARALLEL = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import jax, transformer
+    assert jax.device_count() == 2, jax.devices()
+    argv = sys.argv[3:]
+    runs = {}
+    for extra in ([], ["--context-parallel", "2"]):
+        out = f"{sys.argv[2]}/cp{len(extra)}"
+        trained = transformer.main([*argv, "--out", out, *extra])
+        runs[len(extra)] = [loss for _, loss in trained.history.train]
+    print("RESULTS" + json.dumps(runs))
+    """
+)
+
+
+def test_context_parallel_matches_one_device(tmp_path):
+    """--context-parallel 2: ring attention over 2 devices, the same losses as one device
+    (the ring's merge by logsumexp reorders float32 sums, hence the tolerance)."""
+    argv = [*TRANSFORMER_TINY, "--steps", "3", "--sample-chars", "0", "--eval-every", "3"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CONTEXT_PARALLEL, str(EXAMPLES), str(tmp_path), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULTS"))
+    runs = json.loads(line.removeprefix("RESULTS"))
+    np.testing.assert_allclose(runs["2"], runs["0"], rtol=1e-5)
