@@ -140,17 +140,17 @@ def ring_attention(
     q = jnp.where((positions < lengths[0][:, None])[:, None, None, :, None], q, 0)
     k_live = (positions < lengths[1][:, None])[:, None, :, None]
     k, v = jnp.where(k_live, k, 0), jnp.where(k_live, v, 0)
-    q, k, v = (
+    halves = [
         _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
-    )
+    ]
     if sink is not None:
         sink = _checks.as_float_array(sink, "sink")
         _attention._check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
         sink = jnp.broadcast_to(sink.astype(compute), (*batch, heads))
         sink = sink.reshape(n_batch, kv_heads, groups)
-    out, lse = _ring_blocks.ring(cfg, q, k, v, sink, *lengths)
-    out = jnp.concatenate([x[..., :chunk, :] for x in out], axis=3)
-    lse = jnp.concatenate([x[..., :chunk] for x in lse], axis=3)
+    outs, lses = _ring_blocks.ring(cfg, *halves, sink, *lengths)
+    out = jnp.concatenate([x[..., :chunk, :] for x in outs], axis=3)
+    lse = jnp.concatenate([x[..., :chunk] for x in lses], axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, value.shape[-1])
     out = out.astype(dtype)
     if not return_logsumexp:
