@@ -24,6 +24,7 @@ from jaxtyping import Array, PRNGKeyArray
 from stablelayers import _layers
 from stablelayers._attention import dot_product_attention
 from stablelayers._functions import log_softmax, softmax, softplus
+from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 
 __all__ = ["LogSoftmax", "MaskedSoftmax", "MultiHeadAttention", "Softmax", "Softplus"]
 
@@ -430,3 +431,78 @@ class MultiHeadAttention(eqx.Module):
 
     def _project(self, proj: eqx.nn.Linear, x: Array) -> Array:
         return jax.vmap(proj)(x).reshape(x.shape[0], self.num_heads, -1)
+
+
+class LMHead(eqx.Module):
+    """An output projection that returns the per-token cross-entropy, as
+    [`stablelayers.linear_softmax_cross_entropy`][]: the `(tokens, vocab)` logits are never
+    formed during training."""
+
+    weight: Array
+    bias: Array | None
+    chunk_size: int | None = eqx.field(static=True)
+    label_smoothing: float = eqx.field(static=True)
+    z_loss: float = eqx.field(static=True)
+    ignore_index: int | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_features: int,
+        vocab_size: int,
+        *,
+        use_bias: bool = True,
+        chunk_size: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        ignore_index: int | None = None,
+        dtype: jnp.dtype | None = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_features`: Width of the hidden states.
+        - `vocab_size`: Number of classes.
+        - `use_bias`: Add a `(vocab,)` bias (initialised to zero).
+        - `chunk_size`, `label_smoothing`, `z_loss`, `ignore_index`: As in the function.
+        - `dtype`: Parameter dtype (default float32).
+        - `key`: PRNG key for the weight, `(in_features, vocab_size)` (`hidden @ weight`),
+            uniform in `+-1/sqrt(in_features)` as `eqx.nn.Linear`.
+        """
+        dtype = jnp.float32 if dtype is None else dtype
+        limit = 1 / in_features**0.5
+        shape = (in_features, vocab_size)
+        self.weight = jax.random.uniform(key, shape, dtype, -limit, limit)
+        self.bias = jnp.zeros((vocab_size,), dtype) if use_bias else None
+        self.chunk_size, self.label_smoothing, self.z_loss = chunk_size, label_smoothing, z_loss
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, hidden: Array, labels: Array, *, key: PRNGKeyArray | None = None
+    ) -> Array:
+        """**Arguments:**
+
+        - `hidden`: Hidden states of shape `(..., in_features)`.
+        - `labels`: Integer targets of shape `(...)`.
+        - `key`: Ignored.
+
+        **Returns:**
+
+        The per-token loss, of `labels`' shape; reduce it with e.g.
+        [`stablelayers.mean_over_valid`][].
+        """
+        del key
+        return linear_softmax_cross_entropy(
+            hidden,
+            self.weight,
+            labels,
+            bias=self.bias,
+            chunk_size=self.chunk_size,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            ignore_index=self.ignore_index,
+        )
+
+    def logits(self, hidden: Array) -> Array:
+        """The full logits `hidden @ weight + bias`, for evaluation and sampling."""
+        out = hidden @ self.weight
+        return out if self.bias is None else out + jnp.broadcast_to(self.bias, out.shape)

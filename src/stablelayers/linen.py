@@ -24,6 +24,7 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers import _layers
 from stablelayers._attention import Einsum, dot_product_attention
 from stablelayers._functions import log_softmax, softmax, softplus
+from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 
 __all__ = [
     "DotProductAttention",
@@ -302,3 +303,61 @@ class MultiHeadAttention(nn.MultiHeadAttention):
 def _sink_param(module: nn.Module) -> jax.Array:
     shape = _layers.sink_shape(module.num_heads)
     return module.param("sink", nn.initializers.zeros_init(), shape, module.param_dtype)
+
+
+class LMHead(nn.Module):
+    """An output projection that returns the per-token cross-entropy, as
+    :func:`stablelayers.linear_softmax_cross_entropy`: the ``(tokens, vocab)`` logits are
+    never formed during training.
+
+    Attributes:
+        vocab_size: number of classes.
+        use_bias: add a ``(vocab,)`` bias.
+        chunk_size: vocabulary columns per block (``None``: the function's default).
+        label_smoothing, z_loss, ignore_index: as in the function.
+        param_dtype: dtype of the parameters ``kernel`` ``(hidden, vocab)`` and ``bias``.
+    """
+
+    vocab_size: int
+    use_bias: bool = True
+    chunk_size: int | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    ignore_index: int | None = None
+    param_dtype: Any = jnp.float32
+
+    def _params(self, width: int) -> tuple[jax.Array, jax.Array | None]:
+        init = nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, (width, self.vocab_size), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype
+            )
+        return kernel, bias
+
+    @nn.compact
+    def __call__(self, hidden: ArrayLike, labels: ArrayLike) -> jax.Array:
+        """Per-token loss of ``hidden`` ``(..., width)`` against integer ``labels``
+        ``(...)``; reduce it with e.g. :func:`stablelayers.mean_over_valid`."""
+        hidden = jnp.asarray(hidden)
+        kernel, bias = self._params(hidden.shape[-1])
+        return linear_softmax_cross_entropy(
+            hidden,
+            kernel,
+            labels,
+            bias=bias,
+            chunk_size=self.chunk_size,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            ignore_index=self.ignore_index,
+        )
+
+    @nn.compact
+    def logits(self, hidden: ArrayLike) -> jax.Array:
+        """The full logits ``hidden @ kernel + bias``, for evaluation and sampling (call
+        with ``method="logits"``)."""
+        hidden = jnp.asarray(hidden)
+        kernel, bias = self._params(hidden.shape[-1])
+        out = hidden @ kernel
+        return out if bias is None else out + jnp.broadcast_to(bias, out.shape)

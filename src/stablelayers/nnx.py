@@ -22,6 +22,7 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers import _layers
 from stablelayers._attention import dot_product_attention
 from stablelayers._functions import log_softmax, softmax, softplus
+from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 
 __all__ = [
     "DotProductAttention",
@@ -306,3 +307,62 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             rngs=rngs,
             **kwargs,
         )
+
+
+class LMHead(nnx.Module):
+    """An output projection that returns the per-token cross-entropy, as
+    :func:`stablelayers.linear_softmax_cross_entropy`: the ``(tokens, vocab)`` logits are
+    never formed during training.
+
+    Args:
+        in_features: width of the hidden states.
+        vocab_size: number of classes.
+        use_bias: add a ``(vocab,)`` bias.
+        chunk_size: vocabulary columns per block (``None``: the function's default).
+        label_smoothing, z_loss, ignore_index: as in the function.
+        param_dtype: dtype of the parameters.
+        rngs: the random generators for the initialisers (``nnx.Linear``'s defaults).
+
+    Attributes:
+        kernel: ``nnx.Param`` of shape ``(in_features, vocab_size)`` (``hidden @ kernel``).
+        bias: ``nnx.Param`` of shape ``(vocab_size,)``, or ``None``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        vocab_size: int,
+        *,
+        use_bias: bool = True,
+        chunk_size: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        ignore_index: int | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, vocab_size), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype)) if use_bias else None
+        self.chunk_size = chunk_size
+        self.label_smoothing, self.z_loss = label_smoothing, z_loss
+        self.ignore_index = ignore_index
+
+    def __call__(self, hidden: ArrayLike, labels: ArrayLike) -> jax.Array:
+        """Per-token loss of ``hidden`` ``(..., in_features)`` against integer ``labels``
+        ``(...)``; reduce it with e.g. :func:`stablelayers.mean_over_valid`."""
+        return linear_softmax_cross_entropy(
+            hidden,
+            self.kernel[...],
+            labels,
+            bias=None if self.bias is None else self.bias[...],
+            chunk_size=self.chunk_size,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            ignore_index=self.ignore_index,
+        )
+
+    def logits(self, hidden: ArrayLike) -> jax.Array:
+        """The full logits ``hidden @ kernel + bias``, for evaluation and sampling."""
+        out = jnp.asarray(hidden) @ self.kernel[...]
+        return out if self.bias is None else out + jnp.broadcast_to(self.bias[...], out.shape)
