@@ -16,21 +16,16 @@ from hypothesis.extra import numpy as hnp
 
 import stablelayers as sl
 
-# Few examples: every new shape compiles afresh under each setting, on two cores.
-SETTINGS = settings(deadline=None, max_examples=6)
-# jit mode checks the compiled program's outputs for inf and NaN, with float64 on, where
-# each op must keep float32 inputs in float32; eager mode checks every primitive's output,
-# which compiles each primitive on its own: minutes for these sweeps, so it runs with the
-# slow tests (test_probe_defects.py runs each op eagerly on fixed inputs by default).
-MODES = pytest.mark.parametrize(
-    ("mode", "x64"), [("jit", True), pytest.param("eager", False, marks=pytest.mark.slow)]
-)
+# Few examples, and fixed shapes: hypothesis varies the values, so each setting compiles
+# every op once (a new shape per example would recompile everything, on two cores).
+SETTINGS = settings(deadline=None, max_examples=20)
 finite = st.floats(-30.0, 30.0, width=32)
-shapes = hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=5)
+ROW_SHAPE = (3, 5)
+BATCH, Q_LEN, KV_LEN, HEADS, KV_HEADS, DIM = 2, 5, 4, 2, 1, 4
 
 
 @contextlib.contextmanager
-def peer_settings(x64, mode):
+def peer_settings(x64, mode="eager"):
     """x64 on or off, rank promotion 'raise', debug_infs and debug_nans on."""
     with (
         jax.enable_x64(x64),
@@ -41,12 +36,11 @@ def peer_settings(x64, mode):
         yield (lambda f: f) if mode == "eager" else jax.jit
 
 
-@st.composite
-def logits_and_mask(draw):
-    shape = draw(shapes)
-    x = draw(hnp.arrays(np.float32, shape, elements=finite))
-    mask = draw(hnp.arrays(np.bool_, shape))
-    return x, mask
+# Eager layers compile every primitive afresh: once, with x64 (the setting that changes
+# dtypes); jit with both.
+MODES = pytest.mark.parametrize(
+    ("mode", "x64"), [("eager", True), ("jit", False), ("jit", True)]
+)
 
 
 def _finite(tree):
@@ -65,21 +59,37 @@ ROW_OPS = {
 }
 
 
-@MODES
-@pytest.mark.parametrize("name", sorted(ROW_OPS))
-@SETTINGS
-@given(case=logits_and_mask())
-def test_row_ops_and_their_gradients_under_peer_settings(name, mode, x64, case):
-    x, mask = case
+def _row_value_and_grad(name):
     op = ROW_OPS[name]
 
-    def loss(x):
+    def loss(x, mask):
         y = op(x, mask)
-        return jnp.sum(jnp.where(jnp.isfinite(y), y, 0.0) * jnp.cos(x))
+        return jnp.sum(jnp.where(jnp.isfinite(y), y, 0.0) * jnp.cos(x)), y
 
-    with peer_settings(x64, mode) as transform:
-        y = transform(op)(x, mask)
-        grad = transform(jax.grad(loss))(x)
+    return jax.grad(loss, has_aux=True)
+
+
+# Built once, so that jit's cache holds across hypothesis' examples.
+ROW_CALLS = {
+    (name, mode): jax.jit(_row_value_and_grad(name))
+    if mode == "jit"
+    else _row_value_and_grad(name)
+    for name in ROW_OPS
+    for mode in ("eager", "jit")
+}
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(ROW_OPS))
+@SETTINGS
+@given(
+    x=hnp.arrays(np.float32, ROW_SHAPE, elements=finite),
+    mask=hnp.arrays(np.bool_, ROW_SHAPE),
+)
+def test_row_ops_and_their_gradients_under_peer_settings(name, mode, x64, x, mask):
+    with peer_settings(x64):
+        grad, y = ROW_CALLS[name, mode](x, mask)
     assert y.dtype == jnp.float32 and grad.dtype == jnp.float32
     if name == "softmax":
         np.testing.assert_array_equal(np.asarray(y)[~mask], 0.0)
@@ -89,33 +99,8 @@ def test_row_ops_and_their_gradients_under_peer_settings(name, mode, x64, case):
     assert _finite(grad)
 
 
-@st.composite
-def attention_case(draw):
-    batch, q_len, kv_len = (
-        draw(st.integers(1, 2)),
-        draw(st.integers(1, 6)),
-        draw(st.integers(1, 6)),
-    )
-    heads, kv_heads = draw(st.sampled_from([(2, 2), (2, 1)]))
-    q = draw(hnp.arrays(np.float32, (batch, q_len, heads, 4), elements=finite))
-    k = draw(hnp.arrays(np.float32, (batch, kv_len, kv_heads, 4), elements=finite))
-    v = draw(hnp.arrays(np.float32, (batch, kv_len, kv_heads, 4), elements=finite))
-    q_lengths = draw(hnp.arrays(np.int32, (batch,), elements=st.integers(0, q_len)))
-    kv_lengths = draw(hnp.arrays(np.int32, (batch,), elements=st.integers(0, kv_len)))
-    mask = draw(hnp.arrays(np.bool_, (q_len, kv_len)))
-    return q, k, v, q_lengths, kv_lengths, mask
-
-
-@MODES
-@pytest.mark.parametrize("implementation", ["dense", "chunked"])
-@SETTINGS
-@given(case=attention_case(), causal=st.booleans())
-def test_attention_and_its_gradients_under_peer_settings(
-    implementation, mode, x64, case, causal
-):
-    q, k, v, q_lengths, kv_lengths, mask = case
-
-    def loss(q, k, v, sink):
+def _attention_value_and_grad(implementation, causal):
+    def loss(q, k, v, sink, mask, q_lengths, kv_lengths):
         out = sl.dot_product_attention(
             q,
             k,
@@ -130,15 +115,58 @@ def test_attention_and_its_gradients_under_peer_settings(
         )
         return jnp.sum(out * out), out
 
-    sink = jnp.zeros(q.shape[-2], jnp.float32)
-    with peer_settings(x64, mode) as transform:
-        (value, out), grads = transform(
-            jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-        )(q, k, v, sink)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+
+
+ATTENTION_CALLS = {
+    (implementation, causal, mode): (
+        jax.jit(_attention_value_and_grad(implementation, causal))
+        if mode == "jit"
+        else _attention_value_and_grad(implementation, causal)
+    )
+    for implementation in ("dense", "chunked")
+    for causal in (False, True)
+    for mode in ("eager", "jit")
+}
+
+
+ATTENTION_INPUTS = {
+    "q": hnp.arrays(np.float32, (BATCH, Q_LEN, HEADS, DIM), elements=finite),
+    "k": hnp.arrays(np.float32, (BATCH, KV_LEN, KV_HEADS, DIM), elements=finite),
+    "v": hnp.arrays(np.float32, (BATCH, KV_LEN, KV_HEADS, DIM), elements=finite),
+    "q_lengths": hnp.arrays(np.int32, (BATCH,), elements=st.integers(0, Q_LEN)),
+    "kv_lengths": hnp.arrays(np.int32, (BATCH,), elements=st.integers(0, KV_LEN)),
+    "mask": hnp.arrays(np.bool_, (Q_LEN, KV_LEN)),
+    "causal": st.booleans(),
+}
+
+
+def _check_attention(implementation, mode, x64, q, k, v, q_lengths, kv_lengths, mask, causal):
+    call = ATTENTION_CALLS[implementation, causal, mode]
+    sink = np.zeros(HEADS, np.float32)
+    with peer_settings(x64):
+        (value, out), grads = call(q, k, v, sink, mask, q_lengths, kv_lengths)
     assert out.dtype == jnp.float32 and _finite((value, out, grads))
     # Queries past their length attend nothing: exactly 0.
     for b, n in enumerate(q_lengths):
         assert np.all(np.asarray(out)[b, n:] == 0)
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@SETTINGS
+@given(**ATTENTION_INPUTS)
+def test_attention_and_its_gradients_under_peer_settings(implementation, x64, **inputs):
+    _check_attention(implementation, "jit", x64, **inputs)
+
+
+# Eagerly, the chunked path's loops compile afresh at every call: a few examples only.
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@settings(deadline=None, max_examples=3)
+@given(**ATTENTION_INPUTS)
+def test_attention_and_its_gradients_eagerly_under_peer_settings(implementation, x64, **inputs):
+    _check_attention(implementation, "eager", x64, **inputs)
 
 
 def _layers():
