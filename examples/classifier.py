@@ -21,12 +21,12 @@ import importlib  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import _cli  # noqa: E402
 import _data  # noqa: E402
+import stablelayers as sl  # noqa: E402
 from _parallel import Placement  # noqa: E402
 from _train import Run, Trained, fit  # noqa: E402
 
@@ -71,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> Trained:
     )
 
     def nll(params, x, y):
+        # The model ends in LogSoftmax; log-probabilities are logits too (their logsumexp
+        # is 0), so the cross-entropy on them is the negative log-likelihood.
         log_probs = model.apply(params, x)
-        return -jnp.take_along_axis(log_probs, y[:, None], axis=1).mean(), log_probs
+        return sl.softmax_cross_entropy(log_probs, y).mean(), log_probs
 
     @jax.jit
     def val_metrics(params):

@@ -197,7 +197,7 @@ def _fused_jvp_rule(size, smoothing, z_loss, primals, tangents):
     return loss, loss_dot
 
 
-DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @allow_rank_promotion
@@ -237,7 +237,7 @@ def linear_softmax_cross_entropy(
         z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term.
         ignore_index: labels equal to it give loss 0 and gradient 0, whatever their hidden
             state holds (NaN and inf included).
-        chunk_size: vocabulary columns per block (default 2048, capped at the vocabulary);
+        chunk_size: vocabulary columns per block (default 1024, capped at the vocabulary);
             need not divide it.
 
     Returns:
