@@ -75,7 +75,7 @@ def test_where_mask(fn):
     kept = jnp.array([0, 2, 3])
     with jax.enable_x64(True), sl.forward_mode():
         x64 = jnp.asarray(np.asarray(X), jnp.float64)
-        check_grads(lambda x: jnp.take(fn(x, where=WHERE), kept), (x64,), order=2)
+        check_grads(jax.jit(lambda x: jnp.take(fn(x, where=WHERE), kept)), (x64,), order=2)
 
 
 @pytest.mark.parametrize("fn", [sl.softmax, sl.log_softmax], ids=["softmax", "log_softmax"])
@@ -89,8 +89,8 @@ def test_where_grad_ignores_masked_entry(fn):
 def test_softmax_grad():
     # origin: jax tests/nn_test.py testSoftmaxGrad
     with sl.forward_mode():
-        check_grads(sl.softmax, (X,), order=2, atol=5e-3)
-    check_grads(sl.log_softmax, (X,), order=2, modes=["rev"], atol=5e-3)
+        check_grads(jax.jit(sl.softmax), (X,), order=2, atol=5e-3)
+    check_grads(jax.jit(sl.log_softmax), (X,), order=2, modes=["rev"], atol=5e-3)
 
 
 def test_softmax_one_residual():
@@ -100,7 +100,7 @@ def test_softmax_one_residual():
     assert [tuple(aval.shape) for aval, _ in res if aval.size > 1] == [(4,)]
 
 
-@pytest.mark.parametrize("axis", [0, 1, -1, (0, 2), (-1, -2), None], ids=lambda a: f"axis={a}")
+@pytest.mark.parametrize("axis", [1, (0, 2), None], ids=lambda a: f"axis={a}")
 def test_axis_forms(axis):
     # origin: jax tests/nn_test.py (axis forms of softmax/log_softmax, as the jax.nn API)
     x = jax.random.normal(jax.random.key(0), (2, 3, 4))
@@ -146,7 +146,7 @@ def test_x64_dtypes_match_jax_nn(dtype):
 def test_softplus_grad_small():
     # origin: jax tests/nn_test.py testSoftplusGrad (order 4 there; 2 keeps this fast)
     with sl.forward_mode():
-        check_grads(sl.softplus, (1e-8,), order=2)
+        check_grads(jax.jit(sl.softplus), (1e-8,), order=2)
 
 
 @pytest.mark.parametrize("point", [0.0, -float("inf"), float("nan")], ids=str)
@@ -154,7 +154,7 @@ def test_softplus_grad_points(point):
     # origin: jax tests/nn_test.py testSoftplusGradZero, testSoftplusGradNegInf,
     # testSoftplusGradNan
     with sl.forward_mode():
-        check_grads(sl.softplus, (point,), order=1)
+        check_grads(jax.jit(sl.softplus), (point,), order=1)
 
 
 def test_softplus_grad_inf():
@@ -180,7 +180,7 @@ def test_softplus_value():
 # ---------------------------------------------------------------------------------------
 # dot_product_attention
 
-B, S, T, N, H = 2, 16, 16, 4, 8
+B, S, T, N, H = 2, 8, 8, 4, 8
 
 
 def _qkv(dtype=jnp.float32, groups=1, seed=0):
@@ -252,8 +252,8 @@ MASK_MODES = [
 
 
 def _compare_vjp(ours, ref, args, grad, atol=2e-5):
+    out, vjp = jax.vjp(ours, *args)  # first: a missing keyword fails before any work
     out_ref, vjp_ref = jax.vjp(ref, *args)
-    out, vjp = jax.vjp(ours, *args)
     _close(out, out_ref, atol=atol)
     for a, b in zip(vjp(grad)[:4], vjp_ref(grad)[:4], strict=True):
         if b is not None:
@@ -337,9 +337,8 @@ def test_dot_product_attention_bias_gradient(batch, use_vmap):
     if use_vmap:
         ref, ours = (jax.vmap(f, in_axes=(0, 0, None)) for f in (ref, ours))
     _close(jax.jit(ours)(x, bias, mask), jax.jit(ref)(x, bias, mask), atol=2e-5)
-    _, vjp = jax.vjp(ours, x, bias, mask)
-    _, vjp_ref = jax.vjp(ref, x, bias, mask)
-    _close(vjp(x)[1], vjp_ref(x)[1], atol=2e-4)
+    dbias = jax.jit(lambda fn, *args: jax.vjp(fn, *args)[1](args[0])[1], static_argnums=0)
+    _close(dbias(ours, x, bias, mask), dbias(ref, x, bias, mask), atol=2e-4)
 
 
 @_gap("return_residual not accepted (jax: logsumexp (B, T, N), key's dtype, no gradient)")
@@ -347,10 +346,10 @@ def test_return_residual():
     # origin: jax tests/nn_test.py (return_residual of jax.nn.dot_product_attention, as its
     # docstring and the cuDNN tests use it)
     q, k, v, _, _ = _qkv(jnp.bfloat16)
+    out, res = sl.dot_product_attention(q, k, v, is_causal=True, return_residual=True)
     out_ref, res_ref = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, return_residual=True
     )
-    out, res = sl.dot_product_attention(q, k, v, is_causal=True, return_residual=True)
     assert res.shape == res_ref.shape == (B, T, N)
     assert res.dtype == res_ref.dtype == k.dtype
     _close(out, out_ref, atol=0.02)
