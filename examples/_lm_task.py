@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import stablelayers as sl
 from _data import PAD, Corpus, chunk_documents, fixed_batches
 from _parallel import Placement
 from _train import Model
@@ -19,10 +20,11 @@ def token_nll(model: Model, params, rows: jax.Array) -> tuple[jax.Array, jax.Arr
     number of targets (padding is no target)."""
     inputs, targets = rows[:, :-1], rows[:, 1:]
     log_probs = model.apply(params, inputs)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # Log-probabilities are logits too (their logsumexp is 0). A padded target is ignored:
+    # loss 0 and gradient 0 there, whatever its row holds.
+    nll = sl.softmax_cross_entropy(log_probs, targets, ignore_index=PAD)
     valid = targets != PAD
-    # `where`, not a product: a padded row's value must not reach the sum, whatever it is.
-    return jnp.where(valid, nll, 0.0).sum(), valid.sum()
+    return nll.sum(), valid.sum()
 
 
 def mean_loss(model: Model) -> Callable[[object, jax.Array], jax.Array]:
