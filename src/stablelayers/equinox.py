@@ -26,7 +26,7 @@ from stablelayers._attention import dot_product_attention
 from stablelayers._functions import log_softmax, softmax, softplus
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 
-__all__ = ["LogSoftmax", "MaskedSoftmax", "MultiHeadAttention", "Softmax", "Softplus"]
+__all__ = ["LMHead", "LogSoftmax", "MaskedSoftmax", "MultiHeadAttention", "Softmax", "Softplus"]
 
 _ProcessHeads = Callable[[Array, Array, Array], tuple[Array, Array, Array]]
 
@@ -464,11 +464,11 @@ class LMHead(eqx.Module):
         - `vocab_size`: Number of classes.
         - `use_bias`: Add a `(vocab,)` bias (initialised to zero).
         - `chunk_size`, `label_smoothing`, `z_loss`, `ignore_index`: As in the function.
-        - `dtype`: Parameter dtype (default float32).
+        - `dtype`: Parameter dtype (float64 under x64, else float32, as `equinox.nn`).
         - `key`: PRNG key for the weight, `(in_features, vocab_size)` (`hidden @ weight`),
             uniform in `+-1/sqrt(in_features)` as `eqx.nn.Linear`.
         """
-        dtype = jnp.float32 if dtype is None else dtype
+        dtype = _default_dtype(dtype)
         limit = 1 / in_features**0.5
         shape = (in_features, vocab_size)
         self.weight = jax.random.uniform(key, shape, dtype, -limit, limit)

@@ -26,6 +26,7 @@ from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 
 __all__ = [
     "DotProductAttention",
+    "LMHead",
     "LogSoftmax",
     "MaskedSoftmax",
     "MultiHeadAttention",
