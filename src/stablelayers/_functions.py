@@ -171,7 +171,8 @@ def softplus(x: ArrayLike, beta: ArrayLike = 1.0) -> jax.Array:
         An array of ``x``'s shape and dtype.
 
     Raises:
-        ValueError: a concrete ``beta`` is not positive.
+        ValueError: a concrete ``beta`` is not positive and finite. A traced ``beta`` is
+            not checked (docs/semantics.md says what the formula then gives).
     """
     x = _checks.as_float_array(x)
     _checks.check_beta(beta)
