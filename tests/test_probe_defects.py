@@ -341,3 +341,24 @@ def test_defect_7_log_softmax_backward_with_non_finite_cotangents_agrees(bad):
     np.testing.assert_allclose(kernels[finite], pure[finite], rtol=1e-5, atol=1e-6)
     # A -inf logit neither takes nor gives gradient, whatever the cotangent.
     assert np.all(kernels[:, 5] == 0) and np.all(pure[:, 5] == 0)
+
+
+@pytest.mark.parametrize("n", [4, 1025])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "masked_softmax"])
+def test_defect_7_nan_rows_keep_masked_entries_exact(name, n):
+    """Defect 7: in a row with an unmasked NaN, the masked entries stay exactly 0 (-inf for
+    log_softmax) and every other unmasked entry but the -inf ones is NaN; a masked NaN
+    changes nothing."""
+    op = getattr(sl, name)
+    x = _nan_rows(n)
+    mask = np.ones_like(x, bool)
+    mask[:, 2 % n] = False
+    mask[0, n // 2] = False  # row 0's only NaN is masked: the row is finite
+    with sl.pure_jax():
+        y = np.asarray(jax.jit(lambda x, m: op(x, where=m))(x, mask))
+    gone = -np.inf if name == "log_softmax" else 0.0
+    np.testing.assert_array_equal(y[~mask], gone)
+    assert np.all(np.isfinite(y[0][mask[0]]) | (y[0][mask[0]] == gone))
+    live = mask[1:] & (x[1:] != -np.inf)
+    assert np.all(np.isnan(y[1:][live]))
+    np.testing.assert_array_equal(y[1:][mask[1:] & (x[1:] == -np.inf)], gone)
