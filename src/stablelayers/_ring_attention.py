@@ -208,10 +208,11 @@ def ring_attention_sharded(
     sequence (axis 1 of ``(batch, seq, heads, head_dim)``) split over ``axis_name``, the
     batch over ``batch_axis`` and the heads over ``head_axis`` if given.
 
-    With ``is_causal`` the default ``layout`` is ``"zigzag"``: the sequence is permuted
-    into that order before the ``shard_map`` and back after it (under ``jit``, a
-    collective permutation); pass ``layout="contiguous"`` to skip that, or lay the data
-    out with :func:`zigzag_order` yourself and call :func:`ring_attention` directly.
+    With ``is_causal`` the default ``layout`` is ``"zigzag"``: inside the ``shard_map``
+    each device sends its two chunks to where the zigzag layout wants them
+    (``ppermute``, no device ever holding the whole sequence) and the output comes back
+    the same way; pass ``layout="contiguous"`` to skip that, or lay the data out with
+    :func:`zigzag_order` yourself and call :func:`ring_attention` directly.
     ``sink`` must then be per head, shape ``(heads,)``; the lengths ``(batch,)``. Other
     keywords go to :func:`ring_attention`. Returns ``(batch, seq, heads, v_dim)``.
     """
@@ -224,10 +225,11 @@ def ring_attention_sharded(
         raise ValueError(f"`query` must be (batch, seq, heads, head_dim), got {query.shape}.")
     n = mesh.shape[axis_name]
     layout = layout or ("zigzag" if is_causal else "contiguous")
-    order = None
-    if layout == "zigzag":
-        order = zigzag_order(query.shape[1], n)
-        query, key, value = (jnp.take(x, order, axis=1) for x in (query, key, value))
+    if query.shape[1] % (2 * n):
+        raise ValueError(
+            f"The sequence length {query.shape[1]} must be a multiple of {2 * n} (two chunks "
+            f"per device on the {n} devices of {axis_name!r}); pad it."
+        )
     seq = PartitionSpec(batch_axis, axis_name, head_axis)
     per_batch = PartitionSpec(batch_axis)
     extras = {}
@@ -242,7 +244,11 @@ def ring_attention_sharded(
             specs.append(spec)
 
     def local(q, k, v, *rest):
-        return ring_attention(
+        if layout == "zigzag":
+            # From shard_map's contiguous split to the zigzag layout and back, on the ring
+            # itself: a global gather would hold the whole sequence on each device.
+            q, k, v = (_relayout(x, axis_name, n, to_zigzag=True) for x in (q, k, v))
+        out = ring_attention(
             q,
             k,
             v,
@@ -252,10 +258,33 @@ def ring_attention_sharded(
             **dict(zip(extras, rest, strict=True)),
             **kwargs,
         )
+        return _relayout(out, axis_name, n, to_zigzag=False) if layout == "zigzag" else out
 
-    out = jax.shard_map(
+    return jax.shard_map(
         local, mesh=mesh, in_specs=(seq, seq, seq, *specs), out_specs=seq, check_vma=False
     )(query, key, value, *extras.values())
-    if order is not None:
-        out = jnp.take(out, np.argsort(order), axis=1)
-    return out
+
+
+def _relayout(x: jax.Array, axis_name: str, n: int, *, to_zigzag: bool) -> jax.Array:
+    """The local block (sequence on axis 1) moved between the contiguous layout (device
+    ``d`` holds chunks ``2d, 2d + 1``) and the zigzag one (chunks ``d, 2n - 1 - d``): each
+    chunk goes to its device with ``ppermute`` (a device that receives nothing from a
+    source gets zeros, so each slot is the sum of the two sends)."""
+    zigzag = [(d, 2 * n - 1 - d) for d in range(n)]
+    contiguous = [(2 * d, 2 * d + 1) for d in range(n)]
+    source, target = (zigzag, contiguous) if not to_zigzag else (contiguous, zigzag)
+    where = {c: (d, slot) for d, chunks in enumerate(target) for slot, c in enumerate(chunks)}
+    chunk = x.shape[1] // 2
+    halves = (x[:, :chunk], x[:, chunk:])
+    slots = []
+    for slot in range(2):
+        parts = []
+        for h in range(2):
+            perm = [
+                (d, where[chunks[h]][0])
+                for d, chunks in enumerate(source)
+                if where[chunks[h]][1] == slot
+            ]
+            parts.append(lax.ppermute(halves[h], axis_name, perm))
+        slots.append(parts[0] + parts[1])
+    return jnp.concatenate(slots, axis=1)
