@@ -140,23 +140,27 @@ def _fused_bwd(size, smoothing, z_loss, residuals, g):
         )
         w = lax.dynamic_slice_in_dim(weight, start, size, axis=1)
         dh = dh + jnp.matmul(grad.astype(mm), w.T, preferred_element_type=acc)
+        # A block's columns of dW and db are complete in one step (no sum over blocks), so
+        # they are written in weight's dtype; the last block keeps the columns an earlier
+        # block wrote (``fresh`` is False there).
+        fresh = jnp.arange(size) + start >= c * size
         dw_c = jnp.matmul(h.T, grad.astype(h.dtype), preferred_element_type=acc)
-        # The overlapping columns of the last block have grad == 0, so adding is exact.
         old = lax.dynamic_slice_in_dim(dw, start, size, axis=1)
-        dw = lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)
+        dw_c = jnp.where(fresh[None, :], dw_c.astype(dw.dtype), old)
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
         if db is not None:
             old_b = lax.dynamic_slice_in_dim(db, start, size)
-            db = lax.dynamic_update_slice_in_dim(db, old_b + jnp.sum(grad, axis=0), start, 0)
+            db_c = jnp.where(fresh, jnp.sum(grad, axis=0).astype(db.dtype), old_b)
+            db = lax.dynamic_update_slice_in_dim(db, db_c, start, 0)
         return dh, dw, db
 
     init = (
         jnp.zeros(h.shape, acc),
-        jnp.zeros(weight.shape, acc),
-        None if bias is None else jnp.zeros(bias.shape, acc),
+        jnp.zeros(weight.shape, weight.dtype),
+        None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     )
     dh, dw, db = lax.fori_loop(0, _blocks(weight, size), body, init)
-    db = None if db is None else db.astype(bias.dtype)
-    return dh.astype(h.dtype), dw.astype(weight.dtype), db, None, None, None
+    return dh.astype(h.dtype), dw, db, None, None, None
 
 
 fused_op.defvjp(_fused_fwd, _fused_bwd)
@@ -197,7 +201,12 @@ def _fused_jvp_rule(size, smoothing, z_loss, primals, tangents):
     return loss, loss_dot
 
 
+# Chosen on docs/loss_benchmarks.md: at 8192 tokens x 32768 vocabulary the fused loss's XLA
+# temporaries are under 1/16 of optax's on materialised logits (the block's float32
+# logits and gradient dominate them), in float32 with 1024 columns and in half precision
+# (which also keeps a half-precision copy of the block's gradient) with 512.
 DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE_HALF = 512
 
 
 @allow_rank_promotion
@@ -237,7 +246,8 @@ def linear_softmax_cross_entropy(
         z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term.
         ignore_index: labels equal to it give loss 0 and gradient 0, whatever their hidden
             state holds (NaN and inf included).
-        chunk_size: vocabulary columns per block (default 1024, capped at the vocabulary);
+        chunk_size: vocabulary columns per block (default 1024, 512 for half-precision
+            inputs, capped at the vocabulary);
             need not divide it.
 
     Returns:
@@ -258,13 +268,13 @@ def linear_softmax_cross_entropy(
     vocab = w.shape[1]
     check_loss_options(label_smoothing, z_loss, ignore_index)
     labels_ = check_integer_labels(labels, h.shape[:-1])
-    size = (
-        DEFAULT_CHUNK_SIZE
-        if chunk_size is None
-        else _checks.positive_int(chunk_size, "chunk_size")
-    )
-    size = min(size, vocab)
     dtype = jnp.result_type(h.dtype, w.dtype)
+    if chunk_size is None:
+        half = jnp.finfo(dtype).bits < 32
+        size = DEFAULT_CHUNK_SIZE_HALF if half else DEFAULT_CHUNK_SIZE
+    else:
+        size = _checks.positive_int(chunk_size, "chunk_size")
+    size = min(size, vocab)
     b = None
     if bias is not None:
         b = _checks.as_float_array(bias, "bias")
