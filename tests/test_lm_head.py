@@ -1,0 +1,48 @@
+"""LMHead layers (NNX, Linen, Equinox): the fused loss of their own projection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stablelayers as sl
+
+WIDTH, VOCAB = 8, 21
+HIDDEN = jax.random.normal(jax.random.key(0), (2, 3, WIDTH))
+LABELS = jnp.array([[1, 2, -1], [4, 20, 6]])
+
+
+def _nnx():
+    from flax import nnx
+
+    from stablelayers.nnx import LMHead
+
+    head = LMHead(WIDTH, VOCAB, ignore_index=-1, chunk_size=8, rngs=nnx.Rngs(0))
+    return head(HIDDEN, LABELS), head.logits(HIDDEN), head.kernel[...], head.bias[...]
+
+
+def _linen():
+    from stablelayers.linen import LMHead
+
+    head = LMHead(VOCAB, ignore_index=-1, chunk_size=8)
+    params = head.init(jax.random.key(0), HIDDEN, LABELS)
+    p = params["params"]
+    logits = head.apply(params, HIDDEN, method="logits")
+    return head.apply(params, HIDDEN, LABELS), logits, p["kernel"], p["bias"]
+
+
+def _equinox():
+    from stablelayers.equinox import LMHead
+
+    head = LMHead(WIDTH, VOCAB, ignore_index=-1, chunk_size=8, key=jax.random.key(0))
+    return head(HIDDEN, LABELS), head.logits(HIDDEN), head.weight, head.bias
+
+
+@pytest.mark.parametrize("make", [_nnx, _linen, _equinox], ids=["nnx", "linen", "equinox"])
+def test_lm_head_is_the_fused_loss_of_its_projection(make):
+    loss, logits, kernel, bias = make()
+    assert kernel.shape == (WIDTH, VOCAB) and logits.shape == (2, 3, VOCAB)
+    want = sl.softmax_cross_entropy(logits, LABELS, ignore_index=-1)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    assert loss[0, 2] == 0.0
+    np.testing.assert_allclose(logits, HIDDEN @ kernel + bias[None, None], rtol=1e-6)
