@@ -8,6 +8,7 @@ dropout and the core's masked softmax; the softmax math lives in ``_core``.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
@@ -48,6 +49,12 @@ def dot_product_attention(
     window: int | None = None,
     implementation: str | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    return_residual: bool = False,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., jax.Array] | None = None,
     return_logsumexp: Literal[False] = False,
 ) -> jax.Array: ...
 
@@ -77,6 +84,12 @@ def dot_product_attention(
     window: int | None = None,
     implementation: str | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    return_residual: bool = False,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., jax.Array] | None = None,
     return_logsumexp: Literal[True],
 ) -> tuple[jax.Array, jax.Array]: ...
 
@@ -106,6 +119,12 @@ def dot_product_attention(
     window: int | None = None,
     implementation: str | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    return_residual: bool = False,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., jax.Array] | None = None,
     return_logsumexp: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Scaled dot-product attention in which a query that may attend nothing gets exactly 0.
@@ -213,15 +232,38 @@ def dot_product_attention(
         TypeError: ``query``, ``key`` or ``value`` is not a real floating (or integer)
             array, or the lengths are not integers.
     """
+    # jax.nn's and Flax's spellings of what stablelayers also has.
+    query_lengths = _either(
+        query_lengths, "query_lengths", query_seq_lengths, "query_seq_lengths"
+    )
+    key_lengths = _either(
+        key_lengths, "key_lengths", key_value_seq_lengths, "key_value_seq_lengths"
+    )
+    lookahead = None
+    if local_window_size is not None:
+        if window is not None:
+            raise ValueError(
+                "Give `window` (a look-back) or jax.nn's `local_window_size` "
+                "((left, right)), not both."
+            )
+        window, lookahead = _local_window(local_window_size)
+    implementation = _implementation(implementation)
+    if return_residual and return_logsumexp:
+        raise ValueError(
+            "`return_residual` (jax.nn's, shape (batch..., q_len, heads)) and "
+            "`return_logsumexp` (shape (batch..., heads, q_len)) return the same values; "
+            "ask for one."
+        )
+    want_lse = return_logsumexp or return_residual
     if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
         raise ValueError(
             "`qk_attn_weights_einsum` and `attn_weights_value_einsum` must be given together."
         )
     custom_einsum = qk_attn_weights_einsum is not None
-    if custom_einsum and precision is not None:
+    if custom_einsum and (precision is not None or einsum_dot_general is not None):
         raise ValueError(
-            "`precision` and custom einsums are mutually exclusive; set the precision "
-            "inside the einsums."
+            "`precision` and `einsum_dot_general` are mutually exclusive with custom "
+            "einsums; set them inside the einsums."
         )
     query, key, value = (
         _checks.as_float_array(a, name)
@@ -258,7 +300,9 @@ def dot_product_attention(
         _check_lengths(n, name, batch)
         for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
     ]
-    chunked = _use_chunked(implementation, q_len, kv_len, custom_einsum, module)
+    chunked = _use_chunked(
+        implementation, q_len, kv_len, custom_einsum or einsum_dot_general is not None, module
+    )
     if bias is not None:
         bias = jnp.asarray(bias)
         _check_broadcast("bias", bias.shape, logits_shape)
@@ -280,14 +324,16 @@ def dot_product_attention(
             scale=scale,
             is_causal=is_causal,
             window=window,
+            lookahead=lookahead,
             precision=precision,
             chunk_size=chunk_size,
             dropout=(dropout_rng, dropout_rate, broadcast_dropout) if dropout_on else None,
         )
-        if not return_logsumexp:
+        if not want_lse:
             return out
         # The chunked path marks an empty row's logsumexp with the lowest float.
-        return out, jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
+        lse = jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
+        return _with_logsumexp(out, lse, return_residual, key.dtype)
 
     groups = heads // kv_heads
     if custom_einsum and groups > 1:
@@ -305,22 +351,26 @@ def dot_product_attention(
             key,
             precision=precision,
             preferred_element_type=compute,
+            _dot_general=einsum_dot_general or jax.lax.dot_general,
         ).reshape(logits_shape)
     logits = logits * jnp.asarray(scale, compute)
     if bias is not None:
         logits = logits + bias.astype(compute)
 
-    where = _combine_masks(mask, is_causal, window, lengths, logits_shape)
+    where = _combine_masks(mask, is_causal, window, lookahead, lengths, logits_shape)
     if sink is not None:
         sink = sink[..., None]
     weights = masked_softmax(logits, where=where, sink=sink)
     lse = None
-    if return_logsumexp:
+    if want_lse:
         lse = _dense_logsumexp(logits, where, None if sink is None else sink[..., None])
 
     if module is not None:
-        # The string names the same collection in Linen and NNX (nnx.Intermediate).
-        module.sow("intermediates", "attention_weights", weights.astype(dtype))
+        # The string names the same collection in Linen and NNX (nnx.Intermediate). As in
+        # Flax, force_fp32_for_softmax sows the weights as the softmax made them (float32;
+        # here they always are).
+        sown = jnp.float32 if force_fp32_for_softmax else dtype
+        module.sow("intermediates", "attention_weights", weights.astype(sown))
     if dropout_on:
         keep_prob = 1.0 - jax.lax.stop_gradient(dropout_rate)
         # Flax's pattern: with broadcast_dropout, one (q_len, kv_len) draw for all batch
@@ -341,9 +391,12 @@ def dot_product_attention(
             value,
             precision=precision,
             preferred_element_type=compute,
+            _dot_general=einsum_dot_general or jax.lax.dot_general,
         )
         out = out.reshape(*batch, q_len, heads, value.shape[-1]).astype(dtype)
-    return (out, lse) if return_logsumexp else out
+    if lse is None:
+        return out
+    return _with_logsumexp(out, lse, return_residual, key.dtype)
 
 
 # Below this many logits per (batch, head) the dense path is as fast and its memory small.
@@ -375,6 +428,46 @@ def _use_chunked(implementation, q_len, kv_len, custom_einsum, module):
             )
         return False
     return implementation == "chunked" or q_len * kv_len >= CHUNKED_MIN_LOGITS
+
+
+def _either(ours, our_name, theirs, their_name):
+    if theirs is None:
+        return ours
+    if ours is not None:
+        raise ValueError(f"`{our_name}` and jax.nn's `{their_name}` are the same; give one.")
+    return theirs
+
+
+def _local_window(size):
+    """jax.nn's ``local_window_size`` as ``(window, lookahead)``: key ``k`` is visible from
+    query ``q`` when ``q - left <= k <= q + right``, that is ``q - k < left + 1`` (the
+    look-back ``window``) and ``k - q <= right``; an int is ``(size, size)``."""
+    left, right = (size, size) if not isinstance(size, (tuple, list)) else size
+    left = _checks.positive_int(operator.index(left) + 1, "local_window_size") - 1
+    right = _checks.positive_int(operator.index(right) + 1, "local_window_size") - 1
+    return left + 1, right
+
+
+def _implementation(implementation):
+    if implementation == "xla":
+        # jax.nn's XLA implementation: both of stablelayers' paths are XLA code.
+        return None
+    if implementation == "cudnn":
+        raise ValueError(
+            "implementation='cudnn' calls cuDNN's fused attention, which stablelayers does "
+            "not use (its fully masked rows would be the mean of the values, not 0); use "
+            "implementation=None, 'dense' or 'chunked', or call "
+            "jax.nn.dot_product_attention for cuDNN."
+        )
+    return implementation
+
+
+def _with_logsumexp(out, lse, as_residual, key_dtype):
+    """``(out, lse)``, or with ``as_residual`` jax.nn's residual: the logsumexp in the
+    key's dtype, shape ``(batch..., q_len, heads)``, gradient stopped."""
+    if not as_residual:
+        return out, lse
+    return out, jax.lax.stop_gradient(jnp.swapaxes(lse, -1, -2).astype(key_dtype))
 
 
 def _block_sizes(chunk_size):
@@ -485,6 +578,7 @@ def _chunked(
     scale,
     is_causal,
     window,
+    lookahead,
     precision,
     chunk_size,
     dropout,
@@ -536,6 +630,7 @@ def _chunked(
         scale=float(scale),
         is_causal=bool(is_causal),
         window=window,
+        lookahead=lookahead,
         dtype=dtype,
         precision=precision,
         broadcast_dropout=dropout is not None and bool(broadcast),
@@ -606,7 +701,7 @@ def _check_broadcast(name, shape, target, layout="(batch..., heads, q_len, kv_le
         )
 
 
-def _combine_masks(mask, is_causal, window, lengths, logits_shape):
+def _combine_masks(mask, is_causal, window, lookahead, lengths, logits_shape):
     where = mask
     q_len, kv_len = logits_shape[-2:]
     q_pos = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
@@ -619,6 +714,8 @@ def _combine_masks(mask, is_causal, window, lengths, logits_shape):
         where = both(where, k_pos <= q_pos)
     if window is not None:
         where = both(where, q_pos - k_pos < window)
+    if lookahead is not None:
+        where = both(where, k_pos - q_pos <= lookahead)
     q_lengths, kv_lengths = lengths
     if q_lengths is not None:
         where = both(where, q_pos < q_lengths[..., None, None, None])

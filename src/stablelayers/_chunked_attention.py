@@ -47,6 +47,8 @@ class Config(NamedTuple):
     precision: lax.PrecisionLike
     broadcast_dropout: bool
     dropout: bool
+    # jax.nn's right window: key k is masked from query q when k - q > lookahead.
+    lookahead: int | None = None
 
 
 def _compute(cfg: Config):
@@ -122,6 +124,8 @@ def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
         valid = valid & (k_pos <= q_pos)
     if cfg.window is not None:
         valid = valid & (q_pos - k_pos < cfg.window)
+    if cfg.lookahead is not None:
+        valid = valid & (k_pos - q_pos <= cfg.lookahead)
     if mask is not None:
         valid = valid & _slice(_slice(mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
     valid = valid & (s != -jnp.inf)

@@ -64,8 +64,8 @@ def softmax(
 @allow_rank_promotion
 def masked_softmax(
     x: ArrayLike,
-    where: ArrayLike | None = None,
     axis: Axis = -1,
+    where: ArrayLike | None = None,
     initial: ArrayLike | None = None,
     sink: ArrayLike | None = None,
 ) -> jax.Array:
@@ -83,9 +83,9 @@ def masked_softmax(
 
     Args:
         x: attention logits, e.g. of shape ``(batch, heads, q_len, kv_len)``.
-        where: optional boolean mask broadcastable to ``x.shape``; ``False`` is masked.
         axis: the axis, or tuple of axes, to normalise over (the key axis); ``None`` for
             all axes.
+        where: optional boolean mask broadcastable to ``x.shape``; ``False`` is masked.
         initial: as in :func:`softmax`: accepted, validated, and never allowed to change a
             row with an unmasked entry.
         sink: optional sink logit(s), broadcastable to ``x``'s shape without ``axis``, e.g.

@@ -4,9 +4,10 @@ framework is imported here, so each layer module imports only its own framework.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -120,3 +121,16 @@ def heads_attention(
             f"(batch..., q_len, {num_heads}, head_dim); got shape {query_shape}."
         )
     return dot_product_attention(query, key, value, bias, mask, sink=sink, **kwargs)
+
+
+def forward_signature(
+    method: Callable[..., Any], target: Callable[..., Any], drop: tuple[str, ...] = ()
+) -> None:
+    """Give ``method`` (a layer's ``__call__(self, ...)``) ``target``'s signature less
+    ``drop``, so that callers which pass only the keywords a signature names (Flax's
+    attention layers inspect their ``attention_fn``) pass all of ``target``'s."""
+    parameters = [
+        p for name, p in inspect.signature(target).parameters.items() if name not in drop
+    ]
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = inspect.Signature([this, *parameters])  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from flax import linen as nn
 from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _layers
-from stablelayers._attention import Einsum, dot_product_attention
+from stablelayers._attention import dot_product_attention
 from stablelayers._functions import log_softmax, softmax, softplus
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 
@@ -32,6 +32,7 @@ __all__ = [
     "LogSoftmax",
     "MaskedSoftmax",
     "MultiHeadAttention",
+    "MultiHeadDotProductAttention",
     "Softmax",
     "Softplus",
 ]
@@ -196,8 +197,9 @@ class DotProductAttention(nn.Module):
         _layers.check_num_heads(self.num_heads)
         super().__post_init__()
 
-    # Every keyword is spelled out: Linen's attention layer passes only the keywords that
-    # appear in its attention_fn's signature.
+    # Linen's attention layer passes only the keywords that its attention_fn's signature
+    # names, so __call__ carries dot_product_attention's signature (set below the class):
+    # every keyword it takes reaches it, none re-listed here.
     @nn.compact
     def __call__(
         self,
@@ -206,22 +208,11 @@ class DotProductAttention(nn.Module):
         value: ArrayLike,
         bias: ArrayLike | None = None,
         mask: ArrayLike | None = None,
-        *,
-        scale: float | None = None,
-        is_causal: bool = False,
-        dropout_rng: jax.Array | None = None,
-        dropout_rate: float = 0.0,
-        broadcast_dropout: bool = True,
-        deterministic: bool = True,
-        dtype: DTypeLike | None = None,
-        precision: jax.lax.PrecisionLike = None,
-        module: Any = None,
-        qk_attn_weights_einsum: Einsum | None = None,
-        attn_weights_value_einsum: Einsum | None = None,
-    ) -> jax.Array:
+        **kwargs: Any,
+    ) -> Any:
         """Attention over ``value`` with the layer's sinks.
 
-        The keyword arguments are those of :func:`stablelayers.dot_product_attention`.
+        Takes every argument of :func:`stablelayers.dot_product_attention` but ``sink``.
 
         Args:
             query: shape ``(batch..., q_len, heads, qk_dim)``.
@@ -229,34 +220,21 @@ class DotProductAttention(nn.Module):
             value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
             bias: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
             mask: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
+            **kwargs: the keywords of :func:`stablelayers.dot_product_attention`.
 
         Returns:
             An array of shape ``(batch..., q_len, heads, v_dim)``.
         """
         sink = _sink_param(self) if self.sink else None
         return _layers.heads_attention(
-            query,
-            key,
-            value,
-            bias,
-            mask,
-            sink,
-            self.num_heads,
-            scale=scale,
-            is_causal=is_causal,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            broadcast_dropout=broadcast_dropout,
-            deterministic=deterministic,
-            dtype=dtype,
-            precision=precision,
-            module=module,
-            qk_attn_weights_einsum=qk_attn_weights_einsum,
-            attn_weights_value_einsum=attn_weights_value_einsum,
+            query, key, value, bias, mask, sink, self.num_heads, **kwargs
         )
 
 
-class MultiHeadAttention(nn.MultiHeadAttention):
+_layers.forward_signature(DotProductAttention.__call__, dot_product_attention, drop=("sink",))
+
+
+class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
     """:class:`flax.linen.MultiHeadAttention` on :func:`stablelayers.dot_product_attention`,
     with optional learnable sinks.
 
@@ -299,6 +277,14 @@ class MultiHeadAttention(nn.MultiHeadAttention):
             # The dataclass is frozen: object.__setattr__ is how __post_init__ sets a field.
             object.__setattr__(self, "attention_fn", attention_fn)
         super().__post_init__()
+
+
+# Flax's two names for one class; each keeps Flax's auto-name in a parent module
+# (MultiHeadDotProductAttention_0, MultiHeadAttention_0), so parameter paths carry over.
+class MultiHeadAttention(MultiHeadDotProductAttention):
+    """:class:`MultiHeadDotProductAttention` under Flax's other name: the same layer, named
+    ``MultiHeadAttention_N`` in a parent module, as :class:`flax.linen.MultiHeadAttention`
+    is."""
 
 
 def _sink_param(module: nn.Module) -> jax.Array:
