@@ -140,6 +140,19 @@ def sharded_ops() -> dict[str, float]:
     out["nnx_layer"] = rel(
         f(m, jax.device_put(xs, NamedSharding(mesh, P("batch", "seq")))), f(m, xs)
     )
+    import equinox as eqx
+
+    from stablelayers import equinox as sleqx
+    from stablelayers import linen as sllinen
+
+    lin = sllinen.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
+    params = lin.init(jax.random.key(1), xs)
+    g = jax.jit(lambda p, a: lin.apply(p, a))
+    sharded_xs = jax.device_put(xs, NamedSharding(mesh, P("batch", "seq")))
+    out["linen_layer"] = rel(g(params, sharded_xs), g(params, xs))
+    eq = sleqx.MultiHeadAttention(4, 32, key=jax.random.key(2))
+    h = eqx.filter_jit(lambda m, a: jax.vmap(lambda r: m(r, r, r))(a))
+    out["equinox_layer"] = rel(h(eq, sharded_xs), h(eq, xs))
     return out
 
 

@@ -56,6 +56,8 @@ def test_ring_inside_user_shard_map_zigzag_with_logsumexp(multi_device_results):
         "attention_dense",
         "attention_chunked",
         "nnx_layer",
+        "linen_layer",
+        "equinox_layer",
     ],
 )
 def test_ops_on_named_sharding_equal_one_device(multi_device_results, op):
