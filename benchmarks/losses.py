@@ -47,7 +47,6 @@ def _loss(case: str, chunk: int | None):
 def run_case(case: str, vocab: int, dtype: str, reps: int, chunk: int | None) -> dict:
     """One case in this process: compile, read the temporaries, time ``reps`` runs."""
     import jax
-    import jax.numpy as jnp
 
     k = jax.random.split(jax.random.key(0), 3)
     h = jax.random.normal(k[0], (TOKENS, HIDDEN), dtype)
@@ -143,8 +142,8 @@ def main() -> None:
             "# Loss benchmarks\n\n"
             f"Value-and-grad (with respect to hidden and weight) of the mean per-token loss, "
             f"{TOKENS} tokens, hidden {HIDDEN}; XLA temporaries from "
-            "`jax.jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`, time the "
-            "median of the runs after compilation, each case in its own process.\n\n"
+            "`jax.jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`, "
+            "time the median of the runs after compilation, each case in its own process.\n\n"
             f"Run {datetime.date.today()} on {platform.processor() or platform.machine()} "
             f"({platform.platform()}), `{command}`.\n\n" + table + "\n"
         )
