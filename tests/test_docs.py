@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
+import types
 
 import jax
 import pytest
@@ -16,7 +18,7 @@ import pytest
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 SKIP_MARKER = "<!-- skip-test -->"
 _FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
-_FRAMEWORKS = {"flax": re.compile(r"\bflax\b"), "equinox": re.compile(r"\bequinox\b")}
+_FRAMEWORKS = {name: re.compile(rf"\b{name}\b") for name in ("flax", "equinox", "optax")}
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -50,7 +52,11 @@ def test_page_code_runs(page: pathlib.Path) -> None:
             for line in code.splitlines()
         ):
             pytest.importorskip(module)
-    namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
+    # A real module, so that classes a page defines (dataclasses, Flax modules) can find
+    # it in sys.modules.
+    module = types.ModuleType(f"docs_{page.stem}")
+    sys.modules[module.__name__] = module
+    namespace = module.__dict__
     # The pages are user code, run with JAX's default settings (the suite's own code runs
     # with rank promotion "raise", conftest.py).
     with jax.numpy_rank_promotion("allow"):

@@ -279,12 +279,10 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
         super().__post_init__()
 
 
-# Flax's two names for one class; each keeps Flax's auto-name in a parent module
-# (MultiHeadDotProductAttention_0, MultiHeadAttention_0), so parameter paths carry over.
-class MultiHeadAttention(MultiHeadDotProductAttention):
-    """:class:`MultiHeadDotProductAttention` under Flax's other name: the same layer, named
-    ``MultiHeadAttention_N`` in a parent module, as :class:`flax.linen.MultiHeadAttention`
-    is."""
+# One class under both of Flax's names. Either is auto-named
+# MultiHeadDotProductAttention_N in a parent module, the name of Flax's class that models
+# usually hold, so swapping it in keeps the parameter paths and a checkpoint loads.
+MultiHeadAttention = MultiHeadDotProductAttention
 
 
 def _sink_param(module: nn.Module) -> jax.Array:

@@ -1,9 +1,9 @@
 """JAX's own tests of jax.nn (tests/nn_test.py), re-written against stablelayers.
 
 Each test names the case it ports. stablelayers' op replaces ``jax.nn``'s; where JAX's
-test compares two implementations, the reference here is ``jax.nn`` itself. Tests marked
-``xfail(strict=True, reason="parity gap (issue 15): ...")`` are the keywords still missing;
-``documented difference`` tests assert stablelayers' own documented behaviour.
+test compares two implementations, the reference here is ``jax.nn`` itself, called with
+the same keywords (jax.nn's names). ``documented difference`` tests assert stablelayers' own
+documented behaviour (docs/semantics.md).
 """
 
 import functools
@@ -17,12 +17,6 @@ from jax._src.ad_checkpoint import saved_residuals  # what JAX's test uses
 from jax.test_util import check_grads
 
 import stablelayers as sl
-
-GAP = "parity gap (issue 15): "
-
-
-def _gap(what):
-    return pytest.mark.xfail(strict=True, reason=GAP + what)
 
 
 def _close(a, b, atol, rtol=None):
@@ -198,7 +192,7 @@ def _qkv(dtype=jnp.float32, groups=1, seed=0):
     [
         (1, False, None),
         (2, True, None),
-        pytest.param(2, False, "xla", marks=_gap("implementation='xla' is rejected")),
+        (2, False, "xla"),
     ],
 )
 def test_dot_product_attention_gqa(groups, use_vmap, impl):
@@ -270,25 +264,7 @@ def test_dot_product_attention_mask_stablelayers_keywords(mode):
     _compare_vjp(ours, ref, args, grad)
 
 
-_JAX_KEYWORD_GAPS = {
-    "padding": "query_seq_lengths / key_value_seq_lengths not accepted",
-    "sliding_window": "local_window_size not accepted",
-}
-
-
-@pytest.mark.parametrize(
-    "mode",
-    [
-        pytest.param(
-            m,
-            marks=[_gap(r) for k, r in _JAX_KEYWORD_GAPS.items() if k in m][:1]
-            + [_gap("implementation='xla' is rejected")]
-            * (not any(k in m for k in _JAX_KEYWORD_GAPS)),
-        )
-        for m in MASK_MODES
-    ],
-    ids="+".join,
-)
+@pytest.mark.parametrize("mode", MASK_MODES, ids="+".join)
 def test_dot_product_attention_mask_jax_keywords(mode):
     # origin: jax tests/nn_test.py testDotProductAttentionMask, called with jax.nn's own
     # keywords and implementation='xla', as code written for jax.nn calls it
@@ -299,7 +275,6 @@ def test_dot_product_attention_mask_jax_keywords(mode):
 
 
 @pytest.mark.parametrize("window", [(1, 1), (2, 0), (0, 3)], ids=str)
-@_gap("local_window_size=(left, right) not accepted; window is a look-back only")
 def test_local_window_two_sided(window):
     # origin: jax tests/nn_test.py testDotProductAttentionMask ('sliding_window'), with a
     # window that also reaches right and no causal mask
@@ -341,7 +316,6 @@ def test_dot_product_attention_bias_gradient(batch, use_vmap):
     _close(dbias(ours, x, bias, mask), dbias(ref, x, bias, mask), atol=2e-4)
 
 
-@_gap("return_residual not accepted (jax: logsumexp (B, T, N), key's dtype, no gradient)")
 def test_return_residual():
     # origin: jax tests/nn_test.py (return_residual of jax.nn.dot_product_attention, as its
     # docstring and the cuDNN tests use it)
@@ -376,7 +350,7 @@ def test_logsumexp_is_the_residual_today():
 
 @pytest.mark.parametrize(
     "impl",
-    [pytest.param("xla", marks=_gap("implementation='xla' is rejected")), "cudnn"],
+    ["xla", "cudnn"],
 )
 def test_implementation_names(impl):
     # origin: jax tests/nn_test.py testDotProductAttention (impl='xla'/'cudnn'); 'cudnn'
