@@ -7,8 +7,9 @@ imported here; ``stablelayers.equinox`` works without Flax and this module witho
 
 For attention without sinks no new class is needed: pass
 ``attention_fn=stablelayers.dot_product_attention`` to
-:class:`flax.linen.MultiHeadDotProductAttention`. :class:`MultiHeadAttention` here does that
-by default and adds learnable sinks.
+:class:`flax.linen.MultiHeadDotProductAttention`. :class:`MultiHeadDotProductAttention`
+here (also exported as ``MultiHeadAttention``, Flax's other name for it) does that by
+default and adds learnable sinks.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class DotProductAttention(nn.Module):
     """:func:`stablelayers.dot_product_attention` as a module that owns learnable sinks.
 
     Use it as the ``attention_fn`` of :class:`flax.linen.MultiHeadDotProductAttention` to
-    give that class sinks (this is what :class:`MultiHeadAttention` does)::
+    give that class sinks (this is what :class:`MultiHeadDotProductAttention` does)::
 
         nn.MultiHeadDotProductAttention(8, attention_fn=DotProductAttention(8, sink=True))
 
