@@ -5,6 +5,7 @@ warning) wherever a build is missing, corrupt, unsafe or unsupported.
 Each check runs in a fresh interpreter, since a process loads the kernels at most once.
 """
 
+import functools
 import os
 import pathlib
 import platform
@@ -68,7 +69,9 @@ def _run(code, *args, package_dir=None, **env_updates):
     return result.stdout
 
 
+@functools.cache
 def _best_variant():
+    # One child process for the whole module: each costs an interpreter and a JAX import.
     return _run("from stablelayers import _cpu_library\nprint(_cpu_library.choose_variant())")
 
 
@@ -224,6 +227,7 @@ for name, op in {'softmax': sl.softmax, 'log_softmax': sl.log_softmax,
 """
 
 
+@functools.cache
 def _variants_this_cpu_runs():
     try:
         return _best_variant_list()
