@@ -1,6 +1,6 @@
 """Compiles the CPU kernels into the wheel when the package is built.
 
-``src/stablelayers/_cpu_kernels.cc`` is compiled once per instruction set a CPU of this
+``src/stablelayers/_cpu/_cpu_kernels.cc`` is compiled once per instruction set a CPU of this
 architecture may have (x86-64: AVX-512, AVX2 and baseline x86-64; other architectures:
 their baseline, which is NEON on arm64), plus a small probe that tells, at import, which of
 them the running CPU and OS support. The package loads only these files, from its own
@@ -28,7 +28,8 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-PACKAGE = pathlib.Path("src", "stablelayers")
+# The kernel binding's subpackage: the sources, and where the libraries are installed.
+PACKAGE = pathlib.Path("src", "stablelayers", "_cpu")
 KERNELS = PACKAGE / "_cpu_kernels.cc"
 PROBE = PACKAGE / "_cpu_features.cc"
 
@@ -36,7 +37,7 @@ PROBE = PACKAGE / "_cpu_features.cc"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-w")
 
 # Instruction sets per architecture, best first. The names are the ones the probe reports
-# and the loader reads (src/stablelayers/_cpu_library.py); each must be a subset of what the
+# and the loader reads (src/stablelayers/_cpu/library.py); each must be a subset of what the
 # probe checks for it.
 VARIANTS = {
     "x86_64": {
@@ -109,7 +110,7 @@ class KernelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         )
         if version != "editable":
             for path in built:
-                build_data["force_include"][str(path)] = f"stablelayers/{path.name}"
+                build_data["force_include"][str(path)] = f"stablelayers/_cpu/{path.name}"
 
 
 def write_manifest(libraries: list[pathlib.Path], target: pathlib.Path) -> pathlib.Path:

@@ -115,7 +115,7 @@ def describe() -> dict[str, str]:
 
 
 def _stablelayers_path() -> str:
-    from stablelayers import _cpu_library
+    from stablelayers._cpu import library as _cpu_library
 
     if _cpu_library.available():
         return f"CPU kernels, {_cpu_library.load()} build (softmax, log_softmax, softplus)"

@@ -44,7 +44,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def op_path(request):
     """``kernels`` (if they could be built here) or ``pure_jax``, read at each trace."""
-    from stablelayers import _cpu_library
+    from stablelayers._cpu import library as _cpu_library
 
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "pure_jax":

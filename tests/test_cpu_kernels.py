@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import stablelayers as sl
-from stablelayers import _cpu_library
+from stablelayers._cpu import library as _cpu_library
 
 pytestmark = pytest.mark.skipif(
     not _cpu_library.available(), reason="the CPU row kernels could not be built here"

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import stablelayers
-from stablelayers import _cpu_library
+from stablelayers._cpu import library as _cpu_library
 
-PACKAGE_SOURCES = sorted(pathlib.Path(stablelayers.__file__).parent.glob("*.py"))
+PACKAGE_SOURCES = sorted(pathlib.Path(stablelayers.__file__).parent.rglob("*.py"))
 
 # Runs in a child process: the ops must give the right values, and the kernels' loading must
 # end in the build named by argv[1] ('none' for the fallback), with exactly the warnings
@@ -29,7 +29,7 @@ _LOAD_CHECK = """
 import sys, warnings
 import jax, jax.numpy as jnp, numpy as np
 import stablelayers as sl
-from stablelayers import _cpu_library
+from stablelayers._cpu import library as _cpu_library
 expected, warning_count = sys.argv[1], int(sys.argv[2])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -53,7 +53,7 @@ def _run(code, *args, package_dir=None, **env_updates):
     (the installed package's own directory by default)."""
     if package_dir is not None:
         code = (
-            "import pathlib\nfrom stablelayers import _cpu_library\n"
+            "import pathlib\nfrom stablelayers._cpu import library as _cpu_library\n"
             f"_cpu_library.PACKAGE_DIR = pathlib.Path({str(package_dir)!r})\n{code}"
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STABLELAYERS_")}
@@ -72,7 +72,10 @@ def _run(code, *args, package_dir=None, **env_updates):
 @functools.cache
 def _best_variant():
     # One child process for the whole module: each costs an interpreter and a JAX import.
-    return _run("from stablelayers import _cpu_library\nprint(_cpu_library.choose_variant())")
+    return _run(
+        "from stablelayers._cpu import library as _cpu_library\n"
+        "print(_cpu_library.choose_variant())"
+    )
 
 
 needs_kernels = pytest.mark.skipif(
@@ -97,7 +100,7 @@ def test_the_package_never_compiles_caches_or_spawns_at_run_time():
         found = banned.findall(source.read_text())
         assert not found, f"{source.name} uses {sorted(set(found))}"
     # Only files of the package's own directory are ever opened as libraries.
-    library = (_cpu_library.PACKAGE_DIR / "_cpu_library.py").read_text()
+    library = (_cpu_library.PACKAGE_DIR / "library.py").read_text()
     assert re.findall(r"ctypes\.CDLL\(([^\n]*)\)$", library, re.MULTILINE) == ["str(path)"]
     # And at run time: no child process of any kind on the first calls.
     guard = (
@@ -204,7 +207,7 @@ _ISA_CHECK = """
 import sys
 import jax, numpy as np
 import stablelayers as sl
-from stablelayers import _cpu_library
+from stablelayers._cpu import library as _cpu_library
 assert _cpu_library.available() and _cpu_library.load() == sys.argv[1]
 inputs = dict(np.load(sys.argv[2]))
 for name, op in {'softmax': sl.softmax, 'log_softmax': sl.log_softmax,
@@ -237,7 +240,7 @@ def _variants_this_cpu_runs():
 
 def _best_variant_list():
     code = (
-        "from stablelayers import _cpu_library\n"
+        "from stablelayers._cpu import library as _cpu_library\n"
         "probe = _cpu_library._open(_cpu_library.PACKAGE_DIR / '_cpu_features.so')\n"
         "import ctypes\n"
         "probe.StablelayersCpuKernelVariants.restype = ctypes.c_char_p\n"

@@ -204,7 +204,7 @@ def test_defect_5_malformed_chunk_size_says_what_is_expected(chunk_size, error):
 
 
 def test_defect_5_exporting_with_the_kernels_names_the_way_out():
-    from stablelayers import _cpu_library
+    from stablelayers._cpu import library as _cpu_library
 
     if not _cpu_library.available():
         pytest.skip("the CPU kernels are not in this build")

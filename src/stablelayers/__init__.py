@@ -3,13 +3,14 @@ overflow, never leak a NaN, and keep only what the backward pass needs."""
 
 from stablelayers._attention import dot_product_attention
 from stablelayers._cross_entropy import mean_over_valid, softmax_cross_entropy
-from stablelayers._functions import log_softmax, masked_softmax, softmax, softplus
-from stablelayers._kernel_switch import pure_jax
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers._log_softmax import log_softmax
 from stablelayers._logsumexp import logsumexp
-from stablelayers._mode import forward_mode
 from stablelayers._ring_attention import ring_attention, ring_attention_sharded, zigzag_order
 from stablelayers._sigmoid import log_sigmoid, sigmoid, sigmoid_binary_cross_entropy
+from stablelayers._softmax import masked_softmax, softmax
+from stablelayers._softplus import softplus
+from stablelayers._switches import forward_mode, pure_jax
 
 __version__ = "0.1.0"
 

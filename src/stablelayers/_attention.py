@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _checks, _chunked_attention, _core
-from stablelayers._functions import masked_softmax
-from stablelayers._mode import forward_mode_enabled
+from stablelayers import _checks, _chunked_attention, _float_arithmetic
 from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._softmax import masked_softmax
+from stablelayers._switches import forward_mode_enabled
 
 Einsum = Callable[..., jax.Array]
 
@@ -287,7 +287,7 @@ def dot_product_attention(
         )
     # Logits and softmax in at least float32: float16 logits overflow at |s| > 65504 and
     # bfloat16 ones carry 3 significant digits.
-    compute = _core.compute_dtype(dtype)
+    compute = _float_arithmetic.compute_dtype(dtype)
     if scale is None:
         scale = 1.0 / float(query.shape[-1]) ** 0.5
     if sink is not None:
@@ -588,7 +588,7 @@ def _chunked(
     groups = heads // kv_heads
     n_batch = math.prod(batch)
     dtype = query.dtype
-    compute = _core.compute_dtype(dtype)
+    compute = _float_arithmetic.compute_dtype(dtype)
     block_q, block_k = _block_sizes(chunk_size)
     block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
     q_pad, kv_pad = -q_len % block_q, -kv_len % block_k

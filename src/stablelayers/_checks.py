@@ -25,16 +25,31 @@ def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
     return x
 
 
+def check_axis(axis: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    """``axis`` as an int, a tuple of distinct ints, or ``None`` for every axis. The range
+    is checked against an input by ``canonical_axis``; layers check this much when built."""
+    if axis is None:
+        return None
+    if isinstance(axis, bool):
+        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.")
+    if isinstance(axis, (int, np.integer)):
+        return int(axis)
+    try:
+        axes = tuple(operator.index(a) for a in axis)
+    except TypeError:
+        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.") from None
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"`axis` {axis!r} names the same dimension twice.")
+    return axes
+
+
 def canonical_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     """``axis`` as a sorted tuple of non-negative ints, checked against ``ndim``; ``None``
     means every axis, as in ``jax.nn.softmax``."""
-    if axis is None:
+    checked = check_axis(axis)
+    if checked is None:
         return tuple(range(ndim))
-    try:
-        axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-        axes = tuple(operator.index(a) for a in axes)
-    except TypeError:
-        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.") from None
+    axes = (checked,) if isinstance(checked, int) else checked
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
@@ -45,6 +60,21 @@ def canonical_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ..
     if len(set(canonical)) != len(canonical):
         raise ValueError(f"`axis` {axis!r} names the same dimension twice.")
     return canonical
+
+
+def prepare_rows(
+    x: ArrayLike,
+    axis: int | Sequence[int] | None,
+    where: ArrayLike | None,
+    initial: ArrayLike | None,
+) -> tuple[jax.Array, tuple[int, ...], jax.Array | None]:
+    """The softmax family's arguments checked: ``(x, axis, where)`` as the ops take them,
+    ``initial`` validated and dropped (the ops always shift by the row max)."""
+    x = as_float_array(x)
+    axes = canonical_axis(axis, x.ndim)
+    mask = check_where(where, x.shape)
+    check_initial(initial, reduced_shape(x.shape, axes))
+    return x, axes, mask
 
 
 def check_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
@@ -102,16 +132,16 @@ def check_initial(initial: ArrayLike | None, shape: tuple[int, ...]) -> None:
 
 
 def check_beta(beta: ArrayLike) -> None:
-    """A concrete ``beta`` (a Python, NumPy or JAX number or array) must be positive and
-    finite; a traced one is the caller's to keep so."""
+    """A concrete ``beta`` (a Python, NumPy or JAX number or array) must be real, positive
+    and finite; a traced one is the caller's to keep so."""
     try:
         values = np.asarray(beta)
     except (TypeError, jax.errors.TracerArrayConversionError):
         return
     if values.dtype == object:
         return
-    if np.iscomplexobj(values):
-        raise TypeError(f"`beta` must be real, got dtype {values.dtype}.")
+    if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        raise TypeError(f"`beta` must be a positive real number, got {beta!r}.")
     if not np.all((values > 0) & np.isfinite(values)):
         raise ValueError(
             f"`beta` must be positive and finite, got {beta!r}: softplus(x, beta) divides "
@@ -149,3 +179,12 @@ def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
         return False
     tail = target[len(target) - len(shape) :]
     return all(n in (1, t) for n, t in zip(shape, tail, strict=True))
+
+
+def sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum a cotangent over the axes along which an argument of ``shape`` was broadcast
+    to ``t.shape``."""
+    extra = t.ndim - len(shape)
+    t = jnp.sum(t, axis=tuple(range(extra))) if extra else t
+    kept = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return jnp.sum(t, axis=kept, keepdims=True) if kept else t

@@ -12,46 +12,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _core
+from stablelayers import _checks
 from stablelayers._attention import dot_product_attention
-from stablelayers._functions import masked_softmax, softplus
+from stablelayers._float_arithmetic import compute_dtype
+from stablelayers._softmax import masked_softmax
+from stablelayers._softplus import softplus
 
 Axis = int | Sequence[int] | None
 
 
-def check_axis(axis: Axis) -> int | tuple[int, ...] | None:
-    """``axis`` as an int, a tuple of distinct ints, or ``None`` for every axis (the range is
-    checked on the input)."""
-    if axis is None:
-        return None
-    if isinstance(axis, bool):
-        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.")
-    if isinstance(axis, (int, np.integer)):
-        return int(axis)
-    try:
-        axes = tuple(operator.index(a) for a in axis)
-    except TypeError:
-        raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.") from None
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"`axis` {axis!r} names the same dimension twice.")
-    return axes
-
-
-def check_beta(beta: float) -> float:
-    """``beta`` as a positive, finite Python float."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise TypeError(f"`beta` must be a positive real number, got {beta!r}.") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(
-            f"`beta` must be positive and finite, got {beta!r}: softplus(x, beta) divides "
-            "by beta."
-        )
-    return value
+def softplus_beta(beta: ArrayLike) -> float:
+    """A layer's ``beta``, checked as the functional ``softplus`` checks it, as a float."""
+    _checks.check_beta(beta)
+    return float(beta)  # type: ignore[arg-type]
 
 
 def log_beta_init(beta: float) -> float:
@@ -97,7 +72,7 @@ def heads_masked_softmax(
     if sink is not None:
         # The core returns the sink's gradient in the logits' compute dtype, so cast here
         # and let astype's transpose bring it back to the parameter's dtype.
-        sink = sink.astype(_core.compute_dtype(logits.dtype))
+        sink = sink.astype(compute_dtype(logits.dtype))
         if sink.ndim == 1:
             sink = sink[:, None]  # (heads, 1): broadcast over the query axis.
     return masked_softmax(logits, where=where, sink=sink)

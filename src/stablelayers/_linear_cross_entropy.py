@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _core
+from stablelayers import _checks, _float_arithmetic
 from stablelayers._cross_entropy import check_integer_labels, check_loss_options
-from stablelayers._mode import forward_mode_enabled
+from stablelayers._switches import forward_mode_enabled
 from stablelayers._rank_promotion import allow_rank_promotion
 
 
@@ -48,7 +48,7 @@ def _block(h, weight, bias, c, size):
 def _acc(h):
     # Products accumulate, and everything per token is computed, in float32 (float64 for
     # float64 inputs); half precision is read as it is and never rounded back until the end.
-    return _core.compute_dtype(h.dtype)
+    return _float_arithmetic.compute_dtype(h.dtype)
 
 
 def _blocks(weight, size):
@@ -294,4 +294,4 @@ def linear_softmax_cross_entropy(
     loss = op(
         h, w.astype(dtype), b, labels_, mask, valid, size, float(label_smoothing), float(z_loss)
     )
-    return loss.astype(_core.compute_dtype(dtype)).reshape(rows)
+    return loss.astype(_float_arithmetic.compute_dtype(dtype)).reshape(rows)

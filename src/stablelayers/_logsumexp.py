@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _core
+from stablelayers import _checks, _float_arithmetic, _shift
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Axis = int | Sequence[int] | None
@@ -38,9 +38,9 @@ def _live_mask(where, b):
 
 def _terms(x, where, b, top):
     """``(e, dead)``: ``e_j = exp(x_j - shift)`` (TwoSum-corrected) with 0 at dead entries."""
-    shift, has_posinf = _core._shift_of_row_max(top)
-    d, err, dead = _core._shift(x, where, shift, has_posinf)
-    return _core._exp_corrected(d, err), dead
+    shift, has_posinf = _shift.shift_of_row_max(top)
+    d, err, dead = _shift.shift(x, where, shift, has_posinf)
+    return _float_arithmetic.exp_corrected(d, err), dead
 
 
 def _primal(x, where, b, axis, empty):
@@ -50,11 +50,11 @@ def _primal(x, where, b, axis, empty):
     ``empty`` (``-inf`` for the public function, a finite value inside the losses, where the
     row is ignored and must not make an inf).
     """
-    dtype = _core.compute_dtype(x.dtype)
+    dtype = _float_arithmetic.compute_dtype(x.dtype)
     x = x.astype(dtype)
     where = _live_mask(where, b)
-    top = _core._row_max(x, where, None, axis)
-    shift, has_posinf = _core._shift_of_row_max(top)
+    top = _shift.row_max(x, where, None, axis)
+    shift, has_posinf = _shift.shift_of_row_max(top)
     e, _ = _terms(x, where, b, top)
     if b is None:
         total = jnp.sum(e, axis=axis, keepdims=True)
@@ -71,13 +71,13 @@ def _primal(x, where, b, axis, empty):
     empty_row = total == 0
     lse = jnp.where(has_posinf, jnp.inf, shift + log_total)
     lse = jnp.where(empty_row, empty, lse)
-    lse = jnp.where(_core._nan_rows(x, where, axis), jnp.nan, lse)
+    lse = jnp.where(_shift.nan_rows(x, where, axis), jnp.nan, lse)
     return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
 
 
 def _softmax_weights(x, where, b, top, total):
     """``d lse / d b_j = e_j / total`` (0 at dead entries), rebuilt from ``x``."""
-    x = x.astype(_core.compute_dtype(x.dtype))
+    x = x.astype(_float_arithmetic.compute_dtype(x.dtype))
     e, dead = _terms(x, _live_mask(where, b), b, top)
     return jnp.where(dead | (e == 0), 0.0, e / total)
 
@@ -107,7 +107,7 @@ def _lse_bwd(axis, empty, residuals, cotangents):
     g = jnp.where(total == 0, 0.0, g)
     dx = g * (w if b is None else w * b.astype(w.dtype))
     dx = jnp.where(w == 0, 0.0, dx).astype(x.dtype)
-    db = None if b is None else _core._sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
+    db = None if b is None else _checks.sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
     return dx, None, None if db is None else db.astype(b.dtype)
 
 
@@ -144,7 +144,7 @@ def lse_rows(
     empty: float,
 ) -> tuple[jax.Array, jax.Array]:
     """The op for the current mode: ``(lse, sign)`` per row, keepdims, compute dtype."""
-    from stablelayers._mode import forward_mode_enabled
+    from stablelayers._switches import forward_mode_enabled
 
     op = lse_jvp_op if forward_mode_enabled() else lse_vjp_op
     return op(x, where, b, axis, empty)

@@ -17,7 +17,13 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _attention, _checks, _chunked_attention, _core, _ring_blocks
+from stablelayers import (
+    _attention,
+    _checks,
+    _chunked_attention,
+    _float_arithmetic,
+    _ring_blocks,
+)
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Layout = Literal["contiguous", "zigzag"]
@@ -108,7 +114,7 @@ def ring_attention(
             f"of positions per device (two chunks each); got {q_len} queries and {kv_len} "
             f"keys per device. Pad the sequence to a multiple of {2 * size}."
         )
-    compute = _core.compute_dtype(dtype)
+    compute = _float_arithmetic.compute_dtype(dtype)
     groups, n_batch, chunk = heads // kv_heads, math.prod(batch), q_len // 2
     total = q_len * size
     lengths = [

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _core
-from stablelayers._functions import softplus
-from stablelayers._mode import forward_mode_enabled
+from stablelayers import _checks, _float_arithmetic
 from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._softplus import softplus
+from stablelayers._switches import forward_mode_enabled
 
 
 def _sigmoid_primal(x):
-    dtype = _core.compute_dtype(x.dtype)
+    dtype = _float_arithmetic.compute_dtype(x.dtype)
     x = x.astype(dtype)
     z = jnp.exp(-jnp.abs(x))
     return jnp.where(x >= 0, 1 / (1 + z), z / (1 + z))
@@ -29,7 +29,7 @@ def _sigmoid_primal(x):
 def _sigmoid_slope(x):
     # sigmoid(x) * sigmoid(-x) = z / (1 + z)^2 with z = exp(-|x|): symmetric in x, so
     # exact at 0 (1/4) and exactly 0 at +-inf, never inf / inf.
-    dtype = _core.compute_dtype(x.dtype)
+    dtype = _float_arithmetic.compute_dtype(x.dtype)
     z = jnp.exp(-jnp.abs(x.astype(dtype)))
     return z / ((1 + z) * (1 + z))
 

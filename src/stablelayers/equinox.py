@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
-from stablelayers import _layers
+from stablelayers import _checks, _layers
 from stablelayers._attention import dot_product_attention
-from stablelayers._functions import log_softmax, softmax, softplus
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers._log_softmax import log_softmax
+from stablelayers._softmax import softmax
+from stablelayers._softplus import softplus
 
 __all__ = ["LMHead", "LogSoftmax", "MaskedSoftmax", "MultiHeadAttention", "Softmax", "Softplus"]
 
@@ -46,7 +48,7 @@ class Softmax(eqx.Module):
 
         - `axis`: The axis, or tuple of axes, that forms a row; `None` for all axes.
         """
-        self.axis = _layers.check_axis(axis)
+        self.axis = _checks.check_axis(axis)
 
     def __call__(
         self, x: Array, where: Array | None = None, *, key: PRNGKeyArray | None = None
@@ -77,7 +79,7 @@ class LogSoftmax(eqx.Module):
 
         - `axis`: The axis, or tuple of axes, that forms a row; `None` for all axes.
         """
-        self.axis = _layers.check_axis(axis)
+        self.axis = _checks.check_axis(axis)
 
     def __call__(
         self, x: Array, where: Array | None = None, *, key: PRNGKeyArray | None = None
@@ -108,7 +110,6 @@ class Softplus(eqx.Module):
 
     log_beta: Array | None
     beta: float | None = eqx.field(static=True)
-    learnable: bool = eqx.field(static=True)
 
     def __init__(self, beta: float = 1.0, learnable: bool = False, dtype=None):
         """**Arguments:**
@@ -119,8 +120,7 @@ class Softplus(eqx.Module):
         - `dtype`: The dtype of `log_beta`. Defaults to either `jax.numpy.float32` or
             `jax.numpy.float64` depending on whether JAX is in 64-bit mode.
         """
-        beta = _layers.check_beta(beta)
-        self.learnable = bool(learnable)
+        beta = _layers.softplus_beta(beta)
         self.beta = None if learnable else beta
         self.log_beta = (
             jnp.asarray(_layers.log_beta_init(beta), _default_dtype(dtype))

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _layers
+from stablelayers import _checks, _layers
 from stablelayers._attention import dot_product_attention
-from stablelayers._functions import log_softmax, softmax, softplus
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers._log_softmax import log_softmax
+from stablelayers._softmax import softmax
+from stablelayers._softplus import softplus
 
 __all__ = [
     "DotProductAttention",
@@ -51,7 +53,7 @@ class Softmax(nn.Module):
     def __post_init__(self) -> None:
         # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
         # object.__setattr__ is the way to normalise a field here).
-        object.__setattr__(self, "axis", _layers.check_axis(self.axis))
+        object.__setattr__(self, "axis", _checks.check_axis(self.axis))
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
@@ -80,7 +82,7 @@ class LogSoftmax(nn.Module):
     def __post_init__(self) -> None:
         # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
         # object.__setattr__ is the way to normalise a field here).
-        object.__setattr__(self, "axis", _layers.check_axis(self.axis))
+        object.__setattr__(self, "axis", _checks.check_axis(self.axis))
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
@@ -113,7 +115,7 @@ class Softplus(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     def __post_init__(self) -> None:
-        _layers.check_beta(self.beta)
+        _layers.softplus_beta(self.beta)
         super().__post_init__()
 
     @nn.compact

@@ -19,10 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _layers
+from stablelayers import _checks, _layers
 from stablelayers._attention import dot_product_attention
-from stablelayers._functions import log_softmax, softmax, softplus
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers._log_softmax import log_softmax
+from stablelayers._softmax import softmax
+from stablelayers._softplus import softplus
 
 __all__ = [
     "DotProductAttention",
@@ -48,7 +50,7 @@ class Softmax(nnx.Module):
     """
 
     def __init__(self, axis: _layers.Axis = -1):
-        self.axis = _layers.check_axis(axis)
+        self.axis = _checks.check_axis(axis)
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
         """Softmax of ``x`` over ``self.axis``.
@@ -72,7 +74,7 @@ class LogSoftmax(nnx.Module):
     """
 
     def __init__(self, axis: _layers.Axis = -1):
-        self.axis = _layers.check_axis(axis)
+        self.axis = _checks.check_axis(axis)
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
         """Log-softmax of ``x`` over ``self.axis``.
@@ -110,8 +112,7 @@ class Softplus(nnx.Module):
         *,
         param_dtype: DTypeLike = jnp.float32,
     ):
-        beta = _layers.check_beta(beta)
-        self.learnable = bool(learnable)
+        beta = _layers.softplus_beta(beta)
         self.beta: float | None = None if learnable else beta
         self.log_beta: nnx.Param | None = (
             nnx.Param(jnp.asarray(_layers.log_beta_init(beta), param_dtype))

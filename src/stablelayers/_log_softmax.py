@@ -1,0 +1,252 @@
+r"""log_softmax: ``y_i = x_i - log(sum_j exp(x_j))``.
+
+The public function, then the primal (plain differentiable JAX), the reverse-mode rules
+(one from the output ``y``, used with a mask; one from the input ``x``, without), the
+forward-mode rule (for :func:`stablelayers.forward_mode`), and the CPU row kernels that
+stand in for the primal and the input-based rule on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from stablelayers import _checks
+from stablelayers._cpu import calls, library
+from stablelayers._float_arithmetic import compute_dtype, exp_corrected, opaque_identity
+from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._shift import exempt_from_nan, nan_rows, row_max, shift, shift_of_row_max
+from stablelayers._switches import forward_mode_enabled
+
+Axis = int | Sequence[int] | None
+Axes = tuple[int, ...]
+# Per row, what the backward pass reads besides x: (max, total) from the pure-JAX code,
+# (shift, rest), the log-sum-exp as a float pair, from the row kernel.
+Rows = tuple[jax.Array, jax.Array]
+# (y, None, None) with a mask; (None, x, rows) without one.
+Residuals = tuple[jax.Array | None, jax.Array | None, Rows | None]
+
+
+@allow_rank_promotion
+def log_softmax(
+    x: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    initial: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Log-softmax, accurate even at the arg-max of a row with one dominant entry.
+
+    .. math::
+        \mathrm{log\_softmax}(x)_i = x_i - \log \sum_j \exp(x_j)
+        = (x_i - m) - \mathrm{log1p}\Big(\sum_j e^{x_j - m} - 1\Big)
+
+    with ``m`` the row max; the ``- 1`` is taken exactly at the max entry, so a confident
+    prediction gets ``-7.1e-12`` rather than ``0.0``. The backward pass applies
+    ``g - softmax(x) * sum(g)``, keeping one array the size of ``x``: ``x`` itself, with
+    the row max and total, from which it rebuilds the softmax as the forward pass did; or,
+    with a mask, the output ``y`` (``softmax = exp(y)``).
+
+    Args:
+        x: logits of any shape (integers promoted; half precision computed in float32).
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
+        where: optional boolean mask broadcastable to ``x.shape``. Masked entries are
+            ``-inf`` with gradient 0; a row with nothing unmasked is all ``-inf``.
+        initial: as in :func:`softmax`.
+
+    Returns:
+        An array of ``x``'s shape and dtype.
+
+    Raises:
+        TypeError: ``where`` is not boolean.
+        ValueError: ``where`` does not broadcast to ``x``, or ``axis`` is out of range.
+    """
+    x, axes, mask = _checks.prepare_rows(x, axis, where, initial)
+    if x.size == 0:
+        return jnp.zeros_like(x)
+    kernels = library.available()
+    op = log_softmax_jvp_op if forward_mode_enabled() else log_softmax_vjp_op
+    return op(x, mask, axes, kernels)
+
+
+def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Array, Rows]:
+    """``(y, (max, total))``: the log-softmax in ``x.dtype``, and per row the max and the
+    total ``sum(exp(x - shift))``."""
+    out_dtype = x.dtype
+    x = x.astype(compute_dtype(out_dtype))
+    top = row_max(x, where, None, axis)
+    amount, has_posinf = shift_of_row_max(top)
+    d, err, _ = shift(x, where, amount, has_posinf)
+    e = exp_corrected(d, err)
+    # log(sum_j exp(d_j)) = log1p(sum_j exp(d_j) - 1). A row with one dominant entry has
+    # e == 1 there and a tiny rest, which float addition to 1 would lose (jax.nn returns
+    # exactly 0.0 at the arg-max where the truth is -7.1e-12). So the "- 1" is taken before
+    # summing: rest sums e - floor(e), which is e below the max and exactly 0 where e == 1
+    # (e <= 1 always). While total < 2, exactly one entry has e == 1, so total - 1 = rest;
+    # from 2 on, total - 1 is exact and loses nothing that matters. floor has derivative 0,
+    # so both sums differentiate like the plain sum. Both reductions read e and nothing
+    # else, with no select, which lets XLA run them as fused reductions.
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
+    lse = jnp.log1p(jnp.where(total < 2, rest, total - 1))
+    # The output pass recomputes its per-entry work from x in registers instead of sharing
+    # it with the reductions, which would make XLA write it to memory.
+    x = opaque_identity(x)
+    d, err, dead = shift(x, where, amount, has_posinf)
+    y = jnp.where(dead | (d == -jnp.inf), -jnp.inf, (d - lse) + err)
+    y = jnp.where(nan_rows(x, where, axis) & ~exempt_from_nan(x, where), jnp.nan, y)
+    # A row with nothing unmasked has total == 0; it has no live entry to use the total.
+    return y.astype(out_dtype), (top, jnp.where(total == 0, 1.0, total))
+
+
+def _vjp_from_output(axis: Axes, y: jax.Array, g: jax.Array) -> jax.Array:
+    # d y_i / d x_j = delta_ij - softmax_j, so the VJP is g - exp(y) * sum(g). Entries at
+    # -inf (masked, or a row with nothing unmasked) are constants: they neither take nor give
+    # gradient.
+    dtype = compute_dtype(y.dtype)
+    y = y.astype(dtype)
+    live = y != -jnp.inf
+    g = jnp.where(live, g.astype(dtype), 0.0)
+    total = jnp.sum(g, axis=axis, keepdims=True)
+    return jnp.where(live, g - jnp.exp(y) * total, 0.0)
+
+
+def _vjp_from_input(axis: Axes, x: jax.Array, rows: Rows, g: jax.Array) -> jax.Array:
+    # The same g - softmax(x) * sum(g), with softmax(x) = exp(x - shift) / total rebuilt
+    # from x the way the forward pass built it (the shift's rounding carried by TwoSum).
+    # exp(y) would be worse: y = (x - shift) - lse is larger in magnitude than x - shift,
+    # so its rounding is a larger absolute error in the exponent.
+    top, total = rows
+    x = x.astype(compute_dtype(x.dtype))
+    d, err, dead = shift(x, None, *shift_of_row_max(top))
+    live = ~dead & (d != -jnp.inf)
+    g = jnp.where(live, g.astype(x.dtype), 0.0)
+    g_total = jnp.sum(g, axis=axis, keepdims=True)
+    p = exp_corrected(d, err) * (1 / total)
+    dx = jnp.where(live, g - p * g_total, 0.0)
+    return jnp.where(nan_rows(x, None, axis) & (x != -jnp.inf), jnp.nan, dx)
+
+
+def _jvp(axis: Axes, y: jax.Array, x_dot: jax.Array) -> jax.Array:
+    dtype = compute_dtype(y.dtype)
+    y = y.astype(dtype)
+    live = y != -jnp.inf
+    x_dot = jnp.where(live, x_dot.astype(dtype), 0.0)
+    mean = jnp.sum(jnp.exp(y) * x_dot, axis=axis, keepdims=True)
+    return jnp.where(live, x_dot - mean, 0.0)
+
+
+# The CPU row kernels: one pass over x where XLA makes several, with the same semantics.
+# Their derivatives are those of the pure-JAX code they stand in for.
+
+
+def _rows_reference(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    no_tangent = calls.no_tangent(x[:, 0])
+    return _primal(x, None, (1,))[0], no_tangent, no_tangent
+
+
+def _grad_rows_reference(
+    x: jax.Array, shift: jax.Array, rest: jax.Array, g: jax.Array
+) -> jax.Array:
+    # shift and rest are functions of x; the derivative goes through x alone.
+    return _vjp_from_input((1,), x, _primal(x, None, (1,))[1], g)
+
+
+_kernel = calls.differentiable_as(_rows_reference)(calls.log_softmax)
+_grad_kernel = calls.differentiable_as(_grad_rows_reference)(calls.log_softmax_grad)
+
+
+def _kernels_take(x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool) -> bool:
+    """Whether the row kernels make the forward pass, and so the rows its backward reads."""
+    return kernels and where is None and calls.rows_apply(x, axis)
+
+
+def _values(
+    x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
+) -> tuple[jax.Array, Rows]:
+    """``_primal``, from the row kernel where it applies and the program runs on the CPU."""
+    if not _kernels_take(x, where, axis, kernels):
+        return _primal(x, where, axis)
+
+    def kernel(x: jax.Array) -> tuple[jax.Array, Rows]:
+        y, amount, rest = _kernel(calls.as_rows(x, axis))
+        rows = (calls.from_rows(amount, x, axis), calls.from_rows(rest, x, axis))
+        return y.reshape(x.shape).astype(x.dtype), rows
+
+    return calls.on_cpu(kernel, lambda x: _primal(x, None, axis), kernels, x)
+
+
+def _grad_from_input(
+    axis: Axes, kernels: bool, x: jax.Array, rows: Rows, g: jax.Array
+) -> jax.Array:
+    """``_vjp_from_input``, from the row kernel where the forward pass used it."""
+    if not _kernels_take(x, None, axis, kernels):
+        return _vjp_from_input(axis, x, rows, g)
+
+    def kernel(x: jax.Array, amount: jax.Array, rest: jax.Array, g: jax.Array) -> jax.Array:
+        per_row = (amount.reshape(-1), rest.reshape(-1))
+        dx = _grad_kernel(calls.as_rows(x, axis), *per_row, calls.as_rows(g, axis))
+        return dx.reshape(x.shape)
+
+    def pure_jax(x: jax.Array, top: jax.Array, total: jax.Array, g: jax.Array) -> jax.Array:
+        return _vjp_from_input(axis, x, (top, total), g)
+
+    return calls.on_cpu(kernel, pure_jax, kernels, x, *rows, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def log_softmax_vjp_op(
+    x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
+) -> jax.Array:
+    return _values(x, where, axis, kernels)[0]
+
+
+@allow_rank_promotion
+def _fwd(
+    x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
+) -> tuple[jax.Array, Residuals]:
+    y, rows = _values(x, where, axis, kernels)
+    # Without a mask the backward pass keeps x, the rows' values and nothing else; with one
+    # it keeps y, whose -inf entries mark the masked places (keeping x would mean keeping
+    # the mask too).
+    if where is None:
+        return y, (None, x, rows)
+    return y, (y, None, None)
+
+
+@allow_rank_promotion
+def _bwd(
+    axis: Axes, kernels: bool, residuals: Residuals, g: jax.Array
+) -> tuple[jax.Array, None]:
+    y, x, rows = residuals
+    if x is not None and rows is not None:
+        return _grad_from_input(axis, kernels, x, rows, g).astype(x.dtype), None
+    assert y is not None
+    return _vjp_from_output(axis, y, g).astype(y.dtype), None
+
+
+log_softmax_vjp_op.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def log_softmax_jvp_op(
+    x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
+) -> jax.Array:
+    return _values(x, where, axis, kernels)[0]
+
+
+@log_softmax_jvp_op.defjvp
+@allow_rank_promotion
+def _jvp_rule(
+    axis: Axes,
+    kernels: bool,
+    primals: tuple[jax.Array, jax.Array | None],
+    tangents: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    x, where = primals
+    x_dot, _ = tangents
+    y = _values(x, where, axis, kernels)[0]
+    return y, _jvp(axis, y, x_dot).astype(y.dtype)
