@@ -515,9 +515,12 @@ void LogSoftmaxGradRow(const float* x, float shift, float rest, const float* g, 
 }
 
 // ---------------------------------------------------------------------------------------
-// softplus: y = log1p(exp(beta x)) / beta, and its derivative sigmoid(beta x) from y. The
-// same float32 algorithm as the pure-JAX path (_softplus_float32 and _neg_expm1 in
-// _core.py, whose comments derive it), with the same coefficients.
+// softplus: y = log1p(exp(beta x)) / beta, and its derivative sigmoid(beta x) from y.
+// Softplus is the pure-JAX path's float32 algorithm (_softplus_float32 in _softplus.py,
+// whose comments derive it). The derivative is not: -expm1(-v) takes one Cody-Waite
+// reduction here (NegExpm1), where the pure-JAX path switches between a Taylor polynomial
+// and 1 - exp(-v) at log(2) (neg_expm1 in _float_arithmetic.py). The coefficients are
+// _float_arithmetic.py's table (CPP_NAMES); tests/test_coefficients.py checks that they match.
 // ---------------------------------------------------------------------------------------
 
 template <int N>
