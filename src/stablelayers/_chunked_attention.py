@@ -25,7 +25,7 @@ gradient exactly 0; masked places never reach a sum, so NaN or inf there does no
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,48 @@ class Config(NamedTuple):
     lookahead: int | None = None
 
 
-def _compute(cfg: Config):
+class Inputs(NamedTuple):
+    """A call's arrays, in the canonical layout (see the module docstring)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None
+    q_len: jax.Array
+    kv_len: jax.Array
+    rng: jax.Array | None
+    rate: jax.Array | None
+    # Where query 0 sits in key positions, for the causal mask and the window (the ring's
+    # chunk pairs); 0 on one device.
+    offset: jax.Array | int = 0
+
+
+class Grads(NamedTuple):
+    """Gradients being summed, in the compute dtype: shapes of q, k, v and bias."""
+
+    d_q: jax.Array
+    d_k: jax.Array
+    d_v: jax.Array
+    d_bias: jax.Array | None
+
+
+# (dq, dk, dv, d_bias) of one key block, dk and dv transposed: (B, Hkv, D, block_k).
+_BlockGrads = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
+# The online softmax's running (max, normaliser, unnormalised output) of a query block.
+_Online = tuple[jax.Array, jax.Array, jax.Array]
+# (q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse)
+Residuals = tuple[Any, ...]
+
+
+def _compute(cfg: Config) -> jnp.dtype:
+    """The dtype of logits, softmax and sums: float32, or the input dtype if wider."""
     return jnp.dtype(jnp.float32) if jnp.finfo(cfg.dtype).bits <= 32 else jnp.dtype(cfg.dtype)
+
+
+def _mm(cfg: Config, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)`` at ``cfg.precision``, summed in the compute dtype."""
+    return jnp.einsum(spec, a, b, precision=cfg.precision, preferred_element_type=_compute(cfg))
 
 
 def _slice(x, axis, start, size):
@@ -72,62 +112,62 @@ def _add_slice(total, axis_starts, part):
     return lax.dynamic_update_slice(total, current + part, starts)
 
 
-def _kv_range(cfg: Config, i, n_k, kv_max, q_max):
+def _kv_range(
+    cfg: Config, x: Inputs, i: jax.Array, n_k: int, kv_max: jax.Array, q_max: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Key blocks ``[lo, hi)`` that query block ``i`` can see."""
-    q_first = i * cfg.block_q
-    q_last = q_first + cfg.block_q - 1
-    hi = (jnp.minimum(kv_max, q_last + 1) if cfg.is_causal else kv_max) + cfg.block_k - 1
+    first = i * cfg.block_q + x.offset  # the block's first query, in key positions
+    last = first + cfg.block_q - 1
+    hi = (jnp.minimum(kv_max, last + 1) if cfg.is_causal else kv_max) + cfg.block_k - 1
     hi = jnp.minimum(hi // cfg.block_k, n_k)
     lo = jnp.int32(0)
     if cfg.window is not None:
-        lo = jnp.maximum(q_first - cfg.window + 1, 0) // cfg.block_k
-    hi = jnp.where(q_first < q_max, hi, lo)
+        lo = jnp.maximum(first - cfg.window + 1, 0) // cfg.block_k
+    hi = jnp.where(i * cfg.block_q < q_max, hi, lo)
     return lo, jnp.maximum(hi, lo)
 
 
-def _q_range(cfg: Config, j, n_q, q_max, kv_max):
+def _q_range(
+    cfg: Config, x: Inputs, j: jax.Array, n_q: int, q_max: jax.Array, kv_max: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Query blocks ``[lo, hi)`` that see key block ``j``."""
-    k_first = j * cfg.block_k
-    k_last = k_first + cfg.block_k - 1
-    lo = k_first // cfg.block_q if cfg.is_causal else jnp.int32(0)
+    first = j * cfg.block_k - x.offset  # the block's first key, in query positions
+    lo = jnp.maximum(first, 0) // cfg.block_q if cfg.is_causal else jnp.int32(0)
     hi = (q_max + cfg.block_q - 1) // cfg.block_q
     if cfg.window is not None:
-        hi = jnp.minimum(hi, (k_last + cfg.window - 1) // cfg.block_q + 1)
-    hi = jnp.where(k_first < kv_max, jnp.minimum(hi, n_q), lo)
+        hi = jnp.minimum(hi, (first + cfg.block_k + cfg.window - 2) // cfg.block_q + 1)
+    hi = jnp.where(j * cfg.block_k < kv_max, jnp.minimum(hi, n_q), lo)
     return lo, jnp.maximum(hi, lo)
 
 
-def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
-    """Scaled logits of block ``(i, j)``, with invalid places (and ``-inf`` logits, which a
-    ``-inf`` bias makes) at the lowest finite float and every valid one above it: nothing
-    here is infinite unless the input is (``jax.debug_infs`` checks every intermediate in
-    eager mode), and ``s > lowest`` tells the valid places."""
+def _block_logits(
+    cfg: Config, x: Inputs, i: jax.Array, j: jax.Array, q_blk: jax.Array, k_blk: jax.Array
+) -> jax.Array:
+    """Scaled logits of block ``(i, j)``, ``(B, Hkv, G, block_q, block_k)``, with invalid
+    places (and ``-inf`` logits, which a ``-inf`` bias makes) at the lowest finite float and
+    every valid one above it: nothing here is infinite unless the input is
+    (``jax.debug_infs`` checks every intermediate in eager mode), and ``s > lowest`` tells
+    the valid places. Query ``q`` and key ``k`` are compared at ``q + offset`` and ``k``."""
     compute = _compute(cfg)
-    s = jnp.einsum(
-        "bhgqd,bhkd->bhgqk",
-        q_blk,
-        k_blk,
-        precision=cfg.precision,
-        preferred_element_type=compute,
-    )
-    s = s * jnp.asarray(cfg.scale, compute)
+    s = _mm(cfg, "bhgqd,bhkd->bhgqk", q_blk, k_blk) * jnp.asarray(cfg.scale, compute)
     q0, k0 = i * cfg.block_q, j * cfg.block_k
-    if bias is not None:
-        s = s + _slice(_slice(bias, 3, q0, cfg.block_q), 4, k0, cfg.block_k).astype(compute)
+    if x.bias is not None:
+        s = s + _slice(_slice(x.bias, 3, q0, cfg.block_q), 4, k0, cfg.block_k).astype(compute)
 
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-    valid = (k_pos < kv_len[:, None, None, None, None]) & (
-        q_pos < q_len[:, None, None, None, None]
+    valid = (k_pos < x.kv_len[:, None, None, None, None]) & (
+        q_pos < x.q_len[:, None, None, None, None]
     )
+    q_pos = q_pos + x.offset
     if cfg.is_causal:
         valid = valid & (k_pos <= q_pos)
     if cfg.window is not None:
         valid = valid & (q_pos - k_pos < cfg.window)
     if cfg.lookahead is not None:
         valid = valid & (k_pos - q_pos <= cfg.lookahead)
-    if mask is not None:
-        valid = valid & _slice(_slice(mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
+    if x.mask is not None:
+        valid = valid & _slice(_slice(x.mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
     valid = valid & (s != -jnp.inf)
     # A +inf logit (from a +inf bias, or q.k overflowing) becomes the largest float: the
     # running max stays finite, so s - max is 0 there and -inf-like elsewhere, and the row's
@@ -137,180 +177,203 @@ def _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len):
     return jnp.where(valid, s, lowest)
 
 
-def _keep(cfg, rng, rate, i, j, shape):
+def _keep(
+    cfg: Config, x: Inputs, i: jax.Array, j: jax.Array, shape: tuple[int, ...]
+) -> jax.Array:
     """The dropout keep mask of block ``(i, j)``, scaled by ``1 / keep_prob``."""
-    keep_prob = 1.0 - rate
+    assert x.rng is not None and x.rate is not None
+    keep_prob = 1.0 - x.rate
     if cfg.broadcast_dropout:
         shape = (1, 1, 1, *shape[-2:])
-    block_rng = jax.random.fold_in(jax.random.fold_in(rng, i), j)
+    block_rng = jax.random.fold_in(jax.random.fold_in(x.rng, i), j)
     keep = jax.random.bernoulli(block_rng, keep_prob, shape)
     return jnp.where(keep, 1.0 / keep_prob, 0.0).astype(_compute(cfg))
 
 
-def _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
+def initial_state(
+    cfg: Config, q: jax.Array, v: jax.Array, sink: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """``(out, lse)`` of rows that have seen no key yet: output 0 and logsumexp at the
+    lowest float (empty), or with a sink, the sink's logit: the sink is one more entry of
+    each row, with value 0. Shapes ``(B, Hkv, G, Lq, Dv)`` and ``(B, Hkv, G, Lq)``."""
     compute = _compute(cfg)
-    batch, kv_heads, groups, lq, _ = q.shape
-    lk, dv = k.shape[2], v.shape[-1]
-    n_q, n_k = lq // cfg.block_q, lk // cfg.block_k
-    row_shape = (batch, kv_heads, groups, cfg.block_q)
-    q_max, kv_max = jnp.max(q_len), jnp.max(kv_len)
+    rows = q.shape[:-1]
     lowest = jnp.finfo(compute).min
     if sink is None:
-        m0 = jnp.full(row_shape, lowest, compute)
-        l0 = jnp.zeros(row_shape, compute)
+        lse = jnp.full(rows, lowest, compute)
     else:
-        m0 = jnp.broadcast_to(sink.astype(compute)[..., None], row_shape)
-        l0 = jnp.where(m0 == -jnp.inf, 0.0, 1.0).astype(compute)
+        s = sink.astype(compute)[..., None]
+        lse = jnp.broadcast_to(jnp.where(s == -jnp.inf, lowest, s), rows)
+    return jnp.zeros((*rows, v.shape[-1]), compute), lse
 
-    def query_block(i, carry):
+
+def _forward(
+    cfg: Config,
+    x: Inputs,
+    sink: jax.Array | None,
+    state: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(out, lse)`` of the rows against these keys, continuing the online softmax from
+    ``state`` (default :func:`initial_state`): per row, running max ``m = lse``, normaliser
+    ``l = 1`` (0 if empty) and ``acc = out``; for each key block ``m' = max(m, max_k s)``,
+    ``l' = e^{m - m'} l + sum_k e^{s - m'}``, ``acc' = e^{m - m'} acc + e^{s - m'} v``; at
+    the end ``out = acc / l``, ``lse = m + log l``. Continuing from a state is the
+    logsumexp merge of two partial softmaxes, written over the state in place."""
+    q, k, v = x.q, x.k, x.v
+    compute = _compute(cfg)
+    n_q, n_k = q.shape[3] // cfg.block_q, k.shape[2] // cfg.block_k
+    q_max, kv_max = jnp.max(x.q_len), jnp.max(x.kv_len)
+    lowest = jnp.finfo(compute).min
+
+    def query_block(
+        i: jax.Array, carry: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
         out, lse = carry
-        q_blk = lax.dynamic_slice_in_dim(q, i * cfg.block_q, cfg.block_q, 3)
+        q0 = i * cfg.block_q
+        q_blk = lax.dynamic_slice_in_dim(q, q0, cfg.block_q, 3)
 
-        def key_block(j, state):
+        def key_block(j: jax.Array, state: _Online) -> _Online:
             m, l, acc = state
             k_blk = lax.dynamic_slice_in_dim(k, j * cfg.block_k, cfg.block_k, 2)
             v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
-            s = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
+            s = _block_logits(cfg, x, i, j, q_blk, k_blk)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.where(s > lowest, jnp.exp(s - shift[..., None]), 0.0)
             alpha = jnp.exp(m - shift)
             l = alpha * l + jnp.sum(p, axis=-1)
             if cfg.dropout:
-                p = p * _keep(cfg, rng, rate, i, j, p.shape)
-            pv = jnp.einsum(
-                "bhgqk,bhkd->bhgqd",
-                p.astype(cfg.dtype),
-                v_blk,
-                precision=cfg.precision,
-                preferred_element_type=compute,
-            )
+                p = p * _keep(cfg, x, i, j, p.shape)
+            pv = _mm(cfg, "bhgqk,bhkd->bhgqd", p.astype(cfg.dtype), v_blk)
             return m_new, l, alpha[..., None] * acc + pv
 
-        lo, hi = (x.astype(jnp.int32) for x in _kv_range(cfg, i, n_k, kv_max, q_max))
-        acc0 = jnp.zeros((*row_shape, dv), compute)
-        init = _vma.match((m0, l0, acc0), q, k, v, sink, q_len, kv_len)
+        lo, hi = (b.astype(jnp.int32) for b in _kv_range(cfg, x, i, n_k, kv_max, q_max))
+        m0 = lax.dynamic_slice_in_dim(lse, q0, cfg.block_q, 3)
+        l0 = jnp.where(m0 == lowest, 0.0, 1.0).astype(compute)
+        acc0 = lax.dynamic_slice_in_dim(out, q0, cfg.block_q, 3)
+        init = _vma.match((m0, l0, acc0), x, sink)
         m, l, acc = lax.fori_loop(lo, hi, key_block, init)
         empty = l == 0
         o_blk = acc / jnp.where(empty, 1.0, l)[..., None]
         # An empty row's logsumexp is -inf; it is kept as the lowest float (nothing inside
         # is infinite), and the caller turns it into -inf where it returns it.
         lse_blk = jnp.where(empty, lowest, m + jnp.log(jnp.where(empty, 1.0, l)))
-        out = lax.dynamic_update_slice_in_dim(out, o_blk, i * cfg.block_q, 3)
-        lse = lax.dynamic_update_slice_in_dim(lse, lse_blk, i * cfg.block_q, 3)
+        out = lax.dynamic_update_slice_in_dim(out, o_blk, q0, 3)
+        lse = lax.dynamic_update_slice_in_dim(lse, lse_blk, q0, 3)
         return out, lse
 
-    out = jnp.zeros((batch, kv_heads, groups, lq, dv), compute)
-    # Every query block writes its rows (an empty one -inf, as the output must say).
-    lse = jnp.zeros((batch, kv_heads, groups, lq), compute)
-    return lax.fori_loop(
-        0, n_q, query_block, _vma.match((out, lse), q, k, v, sink, q_len, kv_len)
-    )
+    if state is None:
+        state = initial_state(cfg, q, v, sink)
+    state = _vma.match(state, x, sink)
+    return lax.fori_loop(0, n_q, query_block, state)
+
+
+def row_terms(
+    cfg: Config, out: jax.Array, lse: jax.Array, d_out: jax.Array, d_lse: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The backward pass's per-row terms, each ``(B, Hkv, G, Lq)``: the logsumexp with an
+    empty row's (the lowest float) made 0, and ``D = rowsum(dO * O) - d_lse``, the softmax
+    backward's row term (a logsumexp cotangent enters as ``d s_qk += p_qk d_lse_q``, with
+    the opposite sign). Computed once, so that ``out`` is not needed afterwards."""
+    compute = _compute(cfg)
+    delta = jnp.sum(d_out.astype(compute) * out, axis=-1) - d_lse.astype(compute)
+    return jnp.where(lse == jnp.finfo(compute).min, 0.0, lse), delta
 
 
 @allow_rank_promotion
-def _backward(cfg, residuals, cotangents):
-    q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse = residuals
-    d_out, d_lse = cotangents
+def accumulate_grads(
+    cfg: Config,
+    inputs: Inputs,
+    d_out: jax.Array,
+    rows: tuple[jax.Array, jax.Array],
+    grads: Grads,
+) -> Grads:
+    """``grads = (dq, dk, dv, d_bias)`` (compute dtype, shapes of ``q, k, v, bias``) plus
+    this call's shares: FlashAttention-2's backward, each block's probabilities
+    ``p = exp(s - lse)`` recomputed from ``rows = row_terms(...)``, ``dS = p (dP - D)``,
+    ``dq += scale dS k``, ``dk += scale dS^T q``, ``dv += p^T dO``. The sums are added
+    into ``grads`` in place, so a caller that calls it for several key blocks (the ring)
+    holds one set of gradients, not one per call."""
+    q, k, v, bias = inputs[:4]
+    finite_lse, delta = rows
     compute = _compute(cfg)
-    lq, lk = q.shape[3], k.shape[2]
-    n_q, n_k = lq // cfg.block_q, lk // cfg.block_k
-    q_max, kv_max = jnp.max(q_len), jnp.max(kv_len)
-    d_out = d_out.astype(compute)
-    # D = rowsum(dO * O): the softmax backward's row term; a logsumexp cotangent enters as
-    # d s_qk += p_qk * d_lse_q, i.e. with the opposite sign.
-    delta = jnp.sum(d_out * out, axis=-1) - d_lse.astype(compute)
-    finite_lse = jnp.where(lse == jnp.finfo(compute).min, 0.0, lse)
+    n_q, n_k = q.shape[3] // cfg.block_q, k.shape[2] // cfg.block_k
+    q_max, kv_max = jnp.max(inputs.q_len), jnp.max(inputs.kv_len)
     d_out_mm = d_out.astype(cfg.dtype)
     scale = jnp.asarray(cfg.scale, compute)
 
-    def key_block(j, carry):
+    def key_block(j: jax.Array, carry: Grads) -> Grads:
         d_q, d_k, d_v, d_bias = carry
         k_blk = lax.dynamic_slice_in_dim(k, j * cfg.block_k, cfg.block_k, 2)
         v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
 
-        def query_block(i, state):
+        def query_block(i: jax.Array, state: _BlockGrads) -> _BlockGrads:
             d_q, dk_blk, dv_blk, d_bias = state
             q0 = i * cfg.block_q
             q_blk = lax.dynamic_slice_in_dim(q, q0, cfg.block_q, 3)
             do_blk = lax.dynamic_slice_in_dim(d_out_mm, q0, cfg.block_q, 3)
             lse_blk = lax.dynamic_slice_in_dim(finite_lse, q0, cfg.block_q, 3)
             delta_blk = lax.dynamic_slice_in_dim(delta, q0, cfg.block_q, 3)
-            s = _block_logits(cfg, i, j, q_blk, k_blk, bias, mask, q_len, kv_len)
+            s = _block_logits(cfg, inputs, i, j, q_blk, k_blk)
             valid = s > jnp.finfo(compute).min
             p = jnp.where(valid, jnp.exp(s - lse_blk[..., None]), 0.0)
-            dp = jnp.einsum(
-                "bhgqd,bhkd->bhgqk",
-                do_blk,
-                v_blk,
-                precision=cfg.precision,
-                preferred_element_type=compute,
-            )
+            dp = _mm(cfg, "bhgqd,bhkd->bhgqk", do_blk, v_blk)
             p_used = p
             if cfg.dropout:
-                keep = _keep(cfg, rng, rate, i, j, p.shape)
+                keep = _keep(cfg, inputs, i, j, p.shape)
                 p_used = p * keep
                 dp = dp * keep
             # dV and dK are accumulated transposed, (d, k): the block's probabilities and
             # dS are then the right-hand operands in their own layout, where (k, d) would
             # make XLA write a transposed copy of each (or recompute them).
-            dv_blk = dv_blk + jnp.einsum(
-                "bhgqd,bhgqk->bhdk",
-                do_blk,
-                p_used.astype(cfg.dtype),
-                precision=cfg.precision,
-                preferred_element_type=compute,
-            )
+            dv_blk = dv_blk + _mm(cfg, "bhgqd,bhgqk->bhdk", do_blk, p_used.astype(cfg.dtype))
             # Exactly 0 where p is: a masked place or an empty row passes nothing on.
             ds = jnp.where(p == 0, 0.0, p * (dp - delta_blk[..., None]))
             if d_bias is not None:
                 part = _sum_to(ds, bias.shape)
                 d_bias = _add_slice(d_bias, (0, 0, 0, q0, j * cfg.block_k), part)
             ds_mm = ds.astype(cfg.dtype)
-            dq_part = jnp.einsum(
-                "bhgqk,bhkd->bhgqd",
-                ds_mm,
-                k_blk,
-                precision=cfg.precision,
-                preferred_element_type=compute,
-            )
+            dq_part = _mm(cfg, "bhgqk,bhkd->bhgqd", ds_mm, k_blk)
             d_q = _add_slice(d_q, (0, 0, 0, q0, 0), dq_part * scale)
-            dk_blk = dk_blk + jnp.einsum(
-                "bhgqd,bhgqk->bhdk",
-                q_blk,
-                ds_mm,
-                precision=cfg.precision,
-                preferred_element_type=compute,
-            )
+            dk_blk = dk_blk + _mm(cfg, "bhgqd,bhgqk->bhdk", q_blk, ds_mm)
             return d_q, dk_blk, dv_blk, d_bias
 
-        lo, hi = (x.astype(jnp.int32) for x in _q_range(cfg, j, n_q, q_max, kv_max))
+        q_range = _q_range(cfg, inputs, j, n_q, q_max, kv_max)
+        lo, hi = (b.astype(jnp.int32) for b in q_range)
         dk0 = jnp.zeros(jnp.swapaxes(k_blk, 2, 3).shape, compute)
         dv0 = jnp.zeros(jnp.swapaxes(v_blk, 2, 3).shape, compute)
-        d_q, dk_blk, dv_blk, d_bias = lax.fori_loop(
-            lo, hi, query_block, _vma.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, lse, sink)
-        )
-        dk_blk, dv_blk = jnp.swapaxes(dk_blk, 2, 3), jnp.swapaxes(dv_blk, 2, 3)
-        d_k = lax.dynamic_update_slice_in_dim(d_k, dk_blk * scale, j * cfg.block_k, 2)
-        d_v = lax.dynamic_update_slice_in_dim(d_v, dv_blk, j * cfg.block_k, 2)
-        return d_q, d_k, d_v, d_bias
+        init = _vma.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, finite_lse)
+        d_q, dk_blk, dv_blk, d_bias = lax.fori_loop(lo, hi, query_block, init)
+        start = (0, 0, j * cfg.block_k, 0)
+        d_k = _add_slice(d_k, start, jnp.swapaxes(dk_blk, 2, 3) * scale)
+        d_v = _add_slice(d_v, start, jnp.swapaxes(dv_blk, 2, 3))
+        return Grads(d_q, d_k, d_v, d_bias)
 
-    d_bias0 = None if bias is None else jnp.zeros(bias.shape, compute)
-    init = (
-        jnp.zeros(q.shape, compute),
-        jnp.zeros(k.shape, compute),
-        jnp.zeros(v.shape, compute),
-        d_bias0,
-    )
-    init = _vma.match(init, q, k, v, d_out, lse, sink, q_len, kv_len)
-    d_q, d_k, d_v, d_bias = lax.fori_loop(0, n_k, key_block, init)
-    d_sink = None
-    if sink is not None:
-        # The sink is one more entry of each row, with p_sink = exp(sink - lse), no value,
-        # and the row term as its only cotangent: d sink = -sum_q p_sink_q * D_q.
-        sink_c = sink.astype(compute)[..., None]
-        p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
-        d_sink = _sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0].astype(sink.dtype)
+    return lax.fori_loop(0, n_k, key_block, grads)
+
+
+def sink_grad(sink: jax.Array, rows: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """``d sink = -sum_q p_sink_q D_q``, shape of ``sink``, compute dtype: the sink is one
+    more entry of each row, with ``p_sink = exp(sink - lse)``, no value, and the row term
+    as its only cotangent."""
+    finite_lse, delta = rows
+    sink_c = sink.astype(delta.dtype)[..., None]
+    p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
+    return _sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
+
+
+@allow_rank_promotion
+def _backward(
+    cfg: Config, residuals: Residuals, cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array | None, ...]:
+    q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse = residuals
+    d_out, d_lse = cotangents
+    rows = row_terms(cfg, out, lse, d_out, d_lse)
+    inputs = Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate)
+    zeros = [None if x is None else jnp.zeros(x.shape, _compute(cfg)) for x in (q, k, v, bias)]
+    grads = _vma.match(Grads(*zeros), q, k, v, d_out, lse, sink, q_len, kv_len)
+    d_q, d_k, d_v, d_bias = accumulate_grads(cfg, inputs, d_out, rows, grads)
+    d_sink = None if sink is None else sink_grad(sink, rows).astype(sink.dtype)
     return (
         d_q.astype(q.dtype),
         d_k.astype(k.dtype),
@@ -325,21 +388,46 @@ def _backward(cfg, residuals, cotangents):
     )
 
 
-def _sum_to(t, shape):
+def _sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``t`` summed over the axes where ``shape`` is 1 (a broadcast input's gradient)."""
     axes = tuple(a for a, n in enumerate(shape) if n == 1 and t.shape[a] != 1)
     return jnp.sum(t, axis=axes, keepdims=True) if axes else t
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def chunked_attention(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
+def chunked_attention(
+    cfg: Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+    rng: jax.Array | None,
+    rate: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
     """Return ``(out, lse)`` in the canonical layout: out ``(B, Hkv, G, Lq, Dv)`` in the
     compute dtype, lse ``(B, Hkv, G, Lq)``; see the module docstring."""
-    return _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate)
+    return _forward(cfg, Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate), sink)
 
 
 @allow_rank_promotion
-def _fwd(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate):
-    out, lse = _forward(cfg, q, k, v, bias, mask, sink, q_len, kv_len, rng, rate)
+def _fwd(
+    cfg: Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+    rng: jax.Array | None,
+    rate: jax.Array | None,
+) -> tuple[tuple[jax.Array, jax.Array], Residuals]:
+    out, lse = _forward(cfg, Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate), sink)
     return (out, lse), (q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse)
 
 

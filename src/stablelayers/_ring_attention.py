@@ -128,14 +128,14 @@ def ring_attention(
         block_q=block_q,
         block_k=block_k,
         scale=float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale),
-        is_causal=False,
+        is_causal=is_causal,
         window=None,
         dtype=dtype,
         precision=precision,
         broadcast_dropout=False,
         dropout=False,
     )
-    cfg = _ring_blocks.RingConfig(inner, axis_name, size, chunk, layout == "zigzag", is_causal)
+    cfg = _ring_blocks.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
     q = query.reshape(n_batch, q_len, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
     k, v = (

@@ -24,7 +24,8 @@ and after ``N`` steps each gradient is back on the device that holds its key.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import itertools
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +35,20 @@ from stablelayers import _chunked_attention as ca
 from stablelayers import _vma
 from stablelayers._rank_promotion import allow_rank_promotion
 
+T = TypeVar("T")
+Pair = tuple[jax.Array, jax.Array]  # one array per chunk of the local block
+# (q, k, v, sink, q_len, kv_len, out, lse)
+Residuals = tuple[Any, ...]
+
 
 class RingConfig(NamedTuple):
     """The static part of a call."""
 
-    inner: ca.Config  # non-causal; the diagonal pairs use it with is_causal=True
+    inner: ca.Config  # the chunked path's, causal if the attention is
     axis_name: str
     size: int  # devices on the ring
     chunk: int  # positions per chunk, two chunks per device
     zigzag: bool
-    is_causal: bool
 
 
 def chunk_ids(cfg: RingConfig, device: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -58,88 +63,102 @@ def _lens(lengths: jax.Array, chunk_id: jax.Array, chunk: int) -> jax.Array:
     return jnp.clip(lengths - chunk_id * chunk, 0, chunk).astype(jnp.int32)
 
 
-def _pair_kind(cfg: RingConfig, qc: jax.Array, kc: jax.Array) -> jax.Array:
-    """0: the pair is skipped, 1: full, 2: causal on the diagonal."""
-    if not cfg.is_causal:
-        return jnp.int32(1)
-    return jnp.where(kc > qc, 0, jnp.where(kc == qc, 2, 1)).astype(jnp.int32)
+def _pair(
+    cfg: RingConfig,
+    q: jax.Array,
+    chunks: tuple[jax.Array, jax.Array],
+    k: jax.Array,
+    v: jax.Array,
+    lengths: tuple[jax.Array, jax.Array],
+) -> ca.Inputs:
+    """The chunked path's inputs for query chunk ``qc`` against key chunk ``kc``
+    (``chunks``): the global ``lengths`` made local, and query 0 placed at key position
+    ``(qc - kc) C``. The causal mask then skips a pair whose keys all follow its queries
+    (the loops over blocks are empty), masks the upper triangle of a diagonal pair and
+    leaves whole a pair whose keys all precede its queries, with no branch."""
+    (qc, kc), (q_len, kv_len) = chunks, lengths
+    local = (_lens(q_len, qc, cfg.chunk), _lens(kv_len, kc, cfg.chunk))
+    return ca.Inputs(q, k, v, None, None, *local, None, None, (qc - kc) * cfg.chunk)
 
 
-def _diag(cfg: RingConfig) -> ca.Config:
-    return cfg.inner._replace(is_causal=True)
+def _rotate(cfg: RingConfig, tree: T, after: Any) -> T:
+    """``tree`` sent to the next device on the ring once ``after`` is computed.
 
-
-def _merge(o, lse, o_p, lse_p, lowest):
-    """Two partial softmaxes of the same rows as one, by logsumexp; an empty part (logsumexp
-    at ``lowest``) adds nothing, and two empty parts stay empty."""
-    top = jnp.maximum(lse, lse_p)
-    a, b = jnp.exp(lse - top), jnp.exp(lse_p - top)
-    a, b = jnp.where(lse == lowest, 0.0, a), jnp.where(lse_p == lowest, 0.0, b)
-    total = a + b
-    empty = total == 0
-    safe = jnp.where(empty, 1.0, total)
-    o = (a[..., None] * o + b[..., None] * o_p) / safe[..., None]
-    return o, jnp.where(empty, lowest, top + jnp.log(safe))
-
-
-def _rotate(cfg: RingConfig, tree):
+    Each array goes out as ``x + 0 * (an element of after)``: without that dependence XLA
+    starts the sends at the top of the loop body, and every block in use is then held
+    twice (the one being used and the one received for the next step) through the step.
+    """
+    last = jax.tree.leaves(after)[-1]
+    tie = last[(0,) * last.ndim] * 0
     perm = [(i, (i + 1) % cfg.size) for i in range(cfg.size)]
-    return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
+
+    def send(x: jax.Array) -> jax.Array:
+        return lax.ppermute(x + tie.astype(x.dtype), cfg.axis_name, perm)
+
+    return jax.tree.map(send, tree)
 
 
-def _forward(cfg: RingConfig, q, k, v, sink, q_len, kv_len):
-    compute = ca._compute(cfg.inner)
-    lowest = jnp.finfo(compute).min
+def _forward(
+    cfg: RingConfig,
+    q: Pair,
+    k: Pair,
+    v: Pair,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+) -> tuple[tuple[Pair, Pair], tuple[Pair, Pair]]:
+    """``((out, lse), (k, v))``: each query chunk's online softmax, started from the sink
+    (or from nothing) and continued over every chunk pair it can see, in place; and the
+    keys and values after ``N`` moves round the ring, home again, which the backward pass
+    keeps (so the forward pass never holds a second copy of them)."""
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
-    q_lens = [_lens(q_len, c, cfg.chunk) for c in q_ids]
-    rows = q[0].shape[:-1]
-    empty = (jnp.zeros((*rows, v[0].shape[-1]), compute), jnp.full(rows, lowest, compute))
-    init = [_vma.match(empty, q, k, v, sink, q_len, kv_len)] * 2
 
-    def pair(qi, kc, k_blk, v_blk):
-        args = (q[qi], k_blk, v_blk, None, None, None, q_lens[qi])
-        args = (*args, _lens(kv_len, kc, cfg.chunk), None, None)
-        branches = (
-            lambda: init[0],
-            lambda: ca._forward(cfg.inner, *args),
-            lambda: ca._forward(_diag(cfg), *args),
-        )
-        return lax.switch(_pair_kind(cfg, q_ids[qi], kc), branches)
-
-    def step(s, carry):
+    def step(s: jax.Array, carry: tuple[Pair, Pair, tuple[Pair, Pair]]) -> Any:
         k, v, acc = carry
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
-        acc = list(acc)
-        for qi in range(2):
-            for ki in range(2):
-                o_p, lse_p = pair(qi, k_ids[ki], k[ki], v[ki])
-                acc[qi] = _merge(*acc[qi], o_p, lse_p, lowest)
-        k, v = lax.cond(s + 1 < cfg.size, lambda: _rotate(cfg, (k, v)), lambda: (k, v))
-        return k, v, tuple(acc)
+        out = list(acc)
+        for qi, ki in itertools.product(range(2), repeat=2):
+            chunks = (q_ids[qi], k_ids[ki])
+            x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
+            out[qi] = ca._forward(cfg.inner, x, None, state=out[qi])
+        return (*_rotate(cfg, (k, v), out), (out[0], out[1]))
 
-    _, _, acc = lax.fori_loop(0, cfg.size, step, (k, v, tuple(init)))
-    if sink is not None:
-        # The sink is one more entry of each row's normaliser: merged as a part with value 0.
-        s = jnp.broadcast_to(sink.astype(compute)[..., None], rows)
-        s = jnp.where(s == -jnp.inf, lowest, s)
-        acc = tuple(_merge(o, lse, jnp.zeros_like(o), s, lowest) for o, lse in acc)
-    return tuple(a[0] for a in acc), tuple(a[1] for a in acc)
+    init = tuple(ca.initial_state(cfg.inner, x, v[0], sink) for x in q)
+    init = _vma.match(init, q, k, v, sink, q_len, kv_len)
+    k, v, acc = lax.fori_loop(0, cfg.size, step, (k, v, init))
+    return ((acc[0][0], acc[1][0]), (acc[0][1], acc[1][1])), (k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring(cfg: RingConfig, q, k, v, sink, q_len, kv_len):
+def ring(
+    cfg: RingConfig,
+    q: Pair,
+    k: Pair,
+    v: Pair,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+) -> tuple[Pair, Pair]:
     """``(out, lse)`` of the local queries in ``_chunked_attention``'s canonical layout,
     each input and output a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k
     ``(B, Hkv, C, D)``, v ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths
     ``(B,)`` global. Empty rows have output 0 and logsumexp at the lowest float. Chunks
     are kept apart (never concatenated) so that no copy of the local block is made."""
-    return _forward(cfg, q, k, v, sink, q_len, kv_len)
+    return _forward(cfg, q, k, v, sink, q_len, kv_len)[0]
 
 
 @allow_rank_promotion
-def _fwd(cfg, q, k, v, sink, q_len, kv_len):
-    out, lse = _forward(cfg, q, k, v, sink, q_len, kv_len)
+def _fwd(
+    cfg: RingConfig,
+    q: Pair,
+    k: Pair,
+    v: Pair,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+) -> tuple[tuple[Pair, Pair], Residuals]:
+    (out, lse), (k, v) = _forward(cfg, q, k, v, sink, q_len, kv_len)
     return (out, lse), (q, k, v, sink, q_len, kv_len, out, lse)
 
 
@@ -153,59 +172,33 @@ def _bwd(cfg, residuals, cotangents):
     compute = ca._compute(cfg.inner)
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
-    q_lens = [_lens(q_len, c, cfg.chunk) for c in q_ids]
+    # The row terms and the sink's gradient first: the output is not held past them.
+    rows = [ca.row_terms(cfg.inner, *x) for x in zip(out, lse, d_out, d_lse, strict=True)]
+    d_sink = None
+    if sink is not None:
+        # Summed over this device's rows, then over the devices that share the sink.
+        d_sink = ca.sink_grad(sink, rows[0]) + ca.sink_grad(sink, rows[1])
+        d_sink = _vma.sum_to(d_sink, sink).astype(sink.dtype)
 
-    def pair(qi, kc, k_blk, v_blk):
-        lens = (q_lens[qi], _lens(kv_len, kc, cfg.chunk))
-        res = (q[qi], k_blk, v_blk, None, None, None, *lens, None, None, out[qi], lse[qi])
-        cot = (d_out[qi], d_lse[qi])
-
-        def skip():
-            zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in (q[qi], k_blk, v_blk))
-            return _vma.match(zeros, *res, *cot)
-
-        def full():
-            return ca._backward(cfg.inner, res, cot)[:3]
-
-        def diag():
-            return ca._backward(_diag(cfg), res, cot)[:3]
-
-        return lax.switch(_pair_kind(cfg, q_ids[qi], kc), (skip, full, diag))
-
-    def step(s, carry):
-        d_q, k, v, d_k, d_v = carry
+    def step(s: jax.Array, carry: tuple[Pair, ...]) -> tuple[Pair, ...]:
+        d_q, k, v, d_k, d_v = (list(x) for x in carry)
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
-        d_q, d_k, d_v = list(d_q), list(d_k), list(d_v)
-        for qi in range(2):
-            for ki in range(2):
-                dq_p, dk_p, dv_p = pair(qi, k_ids[ki], k[ki], v[ki])
-                d_q[qi] = d_q[qi] + dq_p.astype(compute)
-                d_k[ki] = d_k[ki] + dk_p.astype(compute)
-                d_v[ki] = d_v[ki] + dv_p.astype(compute)
-        # The gradients always move on (after N moves they are home); k and v need not.
-        k, v = lax.cond(s + 1 < cfg.size, lambda: _rotate(cfg, (k, v)), lambda: (k, v))
-        d_k, d_v = _rotate(cfg, (tuple(d_k), tuple(d_v)))
-        return tuple(d_q), k, v, d_k, d_v
+        for qi, ki in itertools.product(range(2), repeat=2):
+            chunks = (q_ids[qi], k_ids[ki])
+            x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
+            grads = ca.Grads(d_q[qi], d_k[ki], d_v[ki], None)
+            grads = ca.accumulate_grads(cfg.inner, x, d_out[qi], rows[qi], grads)
+            d_q[qi], d_k[ki], d_v[ki], _ = grads
+        # Keys, values and their gradients all move on: after N moves they are home.
+        moving = _rotate(cfg, (tuple(k), tuple(v), tuple(d_k), tuple(d_v)), d_q)
+        return (tuple(d_q), *moving)
 
     def zeros(xs):
         return tuple(jnp.zeros(x.shape, compute) for x in xs)
 
     init = (zeros(q), k, v, zeros(k), zeros(v))
-    init = _vma.match(init, q, k, v, sink, q_len, kv_len, out, lse, d_out, d_lse)
+    init = _vma.match(init, q, k, v, sink, q_len, kv_len, lse, d_out, d_lse)
     d_q, _, _, d_k, d_v = lax.fori_loop(0, cfg.size, step, init)
-    d_sink = None
-    if sink is not None:
-        # d sink = -sum_q p_sink_q * D_q over this device's rows (the sink is one more entry
-        # of each row, with no value), summed over the devices that share the sink.
-        lowest = jnp.finfo(compute).min
-        sink_c = sink.astype(compute)[..., None]
-        d_sink = 0.0
-        for o, lse_c, do, dl in zip(out, lse, d_out, d_lse, strict=True):
-            delta = jnp.sum(do.astype(compute) * o, axis=-1) - dl.astype(compute)
-            finite_lse = jnp.where(lse_c == lowest, 0.0, lse_c)
-            p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
-            d_sink = d_sink + ca._sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
-        d_sink = _vma.sum_to(d_sink, sink).astype(sink.dtype)
 
     def cast(xs, like):
         return tuple(x.astype(y.dtype) for x, y in zip(xs, like, strict=True))
