@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import (
-    _attention,
+    _attention_checks,
     _checks,
     _chunked_attention,
     _float_arithmetic,
@@ -107,7 +107,7 @@ def ring_attention(
     )
     dtype = jnp.dtype(dtype or jnp.result_type(query.dtype, key.dtype, value.dtype))
     query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
-    batch, q_len, heads, kv_len, kv_heads = _attention._check_shapes(query, key, value)
+    batch, q_len, heads, kv_len, kv_heads = _attention_checks.check_shapes(query, key, value)
     if q_len != kv_len or q_len % 2:
         raise ValueError(
             "ring_attention needs the queries, keys and values split alike, an even number "
@@ -120,10 +120,10 @@ def ring_attention(
     lengths = [
         jnp.full((n_batch,), total, jnp.int32)
         if n is None
-        else jnp.clip(_attention._check_lengths(n, name, batch).reshape(n_batch), 0, total)
+        else jnp.clip(_attention_checks.check_lengths(n, name, batch).reshape(n_batch), 0, total)
         for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
     ]
-    block_q, block_k = (min(b, chunk) for b in _attention._block_sizes(chunk_size))
+    block_q, block_k = (min(b, chunk) for b in _attention_checks.block_sizes(chunk_size))
     inner = _chunked_attention.Config(
         block_q=block_q,
         block_k=block_k,
@@ -151,7 +151,7 @@ def ring_attention(
     ]
     if sink is not None:
         sink = _checks.as_float_array(sink, "sink")
-        _attention._check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
+        _attention_checks.check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
         sink = jnp.broadcast_to(sink.astype(compute), (*batch, heads))
         sink = sink.reshape(n_batch, kv_heads, groups)
     outs, lses = _ring_blocks.ring(cfg, *halves, sink, *lengths)

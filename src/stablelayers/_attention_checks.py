@@ -1,0 +1,157 @@
+"""Checks of ``dot_product_attention``'s arguments, and the choice of its path. They run
+at trace time, on shapes and dtypes, so a bad argument fails when a function is traced."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from stablelayers import _checks
+from stablelayers._switches import forward_mode_enabled
+
+Shape = tuple[int, ...]
+LOGITS_LAYOUT = "(batch..., heads, q_len, kv_len)"
+# Below this many logits per (batch, head) the dense path is as fast and its memory small.
+CHUNKED_MIN_LOGITS = 1024 * 1024
+# Query and key block sizes of the chunked path, measured on CPU (benchmarks/attention.py).
+DEFAULT_CHUNK = (256, 512)
+
+
+def use_chunked(
+    implementation: str | None, q_len: int, kv_len: int, custom_einsum: bool, sows: bool
+) -> bool:
+    """Whether the chunked path runs: asked for, or chosen by size where it can run."""
+    if implementation not in (None, "dense", "chunked"):
+        raise ValueError(
+            f"`implementation` must be None, 'dense' or 'chunked', got {implementation!r}."
+        )
+    if implementation == "dense" or q_len == 0 or kv_len == 0:
+        return False
+    if custom_einsum or sows:
+        if implementation == "chunked":
+            raise ValueError(
+                "The chunked path never forms the attention weights, so it takes neither "
+                "custom einsums nor a `module` to sow them into (sow_weights=True); use "
+                "implementation='dense' or None."
+            )
+        return False
+    if forward_mode_enabled():
+        if implementation == "chunked":
+            raise ValueError(
+                "The chunked path has a reverse-mode rule only; inside "
+                "stablelayers.forward_mode() use implementation='dense' or None."
+            )
+        return False
+    return implementation == "chunked" or q_len * kv_len >= CHUNKED_MIN_LOGITS
+
+
+def either(
+    ours: ArrayLike | None, our_name: str, theirs: ArrayLike | None, their_name: str
+) -> ArrayLike | None:
+    """The one of two spellings of an argument that was given (jax.nn's or ours)."""
+    if theirs is None:
+        return ours
+    if ours is not None:
+        raise ValueError(f"`{our_name}` and jax.nn's `{their_name}` are the same; give one.")
+    return theirs
+
+
+def local_window(size: int | Sequence[int]) -> tuple[int, int]:
+    """jax.nn's ``local_window_size`` as ``(window, lookahead)``: key ``k`` is visible from
+    query ``q`` when ``q - left <= k <= q + right``, that is ``q - k < left + 1`` (the
+    look-back ``window``) and ``k - q <= right``; an int is ``(size, size)``."""
+    left, right = (size, size) if not isinstance(size, (tuple, list)) else size
+    left = _checks.positive_int(operator.index(left) + 1, "local_window_size") - 1
+    right = _checks.positive_int(operator.index(right) + 1, "local_window_size") - 1
+    return left + 1, right
+
+
+def implementation_name(implementation: str | None) -> str | None:
+    """jax.nn's ``implementation`` as one of ours."""
+    if implementation == "xla":
+        # jax.nn's XLA implementation: both of stablelayers' paths are XLA code.
+        return None
+    if implementation == "cudnn":
+        raise ValueError(
+            "implementation='cudnn' calls cuDNN's fused attention, which stablelayers does "
+            "not use (its fully masked rows would be the mean of the values, not 0); use "
+            "implementation=None, 'dense' or 'chunked', or call "
+            "jax.nn.dot_product_attention for cuDNN."
+        )
+    return implementation
+
+
+def block_sizes(chunk_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """``(query block, key block)`` from ``chunk_size``: an int for both, or a pair."""
+    if chunk_size is None:
+        return DEFAULT_CHUNK
+    if isinstance(chunk_size, (tuple, list)):
+        if len(chunk_size) != 2:
+            raise ValueError(
+                "`chunk_size` must be an int or a pair (query block, key block), got "
+                f"{chunk_size!r}."
+            )
+        block_q, block_k = (_checks.positive_int(n, "chunk_size") for n in chunk_size)
+        return block_q, block_k
+    size = _checks.positive_int(chunk_size, "chunk_size")
+    return size, size
+
+
+def check_lengths(lengths: ArrayLike | None, name: str, batch: Shape) -> jax.Array | None:
+    """Per-batch lengths as int32 of shape ``batch``, or ``None``."""
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"`{name}` must be an integer array, got dtype {lengths.dtype}.")
+    check_broadcast(name, lengths.shape, batch, "(batch...)")
+    return jnp.broadcast_to(lengths, batch).astype(jnp.int32)
+
+
+def check_shapes(
+    query: jax.Array, key: jax.Array, value: jax.Array
+) -> tuple[Shape, int, int, int, int]:
+    """``(batch, q_len, heads, kv_len, kv_heads)`` of inputs laid out as
+    ``(batch..., length, heads, head_dim)``."""
+    if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
+        raise ValueError(
+            "`query`, `key` and `value` must have the same rank, at least 3 "
+            "(batch..., length, heads, head_dim); got shapes "
+            f"{query.shape}, {key.shape}, {value.shape}."
+        )
+    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        raise ValueError(
+            "`query`, `key` and `value` must have the same batch dimensions; got shapes "
+            f"{query.shape}, {key.shape}, {value.shape}."
+        )
+    *batch, q_len, heads, qk_dim = query.shape
+    kv_len, kv_heads, _ = key.shape[-3:]
+    if key.shape[-1] != qk_dim:
+        raise ValueError(
+            f"`query` and `key` head dimensions differ: {qk_dim} and {key.shape[-1]}."
+        )
+    if value.shape[-3:-1] != (kv_len, kv_heads):
+        raise ValueError(
+            "`key` and `value` must agree in length and number of heads; got shapes "
+            f"{key.shape} and {value.shape}."
+        )
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"`query` has {heads} heads, which is not a multiple of the {kv_heads} heads "
+            "of `key` and `value`."
+        )
+    return tuple(batch), q_len, heads, kv_len, kv_heads
+
+
+def check_broadcast(
+    name: str, shape: Shape, target: Shape, layout: str = LOGITS_LAYOUT
+) -> None:
+    if not _checks.broadcasts_to(tuple(shape), target):
+        raise ValueError(
+            f"`{name}` of shape {tuple(shape)} does not broadcast to {target}, which is "
+            f"{layout} for these inputs."
+        )

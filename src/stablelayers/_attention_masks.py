@@ -1,0 +1,110 @@
+"""Which (query, key) pairs attention lets through, and the inputs no pair uses.
+
+One rule for both paths: the dense path applies ``position_mask`` to the whole
+``(q_len, kv_len)`` grid (``dense_mask``), the chunked path to each block's positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """``a & b``, where ``None`` lets everything through."""
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def position_mask(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    is_causal: bool,
+    window: int | None,
+    lookahead: int | None,
+) -> jax.Array | None:
+    """Which pairs the structure lets through: key ``k`` is visible from query ``q`` when
+    ``k <= q`` (causal), ``q - k < window`` (look-back) and ``k - q <= lookahead``;
+    ``None`` when nothing is restricted. ``q_pos`` and ``k_pos`` broadcast together."""
+    visible = None
+    if is_causal:
+        visible = k_pos <= q_pos
+    if window is not None:
+        visible = both(visible, q_pos - k_pos < window)
+    if lookahead is not None:
+        visible = both(visible, k_pos - q_pos <= lookahead)
+    return visible
+
+
+def dense_mask(
+    mask: jax.Array | None,
+    is_causal: bool,
+    window: int | None,
+    lookahead: int | None,
+    lengths: tuple[jax.Array | None, jax.Array | None],
+    logits_shape: tuple[int, ...],
+) -> jax.Array | None:
+    """The boolean mask of the dense path's ``(batch..., heads, q_len, kv_len)`` logits:
+    ``mask``, the structure and the per-batch lengths together; ``None`` for no mask."""
+    q_len, kv_len = logits_shape[-2:]
+    q_pos = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
+    k_pos = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
+    where = both(mask, position_mask(q_pos, k_pos, is_causal, window, lookahead))
+    q_lengths, kv_lengths = lengths
+    if q_lengths is not None:
+        where = both(where, q_pos < q_lengths[..., None, None, None])
+    if kv_lengths is not None:
+        where = both(where, k_pos < kv_lengths[..., None, None, None])
+    return where
+
+
+def silence_dead_rows(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    q_lengths: jax.Array | None,
+    kv_lengths: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero the queries, keys and values that no pair of the attention uses.
+
+    A key that every query masks (padding past ``key_lengths``, or a mask column that is
+    False throughout) has weight 0 in every row, but 0 times the NaN or inf that padding
+    may hold is NaN: in the weighted sum, and in the gradient of the query through the
+    logits. Likewise a query that attends nothing, in the gradient of the keys. Zeroed,
+    they contribute exactly nothing, and their own gradients are exactly 0.
+    """
+    if mask is None and q_lengths is None and kv_lengths is None:
+        return query, key, value
+    batch, q_len = query.shape[:-3], query.shape[-3]
+    kv_len = key.shape[-3]
+    q_live = live_positions(mask, q_lengths, batch, q_len, reduce=(-3, -1))
+    k_live = live_positions(mask, kv_lengths, batch, kv_len, reduce=(-3, -2))
+    if q_live is not None:
+        query = jnp.where(q_live[..., None, None], query, 0)
+    if k_live is not None:
+        key = jnp.where(k_live[..., None, None], key, 0)
+        value = jnp.where(k_live[..., None, None], value, 0)
+    return query, key, value
+
+
+def live_positions(
+    mask: jax.Array | None,
+    lengths: jax.Array | None,
+    batch: tuple[int, ...],
+    n: int,
+    reduce: tuple[int, int],
+) -> jax.Array | None:
+    """Per batch entry, which of ``n`` positions some pair may use: below ``lengths`` and
+    not masked along the mask's heads and other positions; shape ``(batch..., n)``."""
+    live = None
+    if mask is not None:
+        full = mask.reshape((1,) * (len(batch) + 3 - mask.ndim) + mask.shape)
+        any_live = jnp.any(full, axis=reduce)
+        live = jnp.broadcast_to(any_live, (*batch, n))
+    if lengths is not None:
+        below = jnp.arange(n, dtype=jnp.int32) < lengths[..., None]
+        live = below if live is None else live & below
+    return live

@@ -1,0 +1,130 @@
+"""``dot_product_attention``'s layout to the chunked path's and back.
+
+The public layout is ``(batch..., length, heads, head_dim)`` with grouped key/value heads;
+``_chunked_attention`` takes ``(B, kv_heads, groups, length, head_dim)`` queries and
+``(B, kv_heads, length, head_dim)`` keys and values, lengths padded to whole blocks, and
+masks and biases with each dimension 1 or full.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from stablelayers import _chunked_attention
+from stablelayers._attention_checks import block_sizes
+from stablelayers._float_arithmetic import compute_dtype
+
+
+def chunked(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    sink: jax.Array | None,
+    q_lengths: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    *,
+    scale: float,
+    is_causal: bool,
+    window: int | None,
+    lookahead: int | None,
+    precision: lax.PrecisionLike,
+    chunk_size: int | tuple[int, int] | None,
+    dropout: tuple[jax.Array, ArrayLike, bool] | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The chunked path on ``dot_product_attention``'s checked arguments: ``(out, lse)``,
+    ``out`` as ``(batch..., q_len, heads, v_dim)`` and ``lse`` as ``(batch..., heads,
+    q_len)``, with the lowest float marking a row that attends nothing."""
+    batch = query.shape[:-3]
+    q_len, heads, qk_dim = query.shape[-3:]
+    kv_len, kv_heads, v_dim = value.shape[-3:]
+    groups = heads // kv_heads
+    n_batch = math.prod(batch)
+    dtype = query.dtype
+    compute = compute_dtype(dtype)
+    block_q, block_k = block_sizes(chunk_size)
+    block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
+    q_pad, kv_pad = -q_len % block_q, -kv_len % block_k
+
+    q = query.reshape(n_batch, q_len, kv_heads, groups, qk_dim).transpose(0, 2, 3, 1, 4)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, q_pad), (0, 0)))
+    k, v = (
+        jnp.pad(
+            x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3),
+            ((0, 0), (0, 0), (0, kv_pad), (0, 0)),
+        )
+        for x in (key, value)
+    )
+    shape = (batch, kv_heads, groups, q_len, kv_len, q_pad, kv_pad)
+    bias = None if bias is None else _canonical(bias.astype(compute), *shape)
+    mask = None if mask is None else _canonical(mask, *shape)
+    if sink is not None:
+        sink = sink.reshape((1,) * (len(batch) + 1 - sink.ndim) + sink.shape)
+        if math.prod(sink.shape[: len(batch)]) == 1:
+            sink = sink.reshape(1, sink.shape[-1])
+        else:
+            sink = jnp.broadcast_to(sink, (*batch, sink.shape[-1])).reshape(n_batch, -1)
+        sink = sink.reshape(
+            sink.shape[0], *((kv_heads, groups) if sink.shape[1] > 1 else (1, 1))
+        )
+    q_lengths, kv_lengths = (
+        jnp.full((n_batch,), n, jnp.int32)
+        if lengths is None
+        else jnp.clip(lengths.reshape(n_batch), 0, n)
+        for lengths, n in ((q_lengths, q_len), (kv_lengths, kv_len))
+    )
+    rng = rate = None
+    if dropout is not None:
+        rng, rate, broadcast = dropout
+        rate = jnp.asarray(lax.stop_gradient(rate), compute)
+    cfg = _chunked_attention.Config(
+        block_q=block_q,
+        block_k=block_k,
+        scale=float(scale),
+        is_causal=bool(is_causal),
+        window=window,
+        lookahead=lookahead,
+        dtype=dtype,
+        precision=precision,
+        broadcast_dropout=dropout is not None and bool(broadcast),
+        dropout=dropout is not None,
+    )
+    out, lse = _chunked_attention.chunked_attention(
+        cfg, q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate
+    )
+    out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, v_dim)
+    lse = lse[:, :, :, :q_len].reshape(*batch, heads, q_len)
+    return out.astype(dtype), lse
+
+
+def _canonical(
+    x: jax.Array,
+    batch: tuple[int, ...],
+    kv_heads: int,
+    groups: int,
+    q_len: int,
+    kv_len: int,
+    q_pad: int,
+    kv_pad: int,
+) -> jax.Array:
+    """``x``, broadcastable to ``(batch..., heads, q_len, kv_len)``, as the chunked path's
+    5-D ``(B, kv_heads, groups, q_len, kv_len)``, each dimension 1 or full, padded."""
+    nd = len(batch)
+    x = x.reshape((1,) * (nd + 3 - x.ndim) + x.shape)
+    tail = x.shape[nd:]
+    if math.prod(x.shape[:nd]) == 1:
+        x = x.reshape(1, *tail)
+    else:
+        x = jnp.broadcast_to(x, (*batch, *tail)).reshape(math.prod(batch), *tail)
+    heads = (kv_heads, groups) if tail[0] > 1 else (1, 1)
+    x = x.reshape(x.shape[0], *heads, *tail[1:])
+    pads = [(0, 0)] * 3 + [
+        (0, pad if n > 1 else 0) for n, pad in ((tail[1], q_pad), (tail[2], kv_pad))
+    ]
+    return jnp.pad(x, pads)

@@ -1,0 +1,123 @@
+"""The dense path of ``dot_product_attention``: the ``(batch..., heads, q_len, kv_len)``
+logits formed whole, masked, through :func:`stablelayers.masked_softmax`, and onto the
+values. The path for short sequences, custom einsums and sown weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from stablelayers._attention_masks import dense_mask
+from stablelayers._float_arithmetic import compute_dtype
+from stablelayers._logsumexp import lse_rows
+from stablelayers._softmax import masked_softmax
+
+Einsum = Callable[..., jax.Array]
+
+
+def dense(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    sink: jax.Array | None,
+    lengths: tuple[jax.Array | None, jax.Array | None],
+    *,
+    scale: float,
+    is_causal: bool,
+    window: int | None,
+    lookahead: int | None,
+    precision: lax.PrecisionLike,
+    dropout: tuple[jax.Array, ArrayLike, bool] | None,
+    qk_einsum: Einsum | None,
+    wv_einsum: Einsum | None,
+    dot_general: Callable[..., jax.Array] | None,
+    module: Any,
+    sown_dtype: jnp.dtype,
+    want_lse: bool,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(out, lse)`` on ``dot_product_attention``'s checked arguments: ``out`` as
+    ``(batch..., q_len, heads, v_dim)``, and with ``want_lse`` the logsumexp of each row's
+    logits (sink included) as ``(batch..., heads, q_len)``, ``-inf`` for an empty row."""
+    batch = query.shape[:-3]
+    q_len, heads, _ = query.shape[-3:]
+    kv_len, kv_heads, _ = key.shape[-3:]
+    dtype = query.dtype
+    compute = compute_dtype(dtype)
+    logits_shape = (*batch, heads, q_len, kv_len)
+    groups = heads // kv_heads
+    if qk_einsum is not None and groups > 1:
+        # A custom einsum only promises Flax's two subscripts, so expand the kv heads.
+        key, value = jnp.repeat(key, groups, axis=-2), jnp.repeat(value, groups, axis=-2)
+        kv_heads, groups = heads, 1
+
+    if qk_einsum is not None:
+        logits = qk_einsum("...qhd,...khd->...hqk", query, key).astype(compute)
+    else:
+        grouped_query = query.reshape(*batch, q_len, kv_heads, groups, query.shape[-1])
+        logits = jnp.einsum(
+            "...qhgd,...khd->...hgqk",
+            grouped_query,
+            key,
+            precision=precision,
+            preferred_element_type=compute,
+            _dot_general=dot_general or lax.dot_general,
+        ).reshape(logits_shape)
+    logits = logits * jnp.asarray(scale, compute)
+    if bias is not None:
+        logits = logits + bias.astype(compute)
+
+    where = dense_mask(mask, is_causal, window, lookahead, lengths, logits_shape)
+    row_sink = None if sink is None else sink[..., None]
+    weights = masked_softmax(logits, where=where, sink=row_sink)
+    lse = _logsumexp(logits, where, row_sink) if want_lse else None
+
+    if module is not None:
+        # The string names the same collection in Linen and NNX (nnx.Intermediate).
+        module.sow("intermediates", "attention_weights", weights.astype(sown_dtype))
+    if dropout is not None:
+        rng, rate, broadcast = dropout
+        keep_prob = 1.0 - lax.stop_gradient(rate)
+        # Flax's pattern: with broadcast_dropout, one (q_len, kv_len) draw for all batch
+        # entries and heads; the same key therefore drops the same weights as Flax.
+        shape = (1,) * (len(batch) + 1) + (q_len, kv_len) if broadcast else logits_shape
+        keep = jax.random.bernoulli(rng, keep_prob, shape)
+        weights = weights * (keep.astype(compute) / jnp.asarray(keep_prob, compute))
+
+    if wv_einsum is not None:
+        out = wv_einsum("...hqk,...khd->...qhd", weights.astype(dtype), value).astype(dtype)
+        return out, lse
+    grouped_weights = weights.astype(dtype).reshape(*batch, kv_heads, groups, q_len, kv_len)
+    out = jnp.einsum(
+        "...hgqk,...khd->...qhgd",
+        grouped_weights,
+        value,
+        precision=precision,
+        preferred_element_type=compute,
+        _dot_general=dot_general or lax.dot_general,
+    )
+    return out.reshape(*batch, q_len, heads, value.shape[-1]).astype(dtype), lse
+
+
+def _logsumexp(logits: jax.Array, where: jax.Array | None, sink: jax.Array | None) -> jax.Array:
+    """``log(exp(sink) + sum of exp over the unmasked logits)`` per row, ``-inf`` for a row
+    with nothing: the sink is one more entry of the row, always unmasked."""
+    if sink is not None:
+        row_shape = (*logits.shape[:-1], 1)
+        live = jnp.ones(logits.shape, bool) if where is None else where
+        where = jnp.concatenate(
+            [jnp.broadcast_to(live, logits.shape), jnp.ones(row_shape, bool)], axis=-1
+        )
+        logits = jnp.concatenate(
+            [logits, jnp.broadcast_to(sink[..., None], row_shape)], axis=-1
+        )
+    if logits.shape[-1] == 0:
+        return jnp.full(logits.shape[:-1], -jnp.inf, logits.dtype)
+    lse, _ = lse_rows(logits, where, None, (logits.ndim - 1,), -jnp.inf)
+    return lse[..., 0]
