@@ -24,58 +24,18 @@ gradient exactly 0; masked places never reach a sum, so NaN or inf there does no
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers import _chunked_blocks as cb
 from stablelayers import _vma
+from stablelayers._chunked_blocks import Config as Config
+from stablelayers._chunked_blocks import Grads as Grads
+from stablelayers._chunked_blocks import Inputs as Inputs
 from stablelayers._rank_promotion import allow_rank_promotion
-
-
-class Config(NamedTuple):
-    """The static part of a call: hashable, passed as a non-differentiable argument."""
-
-    block_q: int
-    block_k: int
-    scale: float
-    is_causal: bool
-    window: int | None
-    dtype: jnp.dtype  # of the matmul inputs; logits and softmax are float32 or wider
-    precision: lax.PrecisionLike
-    broadcast_dropout: bool
-    dropout: bool
-    # jax.nn's right window: key k is masked from query q when k - q > lookahead.
-    lookahead: int | None = None
-
-
-class Inputs(NamedTuple):
-    """A call's arrays, in the canonical layout (see the module docstring)."""
-
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    bias: jax.Array | None
-    mask: jax.Array | None
-    q_len: jax.Array
-    kv_len: jax.Array
-    rng: jax.Array | None
-    rate: jax.Array | None
-    # Where query 0 sits in key positions, for the causal mask and the window (the ring's
-    # chunk pairs); 0 on one device.
-    offset: jax.Array | int = 0
-
-
-class Grads(NamedTuple):
-    """Gradients being summed, in the compute dtype: shapes of q, k, v and bias."""
-
-    d_q: jax.Array
-    d_k: jax.Array
-    d_v: jax.Array
-    d_bias: jax.Array | None
-
 
 # (dq, dk, dv, d_bias) of one key block, dk and dv transposed: (B, Hkv, D, block_k).
 _BlockGrads = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
@@ -85,120 +45,15 @@ _Online = tuple[jax.Array, jax.Array, jax.Array]
 Residuals = tuple[Any, ...]
 
 
-def _compute(cfg: Config) -> jnp.dtype:
-    """The dtype of logits, softmax and sums: float32, or the input dtype if wider."""
-    return jnp.dtype(jnp.float32) if jnp.finfo(cfg.dtype).bits <= 32 else jnp.dtype(cfg.dtype)
-
-
-def _mm(cfg: Config, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``einsum(spec, a, b)`` at ``cfg.precision``, summed in the compute dtype."""
-    return jnp.einsum(spec, a, b, precision=cfg.precision, preferred_element_type=_compute(cfg))
-
-
-def _slice(x, axis, start, size):
-    """``x[..., start:start + size, ...]`` along ``axis``, or ``x`` where that axis is 1."""
-    if x.shape[axis] == 1:
-        return x
-    return lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-def _add_slice(total, axis_starts, part):
-    """``total`` with ``part`` added at ``axis_starts`` (a start per axis of size > 1)."""
-    starts = [
-        jnp.asarray(s if total.shape[a] > 1 else 0, jnp.int32)
-        for a, s in enumerate(axis_starts)
-    ]
-    current = lax.dynamic_slice(total, starts, part.shape)
-    return lax.dynamic_update_slice(total, current + part, starts)
-
-
-def _kv_range(
-    cfg: Config, x: Inputs, i: jax.Array, n_k: int, kv_max: jax.Array, q_max: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Key blocks ``[lo, hi)`` that query block ``i`` can see."""
-    first = i * cfg.block_q + x.offset  # the block's first query, in key positions
-    last = first + cfg.block_q - 1
-    hi = (jnp.minimum(kv_max, last + 1) if cfg.is_causal else kv_max) + cfg.block_k - 1
-    hi = jnp.minimum(hi // cfg.block_k, n_k)
-    lo = jnp.int32(0)
-    if cfg.window is not None:
-        lo = jnp.maximum(first - cfg.window + 1, 0) // cfg.block_k
-    hi = jnp.where(i * cfg.block_q < q_max, hi, lo)
-    return lo, jnp.maximum(hi, lo)
-
-
-def _q_range(
-    cfg: Config, x: Inputs, j: jax.Array, n_q: int, q_max: jax.Array, kv_max: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Query blocks ``[lo, hi)`` that see key block ``j``."""
-    first = j * cfg.block_k - x.offset  # the block's first key, in query positions
-    lo = jnp.maximum(first, 0) // cfg.block_q if cfg.is_causal else jnp.int32(0)
-    hi = (q_max + cfg.block_q - 1) // cfg.block_q
-    if cfg.window is not None:
-        hi = jnp.minimum(hi, (first + cfg.block_k + cfg.window - 2) // cfg.block_q + 1)
-    hi = jnp.where(j * cfg.block_k < kv_max, jnp.minimum(hi, n_q), lo)
-    return lo, jnp.maximum(hi, lo)
-
-
-def _block_logits(
-    cfg: Config, x: Inputs, i: jax.Array, j: jax.Array, q_blk: jax.Array, k_blk: jax.Array
-) -> jax.Array:
-    """Scaled logits of block ``(i, j)``, ``(B, Hkv, G, block_q, block_k)``, with invalid
-    places (and ``-inf`` logits, which a ``-inf`` bias makes) at the lowest finite float and
-    every valid one above it: nothing here is infinite unless the input is
-    (``jax.debug_infs`` checks every intermediate in eager mode), and ``s > lowest`` tells
-    the valid places. Query ``q`` and key ``k`` are compared at ``q + offset`` and ``k``."""
-    compute = _compute(cfg)
-    s = _mm(cfg, "bhgqd,bhkd->bhgqk", q_blk, k_blk) * jnp.asarray(cfg.scale, compute)
-    q0, k0 = i * cfg.block_q, j * cfg.block_k
-    if x.bias is not None:
-        s = s + _slice(_slice(x.bias, 3, q0, cfg.block_q), 4, k0, cfg.block_k).astype(compute)
-
-    q_pos = q0 + lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
-    k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-    valid = (k_pos < x.kv_len[:, None, None, None, None]) & (
-        q_pos < x.q_len[:, None, None, None, None]
-    )
-    q_pos = q_pos + x.offset
-    if cfg.is_causal:
-        valid = valid & (k_pos <= q_pos)
-    if cfg.window is not None:
-        valid = valid & (q_pos - k_pos < cfg.window)
-    if cfg.lookahead is not None:
-        valid = valid & (k_pos - q_pos <= cfg.lookahead)
-    if x.mask is not None:
-        valid = valid & _slice(_slice(x.mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
-    valid = valid & (s != -jnp.inf)
-    # A +inf logit (from a +inf bias, or q.k overflowing) becomes the largest float: the
-    # running max stays finite, so s - max is 0 there and -inf-like elsewhere, and the row's
-    # mass is shared among its +inf entries as on the dense path, instead of inf - inf = NaN.
-    lowest = jnp.finfo(compute).min
-    s = jnp.clip(s, jnp.nextafter(lowest, jnp.zeros((), compute)), jnp.finfo(compute).max)
-    return jnp.where(valid, s, lowest)
-
-
-def _keep(
-    cfg: Config, x: Inputs, i: jax.Array, j: jax.Array, shape: tuple[int, ...]
-) -> jax.Array:
-    """The dropout keep mask of block ``(i, j)``, scaled by ``1 / keep_prob``."""
-    assert x.rng is not None and x.rate is not None
-    keep_prob = 1.0 - x.rate
-    if cfg.broadcast_dropout:
-        shape = (1, 1, 1, *shape[-2:])
-    block_rng = jax.random.fold_in(jax.random.fold_in(x.rng, i), j)
-    keep = jax.random.bernoulli(block_rng, keep_prob, shape)
-    return jnp.where(keep, 1.0 / keep_prob, 0.0).astype(_compute(cfg))
-
-
 def initial_state(
     cfg: Config, q: jax.Array, v: jax.Array, sink: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
     """``(out, lse)`` of rows that have seen no key yet: output 0 and logsumexp at the
     lowest float (empty), or with a sink, the sink's logit: the sink is one more entry of
     each row, with value 0. Shapes ``(B, Hkv, G, Lq, Dv)`` and ``(B, Hkv, G, Lq)``."""
-    compute = _compute(cfg)
+    compute = cb.compute_dtype(cfg)
     rows = q.shape[:-1]
-    lowest = jnp.finfo(compute).min
+    lowest = cb.lowest(compute)
     if sink is None:
         lse = jnp.full(rows, lowest, compute)
     else:
@@ -207,7 +62,7 @@ def initial_state(
     return jnp.zeros((*rows, v.shape[-1]), compute), lse
 
 
-def _forward(
+def forward(
     cfg: Config,
     x: Inputs,
     sink: jax.Array | None,
@@ -220,10 +75,10 @@ def _forward(
     the end ``out = acc / l``, ``lse = m + log l``. Continuing from a state is the
     logsumexp merge of two partial softmaxes, written over the state in place."""
     q, k, v = x.q, x.k, x.v
-    compute = _compute(cfg)
+    compute = cb.compute_dtype(cfg)
     n_q, n_k = q.shape[3] // cfg.block_q, k.shape[2] // cfg.block_k
     q_max, kv_max = jnp.max(x.q_len), jnp.max(x.kv_len)
-    lowest = jnp.finfo(compute).min
+    lowest = cb.lowest(compute)
 
     def query_block(
         i: jax.Array, carry: tuple[jax.Array, jax.Array]
@@ -236,18 +91,18 @@ def _forward(
             m, l, acc = state
             k_blk = lax.dynamic_slice_in_dim(k, j * cfg.block_k, cfg.block_k, 2)
             v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
-            s = _block_logits(cfg, x, i, j, q_blk, k_blk)
+            s = cb.block_logits(cfg, x, i, j, q_blk, k_blk)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.where(s > lowest, jnp.exp(s - shift[..., None]), 0.0)
             alpha = jnp.exp(m - shift)
             l = alpha * l + jnp.sum(p, axis=-1)
             if cfg.dropout:
-                p = p * _keep(cfg, x, i, j, p.shape)
-            pv = _mm(cfg, "bhgqk,bhkd->bhgqd", p.astype(cfg.dtype), v_blk)
+                p = p * cb.keep_mask(cfg, x, i, j, p.shape)
+            pv = cb.mm(cfg, "bhgqk,bhkd->bhgqd", p.astype(cfg.dtype), v_blk)
             return m_new, l, alpha[..., None] * acc + pv
 
-        lo, hi = (b.astype(jnp.int32) for b in _kv_range(cfg, x, i, n_k, kv_max, q_max))
+        lo, hi = (b.astype(jnp.int32) for b in cb.kv_range(cfg, x, i, n_k, kv_max, q_max))
         m0 = lax.dynamic_slice_in_dim(lse, q0, cfg.block_q, 3)
         l0 = jnp.where(m0 == lowest, 0.0, 1.0).astype(compute)
         acc0 = lax.dynamic_slice_in_dim(out, q0, cfg.block_q, 3)
@@ -265,7 +120,7 @@ def _forward(
     if state is None:
         state = initial_state(cfg, q, v, sink)
     state = _vma.match(state, x, sink)
-    return lax.fori_loop(0, n_q, query_block, state)
+    return cast(tuple[jax.Array, jax.Array], lax.fori_loop(0, n_q, query_block, state))
 
 
 def row_terms(
@@ -275,9 +130,9 @@ def row_terms(
     empty row's (the lowest float) made 0, and ``D = rowsum(dO * O) - d_lse``, the softmax
     backward's row term (a logsumexp cotangent enters as ``d s_qk += p_qk d_lse_q``, with
     the opposite sign). Computed once, so that ``out`` is not needed afterwards."""
-    compute = _compute(cfg)
+    compute = cb.compute_dtype(cfg)
     delta = jnp.sum(d_out.astype(compute) * out, axis=-1) - d_lse.astype(compute)
-    return jnp.where(lse == jnp.finfo(compute).min, 0.0, lse), delta
+    return jnp.where(lse == cb.lowest(compute), 0.0, lse), delta
 
 
 @allow_rank_promotion
@@ -294,9 +149,9 @@ def accumulate_grads(
     ``dq += scale dS k``, ``dk += scale dS^T q``, ``dv += p^T dO``. The sums are added
     into ``grads`` in place, so a caller that calls it for several key blocks (the ring)
     holds one set of gradients, not one per call."""
-    q, k, v, bias = inputs[:4]
+    q, k, v = inputs[:3]
     finite_lse, delta = rows
-    compute = _compute(cfg)
+    compute = cb.compute_dtype(cfg)
     n_q, n_k = q.shape[3] // cfg.block_q, k.shape[2] // cfg.block_k
     q_max, kv_max = jnp.max(inputs.q_len), jnp.max(inputs.kv_len)
     d_out_mm = d_out.astype(cfg.dtype)
@@ -314,42 +169,42 @@ def accumulate_grads(
             do_blk = lax.dynamic_slice_in_dim(d_out_mm, q0, cfg.block_q, 3)
             lse_blk = lax.dynamic_slice_in_dim(finite_lse, q0, cfg.block_q, 3)
             delta_blk = lax.dynamic_slice_in_dim(delta, q0, cfg.block_q, 3)
-            s = _block_logits(cfg, inputs, i, j, q_blk, k_blk)
-            valid = s > jnp.finfo(compute).min
+            s = cb.block_logits(cfg, inputs, i, j, q_blk, k_blk)
+            valid = s > cb.lowest(compute)
             p = jnp.where(valid, jnp.exp(s - lse_blk[..., None]), 0.0)
-            dp = _mm(cfg, "bhgqd,bhkd->bhgqk", do_blk, v_blk)
+            dp = cb.mm(cfg, "bhgqd,bhkd->bhgqk", do_blk, v_blk)
             p_used = p
             if cfg.dropout:
-                keep = _keep(cfg, inputs, i, j, p.shape)
+                keep = cb.keep_mask(cfg, inputs, i, j, p.shape)
                 p_used = p * keep
                 dp = dp * keep
             # dV and dK are accumulated transposed, (d, k): the block's probabilities and
             # dS are then the right-hand operands in their own layout, where (k, d) would
             # make XLA write a transposed copy of each (or recompute them).
-            dv_blk = dv_blk + _mm(cfg, "bhgqd,bhgqk->bhdk", do_blk, p_used.astype(cfg.dtype))
+            dv_blk = dv_blk + cb.mm(cfg, "bhgqd,bhgqk->bhdk", do_blk, p_used.astype(cfg.dtype))
             # Exactly 0 where p is: a masked place or an empty row passes nothing on.
             ds = jnp.where(p == 0, 0.0, p * (dp - delta_blk[..., None]))
             if d_bias is not None:
-                part = _sum_to(ds, bias.shape)
-                d_bias = _add_slice(d_bias, (0, 0, 0, q0, j * cfg.block_k), part)
+                part = cb.sum_to(ds, d_bias.shape)
+                d_bias = cb.add_slice(d_bias, (0, 0, 0, q0, j * cfg.block_k), part)
             ds_mm = ds.astype(cfg.dtype)
-            dq_part = _mm(cfg, "bhgqk,bhkd->bhgqd", ds_mm, k_blk)
-            d_q = _add_slice(d_q, (0, 0, 0, q0, 0), dq_part * scale)
-            dk_blk = dk_blk + _mm(cfg, "bhgqd,bhgqk->bhdk", q_blk, ds_mm)
+            dq_part = cb.mm(cfg, "bhgqk,bhkd->bhgqd", ds_mm, k_blk)
+            d_q = cb.add_slice(d_q, (0, 0, 0, q0, 0), dq_part * scale)
+            dk_blk = dk_blk + cb.mm(cfg, "bhgqd,bhgqk->bhdk", q_blk, ds_mm)
             return d_q, dk_blk, dv_blk, d_bias
 
-        q_range = _q_range(cfg, inputs, j, n_q, q_max, kv_max)
+        q_range = cb.q_range(cfg, inputs, j, n_q, q_max, kv_max)
         lo, hi = (b.astype(jnp.int32) for b in q_range)
         dk0 = jnp.zeros(jnp.swapaxes(k_blk, 2, 3).shape, compute)
         dv0 = jnp.zeros(jnp.swapaxes(v_blk, 2, 3).shape, compute)
         init = _vma.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, finite_lse)
         d_q, dk_blk, dv_blk, d_bias = lax.fori_loop(lo, hi, query_block, init)
         start = (0, 0, j * cfg.block_k, 0)
-        d_k = _add_slice(d_k, start, jnp.swapaxes(dk_blk, 2, 3) * scale)
-        d_v = _add_slice(d_v, start, jnp.swapaxes(dv_blk, 2, 3))
+        d_k = cb.add_slice(d_k, start, jnp.swapaxes(dk_blk, 2, 3) * scale)
+        d_v = cb.add_slice(d_v, start, jnp.swapaxes(dv_blk, 2, 3))
         return Grads(d_q, d_k, d_v, d_bias)
 
-    return lax.fori_loop(0, n_k, key_block, grads)
+    return cast(Grads, lax.fori_loop(0, n_k, key_block, grads))
 
 
 def sink_grad(sink: jax.Array, rows: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -359,7 +214,7 @@ def sink_grad(sink: jax.Array, rows: tuple[jax.Array, jax.Array]) -> jax.Array:
     finite_lse, delta = rows
     sink_c = sink.astype(delta.dtype)[..., None]
     p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
-    return _sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
+    return cb.sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
 
 
 @allow_rank_promotion
@@ -370,32 +225,18 @@ def _backward(
     d_out, d_lse = cotangents
     rows = row_terms(cfg, out, lse, d_out, d_lse)
     inputs = Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate)
-    zeros = [None if x is None else jnp.zeros(x.shape, _compute(cfg)) for x in (q, k, v, bias)]
-    grads = _vma.match(Grads(*zeros), q, k, v, d_out, lse, sink, q_len, kv_len)
-    d_q, d_k, d_v, d_bias = accumulate_grads(cfg, inputs, d_out, rows, grads)
+    compute = cb.compute_dtype(cfg)
+    d_q, d_k, d_v = (jnp.zeros(x.shape, compute) for x in (q, k, v))
+    d_bias = None if bias is None else jnp.zeros(bias.shape, compute)
+    grads = _vma.match(Grads(d_q, d_k, d_v, d_bias), q, k, v, d_out, lse, sink, q_len, kv_len)
+    grads = accumulate_grads(cfg, inputs, d_out, rows, grads)
+    d_q, d_k, d_v = (g.astype(x.dtype) for g, x in zip(grads[:3], (q, k, v), strict=True))
+    d_bias = None if grads.d_bias is None else grads.d_bias.astype(bias.dtype)
     d_sink = None if sink is None else sink_grad(sink, rows).astype(sink.dtype)
-    return (
-        d_q.astype(q.dtype),
-        d_k.astype(k.dtype),
-        d_v.astype(v.dtype),
-        None if bias is None else d_bias.astype(bias.dtype),
-        None,
-        d_sink,
-        None,
-        None,
-        None,
-        None,
-    )
+    return d_q, d_k, d_v, d_bias, None, d_sink, None, None, None, None
 
 
-def _sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``t`` summed over the axes where ``shape`` is 1 (a broadcast input's gradient)."""
-    axes = tuple(a for a, n in enumerate(shape) if n == 1 and t.shape[a] != 1)
-    return jnp.sum(t, axis=axes, keepdims=True) if axes else t
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def chunked_attention(
+def _primal(
     cfg: Config,
     q: jax.Array,
     k: jax.Array,
@@ -410,25 +251,15 @@ def chunked_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Return ``(out, lse)`` in the canonical layout: out ``(B, Hkv, G, Lq, Dv)`` in the
     compute dtype, lse ``(B, Hkv, G, Lq)``; see the module docstring."""
-    return _forward(cfg, Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate), sink)
+    return forward(cfg, Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate), sink)
 
 
 @allow_rank_promotion
-def _fwd(
-    cfg: Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-    rng: jax.Array | None,
-    rate: jax.Array | None,
-) -> tuple[tuple[jax.Array, jax.Array], Residuals]:
-    out, lse = _forward(cfg, Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate), sink)
-    return (out, lse), (q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse)
+def _fwd(cfg: Config, *args: Any) -> tuple[tuple[jax.Array, jax.Array], Residuals]:
+    """The forward rule: ``_primal(cfg, *args)``, with ``args`` and the result kept."""
+    out, lse = _primal(cfg, *args)
+    return (out, lse), (*args, out, lse)
 
 
+chunked_attention = jax.custom_vjp(_primal, nondiff_argnums=(0,))
 chunked_attention.defvjp(_fwd, _backward)

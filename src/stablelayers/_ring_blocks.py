@@ -23,15 +23,15 @@ and after ``N`` steps each gradient is back on the device that holds its key.
 
 from __future__ import annotations
 
-import functools
 import itertools
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from stablelayers import _chunked_attention as ca
+from stablelayers import _chunked_blocks as cb
 from stablelayers import _vma
 from stablelayers._rank_promotion import allow_rank_promotion
 
@@ -93,9 +93,9 @@ def _rotate(cfg: RingConfig, tree: T, after: Any) -> T:
     perm = [(i, (i + 1) % cfg.size) for i in range(cfg.size)]
 
     def send(x: jax.Array) -> jax.Array:
-        return lax.ppermute(x + tie.astype(x.dtype), cfg.axis_name, perm)
+        return _vma.ppermute(x + tie.astype(x.dtype), cfg.axis_name, perm)
 
-    return jax.tree.map(send, tree)
+    return cast(T, jax.tree.map(send, tree))
 
 
 def _forward(
@@ -108,68 +108,59 @@ def _forward(
     kv_len: jax.Array,
 ) -> tuple[tuple[Pair, Pair], tuple[Pair, Pair]]:
     """``((out, lse), (k, v))``: each query chunk's online softmax, started from the sink
-    (or from nothing) and continued over every chunk pair it can see, in place; and the
-    keys and values after ``N`` moves round the ring, home again, which the backward pass
-    keeps (so the forward pass never holds a second copy of them)."""
+    (or from nothing) and continued over every chunk pair in place; and the keys and
+    values after ``N`` moves round the ring, home again, which the backward pass keeps
+    (so that no device holds a second copy of its own while they travel)."""
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
+    Carry = tuple[Pair, Pair, tuple[Pair, Pair]]
 
-    def step(s: jax.Array, carry: tuple[Pair, Pair, tuple[Pair, Pair]]) -> Any:
+    def step(s: jax.Array, carry: Carry) -> Carry:
         k, v, acc = carry
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         out = list(acc)
         for qi, ki in itertools.product(range(2), repeat=2):
             chunks = (q_ids[qi], k_ids[ki])
             x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
-            out[qi] = ca._forward(cfg.inner, x, None, state=out[qi])
-        return (*_rotate(cfg, (k, v), out), (out[0], out[1]))
+            out[qi] = ca.forward(cfg.inner, x, None, state=out[qi])
+        k, v = _rotate(cfg, (k, v), out)
+        return k, v, (out[0], out[1])
 
     init = tuple(ca.initial_state(cfg.inner, x, v[0], sink) for x in q)
-    init = _vma.match(init, q, k, v, sink, q_len, kv_len)
-    k, v, acc = lax.fori_loop(0, cfg.size, step, (k, v, init))
+    init = _vma.match((init[0], init[1]), q, k, v, sink, q_len, kv_len)
+    k, v, acc = cast(Carry, lax.fori_loop(0, cfg.size, step, (k, v, init)))
     return ((acc[0][0], acc[1][0]), (acc[0][1], acc[1][1])), (k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring(
-    cfg: RingConfig,
-    q: Pair,
-    k: Pair,
-    v: Pair,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-) -> tuple[Pair, Pair]:
+def _primal(cfg: RingConfig, *args: Any) -> tuple[Pair, Pair]:
     """``(out, lse)`` of the local queries in ``_chunked_attention``'s canonical layout,
-    each input and output a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k
-    ``(B, Hkv, C, D)``, v ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths
-    ``(B,)`` global. Empty rows have output 0 and logsumexp at the lowest float. Chunks
-    are kept apart (never concatenated) so that no copy of the local block is made."""
-    return _forward(cfg, q, k, v, sink, q_len, kv_len)[0]
+    for ``args = (q, k, v, sink, q_len, kv_len)`` as :func:`_forward` takes them, each
+    array a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k ``(B, Hkv, C, D)``, v
+    ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths ``(B,)`` global. Empty
+    rows have output 0 and logsumexp at the lowest float. Chunks are kept apart (never
+    concatenated) so that no copy of the local block is made."""
+    return _forward(cfg, *args)[0]
 
 
 @allow_rank_promotion
-def _fwd(
-    cfg: RingConfig,
-    q: Pair,
-    k: Pair,
-    v: Pair,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-) -> tuple[tuple[Pair, Pair], Residuals]:
-    (out, lse), (k, v) = _forward(cfg, q, k, v, sink, q_len, kv_len)
+def _fwd(cfg: RingConfig, *args: Any) -> tuple[tuple[Pair, Pair], Residuals]:
+    """The forward rule: ``_primal(cfg, *args)``, keeping ``args`` and the result, but
+    with the keys and values that came home round the ring in place of the inputs'."""
+    (out, lse), (k, v) = _forward(cfg, *args)
+    q, _, _, sink, q_len, kv_len = args
     return (out, lse), (q, k, v, sink, q_len, kv_len, out, lse)
 
 
 @allow_rank_promotion
-def _bwd(cfg, residuals, cotangents):
-    # With the global output and logsumexp, each pair's share of dq, dk and dv is
-    # FlashAttention-2's backward of that pair alone (p = exp(s - lse) is the global
-    # probability, D = rowsum(dO * O) - d_lse the global row term); the shares add up.
+def _bwd(
+    cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]
+) -> tuple[Pair, Pair, Pair, jax.Array | None, None, None]:
+    """With the global output and logsumexp, each chunk pair's share of dq, dk and dv is
+    FlashAttention-2's backward of that pair alone (``p = exp(s - lse)`` is the global
+    probability, ``D = rowsum(dO * O) - d_lse`` the global row term); the shares add up.
+    dq stays; dk and dv travel with their keys and values, home after ``N`` moves."""
     q, k, v, sink, q_len, kv_len, out, lse = residuals
     d_out, d_lse = cotangents
-    compute = ca._compute(cfg.inner)
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
     # The row terms and the sink's gradient first: the output is not held past them.
@@ -179,8 +170,9 @@ def _bwd(cfg, residuals, cotangents):
         # Summed over this device's rows, then over the devices that share the sink.
         d_sink = ca.sink_grad(sink, rows[0]) + ca.sink_grad(sink, rows[1])
         d_sink = _vma.sum_to(d_sink, sink).astype(sink.dtype)
+    Carry = tuple[Pair, Pair, Pair, Pair, Pair]
 
-    def step(s: jax.Array, carry: tuple[Pair, ...]) -> tuple[Pair, ...]:
+    def step(s: jax.Array, carry: Carry) -> Carry:
         d_q, k, v, d_k, d_v = (list(x) for x in carry)
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         for qi, ki in itertools.product(range(2), repeat=2):
@@ -188,22 +180,25 @@ def _bwd(cfg, residuals, cotangents):
             x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
             grads = ca.Grads(d_q[qi], d_k[ki], d_v[ki], None)
             grads = ca.accumulate_grads(cfg.inner, x, d_out[qi], rows[qi], grads)
-            d_q[qi], d_k[ki], d_v[ki], _ = grads
-        # Keys, values and their gradients all move on: after N moves they are home.
-        moving = _rotate(cfg, (tuple(k), tuple(v), tuple(d_k), tuple(d_v)), d_q)
-        return (tuple(d_q), *moving)
+            d_q[qi], d_k[ki], d_v[ki] = grads[:3]
+        moving = _rotate(cfg, (_two(k), _two(v), _two(d_k), _two(d_v)), d_q)
+        return (_two(d_q), *moving)
 
-    def zeros(xs):
-        return tuple(jnp.zeros(x.shape, compute) for x in xs)
-
-    init = (zeros(q), k, v, zeros(k), zeros(v))
-    init = _vma.match(init, q, k, v, sink, q_len, kv_len, lse, d_out, d_lse)
-    d_q, _, _, d_k, d_v = lax.fori_loop(0, cfg.size, step, init)
-
-    def cast(xs, like):
-        return tuple(x.astype(y.dtype) for x, y in zip(xs, like, strict=True))
-
-    return (cast(d_q, q), cast(d_k, k), cast(d_v, v), d_sink, None, None)
+    compute = cb.compute_dtype(cfg.inner)
+    zeros = [_two([jnp.zeros(x.shape, compute) for x in xs]) for xs in (q, k, v)]
+    init = _vma.match((zeros[0], k, v, zeros[1], zeros[2]), *residuals, *cotangents)
+    d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
+    grads = [
+        _two([g.astype(x.dtype) for g, x in zip(*p, strict=True)])
+        for p in ((d_q, q), (d_k, k), (d_v, v))
+    ]
+    return grads[0], grads[1], grads[2], d_sink, None, None
 
 
+def _two(xs: list[jax.Array] | Pair) -> Pair:
+    """The two chunks' arrays as a pair."""
+    return xs[0], xs[1]
+
+
+ring = jax.custom_vjp(_primal, nondiff_argnums=(0,))
 ring.defvjp(_fwd, _bwd)

@@ -10,12 +10,17 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import jax
 from jax import lax
 
 T = TypeVar("T")
+
+# lax's collectives are untyped; these are their signatures as used here.
+_psum = cast(Callable[[jax.Array, tuple[Any, ...]], jax.Array], lax.psum)
+_ppermute = cast(Callable[[jax.Array, str, list[tuple[int, int]]], jax.Array], lax.ppermute)
 
 
 def _axes(x: Any) -> frozenset[Any]:
@@ -32,15 +37,21 @@ def match(tree: T, *refs: Any) -> T:
     if not wanted:
         return tree
 
-    def cast(x: Any) -> Any:
+    def to_varying(x: Any) -> Any:
         missing = tuple(sorted(wanted - _axes(x), key=str))
         return lax.pcast(x, missing, to="varying") if missing else x
 
-    return jax.tree.map(cast, tree)
+    return cast(T, jax.tree.map(to_varying, tree))
 
 
 def sum_to(x: jax.Array, like: Any) -> jax.Array:
     """``x`` summed over the mesh axes it varies along and ``like`` does not: the gradient
     of an input that every device shares is the sum of the devices' shares."""
     extra = tuple(sorted(_axes(x) - _axes(like), key=str))
-    return lax.psum(x, extra) if extra else x
+    return _psum(x, extra) if extra else x
+
+
+def ppermute(x: jax.Array, axis_name: str, perm: list[tuple[int, int]]) -> jax.Array:
+    """``lax.ppermute``: ``x`` sent from device ``i`` to ``j`` for each ``(i, j)`` in
+    ``perm``; a device that receives nothing gets zeros."""
+    return _ppermute(x, axis_name, perm)
