@@ -8,7 +8,8 @@ here are the checks, the canonical layout and the zigzag order.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +22,15 @@ from stablelayers import (
     _attention_checks,
     _checks,
     _chunked_attention,
+    _chunked_blocks,
     _float_arithmetic,
     _ring_blocks,
+    _vma,
 )
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Layout = Literal["contiguous", "zigzag"]
+_spec = cast(Callable[..., PartitionSpec], PartitionSpec)  # untyped in jax.sharding
 
 
 @allow_rank_promotion
@@ -114,13 +118,9 @@ def ring_attention(
             f"of positions per device (two chunks each); got {q_len} queries and {kv_len} "
             f"keys per device. Pad the sequence to a multiple of {2 * size}."
         )
-    compute = _float_arithmetic.compute_dtype(dtype)
     groups, n_batch, chunk = heads // kv_heads, math.prod(batch), q_len // 2
-    total = q_len * size
     lengths = [
-        jnp.full((n_batch,), total, jnp.int32)
-        if n is None
-        else jnp.clip(_attention_checks.check_lengths(n, name, batch).reshape(n_batch), 0, total)
+        _global_lengths(n, name, batch, q_len * size)
         for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
     ]
     block_q, block_k = (min(b, chunk) for b in _attention_checks.block_sizes(chunk_size))
@@ -149,20 +149,38 @@ def ring_attention(
     halves = [
         _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
     ]
-    if sink is not None:
-        sink = _checks.as_float_array(sink, "sink")
-        _attention_checks.check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
-        sink = jnp.broadcast_to(sink.astype(compute), (*batch, heads))
-        sink = sink.reshape(n_batch, kv_heads, groups)
-    outs, lses = _ring_blocks.ring(cfg, *halves, sink, *lengths)
+    sinks = None if sink is None else _canonical_sink(sink, dtype, batch, kv_heads, groups)
+    ring = cast(Callable[..., tuple[_ring_blocks.Pair, _ring_blocks.Pair]], _ring_blocks.ring)
+    outs, lses = ring(cfg, *halves, sinks, *lengths)
     out = jnp.concatenate([x[..., :chunk, :] for x in outs], axis=3)
     lse = jnp.concatenate([x[..., :chunk] for x in lses], axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, value.shape[-1])
     out = out.astype(dtype)
     if not return_logsumexp:
         return out
-    lse = jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
+    lse = jnp.where(lse == _chunked_blocks.lowest(lse.dtype), -jnp.inf, lse)
     return out, lse.reshape(*batch, heads, q_len)
+
+
+def _global_lengths(
+    lengths: ArrayLike | None, name: str, batch: tuple[int, ...], total: int
+) -> jax.Array:
+    """Per-batch global lengths, flat ``(B,)`` int32 in ``[0, total]``."""
+    checked = _attention_checks.check_lengths(lengths, name, batch)
+    if checked is None:
+        return jnp.full((math.prod(batch),), total, jnp.int32)
+    return jnp.clip(checked.reshape(-1), 0, total)
+
+
+def _canonical_sink(
+    sink: ArrayLike, dtype: jnp.dtype, batch: tuple[int, ...], kv_heads: int, groups: int
+) -> jax.Array:
+    """The sink logits as ``(B, Hkv, G)`` in the compute dtype."""
+    heads = kv_heads * groups
+    sink = _checks.as_float_array(sink, "sink")
+    _attention_checks.check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
+    sink = sink.astype(_float_arithmetic.compute_dtype(dtype))
+    return jnp.broadcast_to(sink, (*batch, heads)).reshape(-1, kv_heads, groups)
 
 
 def _positions(cfg: _ring_blocks.RingConfig) -> jax.Array:
@@ -208,7 +226,7 @@ def ring_attention_sharded(
     key_lengths: ArrayLike | None = None,
     is_causal: bool = False,
     layout: Layout | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> jax.Array:
     """:func:`ring_attention` on whole arrays: ``shard_map`` over ``mesh`` with the
     sequence (axis 1 of ``(batch, seq, heads, head_dim)``) split over ``axis_name``, the
@@ -236,12 +254,12 @@ def ring_attention_sharded(
             f"The sequence length {query.shape[1]} must be a multiple of {2 * n} (two chunks "
             f"per device on the {n} devices of {axis_name!r}); pad it."
         )
-    seq = PartitionSpec(batch_axis, axis_name, head_axis)
-    per_batch = PartitionSpec(batch_axis)
-    extras = {}
+    seq = _spec(batch_axis, axis_name, head_axis)
+    per_batch = _spec(batch_axis)
+    extras: dict[str, jax.Array] = {}
     specs = []
     for name, x, spec in (
-        ("sink", sink, PartitionSpec(head_axis)),
+        ("sink", sink, _spec(head_axis)),
         ("query_lengths", query_lengths, per_batch),
         ("key_lengths", key_lengths, per_batch),
     ):
@@ -249,26 +267,28 @@ def ring_attention_sharded(
             extras[name] = jnp.asarray(x)
             specs.append(spec)
 
-    def local(q, k, v, *rest):
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, *rest: jax.Array) -> jax.Array:
         if layout == "zigzag":
             # From shard_map's contiguous split to the zigzag layout and back, on the ring
             # itself: a global gather would hold the whole sequence on each device.
             q, k, v = (_relayout(x, axis_name, n, to_zigzag=True) for x in (q, k, v))
-        out = ring_attention(
+        out = ring_attention(  # an array: return_logsumexp is not among the kwargs
             q,
             k,
             v,
             axis_name=axis_name,
             is_causal=is_causal,
             layout=layout,
-            **dict(zip(extras, rest, strict=True)),
+            **cast(dict[str, Any], dict(zip(extras, rest, strict=True))),
             **kwargs,
         )
+        assert isinstance(out, jax.Array)
         return _relayout(out, axis_name, n, to_zigzag=False) if layout == "zigzag" else out
 
-    return jax.shard_map(
+    sharded = jax.shard_map(
         local, mesh=mesh, in_specs=(seq, seq, seq, *specs), out_specs=seq, check_vma=False
-    )(query, key, value, *extras.values())
+    )
+    return sharded(query, key, value, *extras.values())
 
 
 def _relayout(x: jax.Array, axis_name: str, n: int, *, to_zigzag: bool) -> jax.Array:
@@ -291,6 +311,6 @@ def _relayout(x: jax.Array, axis_name: str, n: int, *, to_zigzag: bool) -> jax.A
                 for d, chunks in enumerate(source)
                 if where[chunks[h]][1] == slot
             ]
-            parts.append(lax.ppermute(halves[h], axis_name, perm))
+            parts.append(_vma.ppermute(halves[h], axis_name, perm))
         slots.append(parts[0] + parts[1])
     return jnp.concatenate(slots, axis=1)
