@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks
 from stablelayers._attention import dot_product_attention
@@ -21,6 +21,11 @@ from stablelayers._softmax import masked_softmax
 from stablelayers._softplus import softplus
 
 Axis = int | Sequence[int] | None
+
+
+def default_param_dtype(dtype: DTypeLike | None) -> DTypeLike:
+    """As ``equinox.nn``: float64 when JAX runs in 64-bit mode, else float32."""
+    return jnp.result_type(float) if dtype is None else dtype
 
 
 def softplus_beta(beta: ArrayLike) -> float:
