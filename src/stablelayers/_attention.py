@@ -307,10 +307,10 @@ def dot_product_attention(
         sink = sink.astype(compute)
     if window is not None:
         window = _checks.positive_int(window, "window")
-    lengths = [
-        check_lengths(n, name, batch)
-        for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
-    ]
+    lengths = (
+        check_lengths(query_lengths, "query_lengths", batch),
+        check_lengths(key_lengths, "key_lengths", batch),
+    )
     use_chunks = use_chunked(
         implementation,
         q_len,
@@ -354,7 +354,7 @@ def dot_product_attention(
         lse = jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
         return _with_logsumexp(out, lse, return_residual, key.dtype)
 
-    out, lse = dense(
+    out, dense_lse = dense(
         query,
         key,
         value,
@@ -377,9 +377,9 @@ def dot_product_attention(
         sown_dtype=jnp.dtype(jnp.float32 if force_fp32_for_softmax else dtype),
         want_lse=want_lse,
     )
-    if lse is None:
+    if dense_lse is None:
         return out
-    return _with_logsumexp(out, lse, return_residual, key.dtype)
+    return _with_logsumexp(out, dense_lse, return_residual, key.dtype)
 
 
 def _with_logsumexp(

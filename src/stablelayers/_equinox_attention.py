@@ -11,6 +11,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
 from stablelayers import _layers
@@ -69,7 +70,7 @@ class MultiHeadAttention(eqx.Module):
         use_output_bias: bool = False,
         dropout_p: float = 0.0,
         inference: bool = False,
-        dtype=None,
+        dtype: DTypeLike | None = None,
         *,
         sink: bool = False,
         key: PRNGKeyArray,

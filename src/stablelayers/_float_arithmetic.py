@@ -10,9 +10,11 @@ proves that the two copies are equal.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import DTypeLike
 
@@ -78,11 +80,11 @@ NEG_EXPM1_QUOTIENT = {
 LOG1P_SERIES_DEGREE = 18
 
 
-def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
+def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     """float16 and bfloat16 are computed in float32; other float types as themselves."""
     if jnp.finfo(dtype).bits < 32:
-        return jnp.dtype(jnp.float32)
-    return jnp.dtype(dtype)
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
 
 
 def format_bits(dtype: DTypeLike) -> tuple[int, int]:

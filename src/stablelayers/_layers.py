@@ -8,7 +8,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,8 @@ def heads_attention(
             f"This layer has num_heads={num_heads}, so the query must have shape "
             f"(batch..., q_len, {num_heads}, head_dim); got shape {query_shape}."
         )
-    return dot_product_attention(query, key, value, bias, mask, sink=sink, **kwargs)
+    out = dot_product_attention(query, key, value, bias, mask, sink=sink, **kwargs)
+    return cast(jax.Array, out)
 
 
 def forward_signature(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
 from stablelayers import _checks, _layers
@@ -101,7 +102,9 @@ class Softplus(eqx.Module):
     log_beta: Array | None
     beta: float | None = eqx.field(static=True)
 
-    def __init__(self, beta: float = 1.0, learnable: bool = False, dtype=None):
+    def __init__(
+        self, beta: float = 1.0, learnable: bool = False, dtype: DTypeLike | None = None
+    ):
         """**Arguments:**
 
         - `beta`: The initial (or, if not learnable, fixed) positive temperature.
@@ -148,7 +151,9 @@ class MaskedSoftmax(eqx.Module):
     sink: Array | None
     num_heads: int | None = eqx.field(static=True)
 
-    def __init__(self, num_heads: int | None = None, sink: bool = False, dtype=None):
+    def __init__(
+        self, num_heads: int | None = None, sink: bool = False, dtype: DTypeLike | None = None
+    ):
         """**Arguments:**
 
         - `num_heads`: The number of heads, the size of the logits' axis `-3`; checked on
@@ -209,7 +214,7 @@ class LMHead(eqx.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         ignore_index: int | None = None,
-        dtype: jnp.dtype | None = None,
+        dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -222,11 +227,11 @@ class LMHead(eqx.Module):
         - `key`: PRNG key for the weight, `(in_features, vocab_size)` (`hidden @ weight`),
             uniform in `+-1/sqrt(in_features)` as `eqx.nn.Linear`.
         """
-        dtype = _layers.default_param_dtype(dtype)
+        param_dtype = _layers.default_param_dtype(dtype)
         limit = 1 / in_features**0.5
         shape = (in_features, vocab_size)
-        self.weight = jax.random.uniform(key, shape, dtype, -limit, limit)
-        self.bias = jnp.zeros((vocab_size,), dtype) if use_bias else None
+        self.weight = jax.random.uniform(key, shape, param_dtype, -limit, limit)
+        self.bias = jnp.zeros((vocab_size,), param_dtype) if use_bias else None
         self.chunk_size, self.label_smoothing, self.z_loss = chunk_size, label_smoothing, z_loss
         self.ignore_index = ignore_index
 

@@ -114,7 +114,7 @@ class Softplus(nnx.Module):
     ):
         beta = _layers.softplus_beta(beta)
         self.beta: float | None = None if learnable else beta
-        self.log_beta: nnx.Param | None = (
+        self.log_beta: nnx.Param[jax.Array] | None = (
             nnx.Param(jnp.asarray(_layers.log_beta_init(beta), param_dtype))
             if learnable
             else None
@@ -161,7 +161,7 @@ class MaskedSoftmax(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
     ):
         self.num_heads = _layers.check_num_heads(num_heads)
-        self.sink: nnx.Param | None = (
+        self.sink: nnx.Param[jax.Array] | None = (
             nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
             if sink
             else None
@@ -208,7 +208,7 @@ class DotProductAttention(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
     ):
         self.num_heads = _layers.check_num_heads(num_heads)
-        self.sink: nnx.Param | None = (
+        self.sink: nnx.Param[jax.Array] | None = (
             nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
             if sink
             else None

@@ -43,7 +43,7 @@ def softmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def softmax_grad(y: jax.Array, g: jax.Array) -> jax.Array:
     """The softmax VJP ``y * (g - sum(g * y))`` from the output ``y``."""
-    return _call("softmax_grad", [y.shape], y, g)[0]
+    return cast(jax.Array, _call("softmax_grad", [y.shape], y, g)[0])
 
 
 def log_softmax(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -58,17 +58,18 @@ def log_softmax_grad(
 ) -> jax.Array:
     """The log-softmax VJP ``g - softmax(x) * sum(g)`` from the input and the forward pass's
     ``(shift, rest)``."""
-    return _call("log_softmax_grad", [x.shape], x, shift, rest, g)[0]
+    return cast(jax.Array, _call("log_softmax_grad", [x.shape], x, shift, rest, g)[0])
 
 
 def softplus(x: jax.Array, beta: float) -> jax.Array:
     """``log1p(exp(beta * x)) / beta``, entry by entry."""
-    return _call("softplus", [x.shape], x, beta=np.float32(beta))[0]
+    return cast(jax.Array, _call("softplus", [x.shape], x, beta=np.float32(beta))[0])
 
 
 def softplus_grad(y: jax.Array, g: jax.Array, beta: float) -> jax.Array:
     """``g * sigmoid(beta * x)``, read from the output ``y`` as ``-expm1(-beta * y)``."""
-    return _call("softplus_grad", [y.shape], y, g, beta=np.float32(beta))[0]
+    result = _call("softplus_grad", [y.shape], y, g, beta=np.float32(beta))
+    return cast(jax.Array, result[0])
 
 
 def kernels_take(x: jax.Array) -> bool:

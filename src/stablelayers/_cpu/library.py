@@ -110,7 +110,7 @@ def choose_variant() -> str:
     probe = _open(PACKAGE_DIR / "_cpu_features.so")
     report = probe.StablelayersCpuKernelVariants
     report.restype = ctypes.c_char_p
-    supported = report().decode().split(",")
+    supported: list[str] = report().decode().split(",")
     wanted = os.environ.get("STABLELAYERS_CPU_ISA", "")
     if not wanted:
         return supported[0]
