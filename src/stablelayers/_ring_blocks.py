@@ -81,21 +81,28 @@ def _pair(
     return ca.Inputs(q, k, v, None, None, *local, None, None, (qc - kc) * cfg.chunk)
 
 
+def _after(tree: T, after: Any) -> T:
+    """``tree`` unchanged, but computed only once every array of ``after`` is: each array
+    plus a zero made from an element of each (``where(isfinite(t), t, 0) * 0``, which XLA
+    cannot fold away for floats, and no NaN of ``after`` reaches ``tree``).
+
+    XLA schedules by data dependence only: without this it starts a ring step's sends at
+    the top of the loop body (and, to do so, copies every block in use, holding it twice
+    through the step), and it makes a loop's zeros where the program starts."""
+    t = sum(x.ravel()[0].astype(jnp.float32) for x in jax.tree.leaves(after))
+    tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
+    return cast(T, jax.tree.map(lambda x: x + tie.astype(x.dtype), tree))
+
+
 def _rotate(cfg: RingConfig, tree: T, after: Any) -> T:
-    """``tree`` sent to the next device on the ring once ``after`` is computed.
-
-    Each array goes out as ``x + 0 * (an element of after)``: without that dependence XLA
-    starts the sends at the top of the loop body, and every block in use is then held
-    twice (the one being used and the one received for the next step) through the step.
-    """
-    last = jax.tree.leaves(after)[-1]
-    tie = last[(0,) * last.ndim] * 0
+    """``tree`` sent to the next device on the ring once ``after`` is computed, one array
+    after the other, so that a device holds one block in flight at a time, not all."""
     perm = [(i, (i + 1) % cfg.size) for i in range(cfg.size)]
-
-    def send(x: jax.Array) -> jax.Array:
-        return _vma.ppermute(x + tie.astype(x.dtype), cfg.axis_name, perm)
-
-    return cast(T, jax.tree.map(send, tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    sent: list[jax.Array] = []
+    for x in leaves:
+        sent.append(_vma.ppermute(_after(x, sent[-1] if sent else after), cfg.axis_name, perm))
+    return cast(T, jax.tree.unflatten(treedef, sent))
 
 
 def _forward(
@@ -185,7 +192,7 @@ def _bwd(
         return (_two(d_q), *moving)
 
     compute = cb.compute_dtype(cfg.inner)
-    zeros = [_two([jnp.zeros(x.shape, compute) for x in xs]) for xs in (q, k, v)]
+    zeros = _after([_two([jnp.zeros(x.shape, compute) for x in xs]) for xs in (q, k, v)], rows)
     init = _vma.match((zeros[0], k, v, zeros[1], zeros[2]), *residuals, *cotangents)
     d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
     grads = [
