@@ -65,8 +65,9 @@ def test_ops_on_named_sharding_equal_one_device(multi_device_results, op):
 
 
 def test_ring_memory_per_device_and_no_whole_sequence(multi_device_results):
-    # Measured 0.309 at 8192 tokens (docs/scaling.md: 0.261 at 32768); 1/8 is the ideal.
-    assert multi_device_results["memory_ratio_8"] < 0.35
+    # Issue 17's target: at 32768 tokens over 8 devices, at most 1.5 / 8 of the one-device
+    # chunked program's memory (1 / 8 is the ideal).
+    assert multi_device_results["memory_ratio_8"] <= 1.5 / 8
     assert not multi_device_results["whole_seq"]
 
 
