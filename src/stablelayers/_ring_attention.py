@@ -55,10 +55,11 @@ def ring_attention(
 
     Call it inside ``jax.shard_map`` with the sequence axis of ``query``, ``key`` and
     ``value`` split over the mesh axis ``axis_name`` (``N`` devices). Keys and values
-    travel round the ring with ``lax.ppermute`` while each device runs the chunked online
-    softmax on the block it holds; partial results merge by logsumexp. The backward pass
-    rotates keys, values and their gradients again and keeps only the output and one
-    logsumexp per row. No device ever holds more than two devices' keys and values.
+    travel round the ring with ``lax.ppermute`` while each device continues the chunked
+    online softmax over the block it holds (the logsumexp merge of the partial results).
+    The backward pass rotates keys, values and their gradients again and keeps only the
+    output and one logsumexp per row. A device holds one device's keys and values at a
+    time, and one chunk of them in flight.
 
     Each device's block is two chunks of ``L / 2N`` positions of the global sequence of
     length ``L``: with ``layout="contiguous"``, device ``d`` holds positions

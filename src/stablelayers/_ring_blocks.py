@@ -4,21 +4,30 @@ Inside ``shard_map``, each of the ``N`` devices on ``axis_name`` holds ``L / N``
 keys and values. Every local block is two equal *chunks* of the global sequence (``2N``
 chunks of ``C = L / 2N`` positions in all): chunks ``2d`` and ``2d + 1`` on device ``d``
 in the ``"contiguous"`` layout, chunks ``d`` and ``2N - 1 - d`` in the ``"zigzag"`` one.
-For ``N`` steps each device runs the chunked online softmax (``_chunked_attention``) of
-its two query chunks against the two key chunks it holds, merges the partial outputs by
-logsumexp, and passes its keys and values to the next device with ``lax.ppermute``.
+For ``N`` steps each device continues the chunked online softmax (``_chunked_attention``)
+of its two query chunks over the two key chunks it holds, in place (which is the
+logsumexp merge of the partial results), then passes its keys and values to the next
+device with ``lax.ppermute``; after ``N`` moves they are home again.
 
-Causal attention: a chunk pair is either skipped (every key after every query), causal on
-its diagonal (the same chunk), or full, chosen per pair with ``lax.switch``. In the zigzag
-layout every device does the same work at every step: with its own keys, two diagonal
-pairs and one full pair; with another device's, exactly two full pairs (chunk ``d`` sees
-the lower of the other device's chunks exactly when ``2N - 1 - d`` does not see the
-upper). In the contiguous layout device ``N - 1`` does ``N`` times device 0's work.
+Causal attention: the chunked path compares query ``q`` of chunk ``qc`` with key ``k`` of
+chunk ``kc`` at ``q + (qc - kc) C`` and ``k``, so a chunk pair is skipped (every key after
+every query: its block loops are empty), causal on its diagonal, or full, with no branch.
+In the zigzag layout every device does the same work at every step: with its own keys,
+two diagonal pairs and one full pair; with another device's, exactly two full pairs
+(chunk ``d`` sees the lower of the other device's chunks exactly when ``2N - 1 - d`` does
+not see the upper). In the contiguous layout device ``N - 1`` does ``N`` times device 0's.
 
-The ``custom_vjp`` keeps the inputs, the output and one logsumexp per row. Its backward
-pass rotates again: keys, values and their gradients travel round the ring, each device
-adds its queries' share to them (FlashAttention-2's backward with the global logsumexp),
-and after ``N`` steps each gradient is back on the device that holds its key.
+The ``custom_vjp`` keeps the queries, the keys and values (those that came home), the
+output and one logsumexp per row. Its backward pass computes each row's terms once (the
+output is then dropped) and rotates again: keys, values and their gradients travel round
+the ring, each device adds its queries' share to them (FlashAttention-2's backward with
+the global logsumexp), and after ``N`` steps each gradient is back on its key's device.
+
+Memory: each device holds its queries, output rows, dq, and the two key chunks, value
+chunks and their gradients it is working on, all summed in place; a step's sends go one
+array after the other once the step's work is done (so one block is in flight at a time).
+On accelerators this gives up overlapping the sends with the next step's work, which would
+hold a second copy of every travelling block.
 """
 
 from __future__ import annotations
