@@ -18,6 +18,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks
 from stablelayers._attention_checks import (
+    Settings,
     check_broadcast,
     check_lengths,
     check_shapes,
@@ -35,77 +36,26 @@ from stablelayers._rank_promotion import allow_rank_promotion
 Einsum = Callable[..., jax.Array]
 
 
+# Overloads for type checkers: the pair comes back only when one is asked for. The
+# implementation's signature below is the one that lists (and checks) every argument.
 @overload
 def dot_product_attention(
-    query: ArrayLike,
-    key: ArrayLike,
-    value: ArrayLike,
-    bias: ArrayLike | None = None,
-    mask: ArrayLike | None = None,
-    *,
-    sink: ArrayLike | None = None,
-    scale: float | None = None,
-    is_causal: bool = False,
-    dropout_rng: jax.Array | None = None,
-    dropout_rate: float = 0.0,
-    broadcast_dropout: bool = True,
-    deterministic: bool = True,
-    dtype: DTypeLike | None = None,
-    precision: jax.lax.PrecisionLike = None,
-    module: Any = None,
-    qk_attn_weights_einsum: Einsum | None = None,
-    attn_weights_value_einsum: Einsum | None = None,
-    query_lengths: ArrayLike | None = None,
-    key_lengths: ArrayLike | None = None,
-    window: int | None = None,
-    implementation: str | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
-    query_seq_lengths: ArrayLike | None = None,
-    key_value_seq_lengths: ArrayLike | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    return_residual: bool = False,
-    force_fp32_for_softmax: bool = False,
-    einsum_dot_general: Callable[..., jax.Array] | None = None,
-    return_logsumexp: Literal[False] = False,
-) -> jax.Array: ...
-
-
-@overload
-def dot_product_attention(
-    query: ArrayLike,
-    key: ArrayLike,
-    value: ArrayLike,
-    bias: ArrayLike | None = None,
-    mask: ArrayLike | None = None,
-    *,
-    sink: ArrayLike | None = None,
-    scale: float | None = None,
-    is_causal: bool = False,
-    dropout_rng: jax.Array | None = None,
-    dropout_rate: float = 0.0,
-    broadcast_dropout: bool = True,
-    deterministic: bool = True,
-    dtype: DTypeLike | None = None,
-    precision: jax.lax.PrecisionLike = None,
-    module: Any = None,
-    qk_attn_weights_einsum: Einsum | None = None,
-    attn_weights_value_einsum: Einsum | None = None,
-    query_lengths: ArrayLike | None = None,
-    key_lengths: ArrayLike | None = None,
-    window: int | None = None,
-    implementation: str | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
-    query_seq_lengths: ArrayLike | None = None,
-    key_value_seq_lengths: ArrayLike | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    return_residual: bool = False,
-    force_fp32_for_softmax: bool = False,
-    einsum_dot_general: Callable[..., jax.Array] | None = None,
-    return_logsumexp: Literal[True],
+    *args: Any, return_logsumexp: Literal[True], **kwargs: Any
 ) -> tuple[jax.Array, jax.Array]: ...
 
 
-@allow_rank_promotion
+@overload
+def dot_product_attention(
+    *args: Any, return_residual: Literal[True], **kwargs: Any
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def dot_product_attention(*args: Any, **kwargs: Any) -> jax.Array: ...
+
+
+# The overloads take any arguments, which no real signature does (hence the ignore).
+@allow_rank_promotion  # type: ignore[misc]
 def dot_product_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -331,23 +281,9 @@ def dot_product_attention(
         assert dropout_rng is not None  # checked above whenever dropout is on
         dropout = (dropout_rng, dropout_rate, broadcast_dropout)
     query, key, value = silence_dead_rows(query, key, value, mask, *lengths)
+    settings = Settings(scale, is_causal, window, lookahead, precision, dropout)
     if use_chunks:
-        out, lse = chunked(
-            query,
-            key,
-            value,
-            bias,
-            mask,
-            sink,
-            *lengths,
-            scale=scale,
-            is_causal=is_causal,
-            window=window,
-            lookahead=lookahead,
-            precision=precision,
-            chunk_size=chunk_size,
-            dropout=dropout,
-        )
+        out, lse = chunked(query, key, value, bias, mask, sink, lengths, settings, chunk_size)
         if not want_lse:
             return out
         # The chunked path marks an empty row's logsumexp with the lowest float.
@@ -362,12 +298,7 @@ def dot_product_attention(
         mask,
         sink,
         lengths,
-        scale=scale,
-        is_causal=is_causal,
-        window=window,
-        lookahead=lookahead,
-        precision=precision,
-        dropout=dropout,
+        settings,
         qk_einsum=qk_attn_weights_einsum,
         wv_einsum=attn_weights_value_einsum,
         dot_general=einsum_dot_general,

@@ -5,15 +5,32 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers import _checks
 from stablelayers._switches import forward_mode_enabled
 
 Shape = tuple[int, ...]
+
+
+class Settings(NamedTuple):
+    """What both paths do the same way, checked: the logits' scale, which pairs the
+    structure lets through (``_attention_masks.position_mask``), the einsums' precision,
+    and dropout as ``(rng, rate, broadcast)`` or ``None`` when off."""
+
+    scale: float
+    is_causal: bool
+    window: int | None
+    lookahead: int | None
+    precision: lax.PrecisionLike
+    dropout: tuple[jax.Array, ArrayLike, bool] | None
+
+
 LOGITS_LAYOUT = "(batch..., heads, q_len, kv_len)"
 # Below this many logits per (batch, head) the dense path is as fast and its memory small.
 CHUNKED_MIN_LOGITS = 1024 * 1024

@@ -13,10 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.typing import ArrayLike
 
 from stablelayers import _chunked_attention
-from stablelayers._attention_checks import block_sizes
+from stablelayers._attention_checks import Settings, block_sizes
 from stablelayers._float_arithmetic import compute_dtype
 
 
@@ -27,16 +26,9 @@ def chunked(
     bias: jax.Array | None,
     mask: jax.Array | None,
     sink: jax.Array | None,
-    q_lengths: jax.Array | None,
-    kv_lengths: jax.Array | None,
-    *,
-    scale: float,
-    is_causal: bool,
-    window: int | None,
-    lookahead: int | None,
-    precision: lax.PrecisionLike,
+    lengths: tuple[jax.Array | None, jax.Array | None],
+    settings: Settings,
     chunk_size: int | tuple[int, int] | None,
-    dropout: tuple[jax.Array, ArrayLike, bool] | None,
 ) -> tuple[jax.Array, jax.Array]:
     """The chunked path on ``dot_product_attention``'s checked arguments: ``(out, lse)``,
     ``out`` as ``(batch..., q_len, heads, v_dim)`` and ``lse`` as ``(batch..., heads,
@@ -75,25 +67,26 @@ def chunked(
         )
     q_lengths, kv_lengths = (
         jnp.full((n_batch,), n, jnp.int32)
-        if lengths is None
-        else jnp.clip(lengths.reshape(n_batch), 0, n)
-        for lengths, n in ((q_lengths, q_len), (kv_lengths, kv_len))
+        if given is None
+        else jnp.clip(given.reshape(n_batch), 0, n)
+        for given, n in zip(lengths, (q_len, kv_len), strict=True)
     )
     rng = rate = None
-    if dropout is not None:
-        rng, rate, broadcast = dropout
-        rate = jnp.asarray(lax.stop_gradient(rate), compute)
+    broadcast = False
+    if settings.dropout is not None:
+        rng, given_rate, broadcast = settings.dropout
+        rate = jnp.asarray(lax.stop_gradient(given_rate), compute)
     cfg = _chunked_attention.Config(
         block_q=block_q,
         block_k=block_k,
-        scale=float(scale),
-        is_causal=bool(is_causal),
-        window=window,
-        lookahead=lookahead,
+        scale=float(settings.scale),
+        is_causal=bool(settings.is_causal),
+        window=settings.window,
+        lookahead=settings.lookahead,
         dtype=dtype,
-        precision=precision,
-        broadcast_dropout=dropout is not None and bool(broadcast),
-        dropout=dropout is not None,
+        precision=settings.precision,
+        broadcast_dropout=bool(broadcast),
+        dropout=settings.dropout is not None,
     )
     out, lse = _chunked_attention.chunked_attention(
         cfg, q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.typing import ArrayLike
 
+from stablelayers._attention_checks import Settings
 from stablelayers._attention_masks import dense_mask
 from stablelayers._float_arithmetic import compute_dtype
 from stablelayers._logsumexp import lse_rows
@@ -28,13 +28,8 @@ def dense(
     mask: jax.Array | None,
     sink: jax.Array | None,
     lengths: tuple[jax.Array | None, jax.Array | None],
+    settings: Settings,
     *,
-    scale: float,
-    is_causal: bool,
-    window: int | None,
-    lookahead: int | None,
-    precision: lax.PrecisionLike,
-    dropout: tuple[jax.Array, ArrayLike, bool] | None,
     qk_einsum: Einsum | None,
     wv_einsum: Einsum | None,
     dot_general: Callable[..., jax.Array] | None,
@@ -45,6 +40,7 @@ def dense(
     """``(out, lse)`` on ``dot_product_attention``'s checked arguments: ``out`` as
     ``(batch..., q_len, heads, v_dim)``, and with ``want_lse`` the logsumexp of each row's
     logits (sink included) as ``(batch..., heads, q_len)``, ``-inf`` for an empty row."""
+    scale, is_causal, window, lookahead, precision, dropout = settings
     batch = query.shape[:-3]
     q_len, heads, _ = query.shape[-3:]
     kv_len, kv_heads, _ = key.shape[-3:]

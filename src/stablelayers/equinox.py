@@ -13,6 +13,9 @@ constructor, call and fields) that computes attention with
 # and finds the real Equinox, not this module.
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -29,10 +32,12 @@ from stablelayers._softplus import softplus
 __all__ = ["LMHead", "LogSoftmax", "MaskedSoftmax", "MultiHeadAttention", "Softmax", "Softplus"]
 
 
-class Softmax(eqx.Module):
-    """Softmax over `axis`, as [`stablelayers.softmax`][]."""
+class _Rowwise(eqx.Module):
+    """A softmax-family function over `axis` as a layer: `layer(x, where=None)` is
+    `function(x, axis=layer.axis, where=where)`."""
 
     axis: int | tuple[int, ...] | None = eqx.field(static=True)
+    _function: ClassVar[Callable[..., Array]]
 
     def __init__(self, axis: int | tuple[int, ...] | None = -1):
         """**Arguments:**
@@ -47,8 +52,7 @@ class Softmax(eqx.Module):
         """**Arguments:**
 
         - `x`: Logits, a JAX array of any shape.
-        - `where`: Optional boolean mask broadcastable to `x.shape`. `False` entries get
-            exactly 0, and a row with nothing unmasked is all 0.
+        - `where`: Optional boolean mask broadcastable to `x.shape`.
         - `key`: Ignored; provided for compatibility with the rest of the Equinox API.
             (Keyword only argument.)
 
@@ -57,38 +61,27 @@ class Softmax(eqx.Module):
         A JAX array of the shape and dtype of `x`.
         """
         del key
-        return softmax(x, axis=self.axis, where=where)
+        return type(self)._function(x, axis=self.axis, where=where)
 
 
-class LogSoftmax(eqx.Module):
-    """Log-softmax over `axis`, as [`stablelayers.log_softmax`][]."""
+class Softmax(_Rowwise):
+    """Softmax over `axis`, as [`stablelayers.softmax`][]: `layer(x, where=None)`.
 
-    axis: int | tuple[int, ...] | None = eqx.field(static=True)
+    `where` (optional, boolean, broadcastable to `x.shape`) leaves entries out: they get
+    exactly 0, and a row with nothing unmasked is all 0.
+    """
 
-    def __init__(self, axis: int | tuple[int, ...] | None = -1):
-        """**Arguments:**
+    _function = staticmethod(softmax)
 
-        - `axis`: The axis, or tuple of axes, that forms a row; `None` for all axes.
-        """
-        self.axis = _checks.check_axis(axis)
 
-    def __call__(
-        self, x: Array, where: Array | None = None, *, key: PRNGKeyArray | None = None
-    ) -> Array:
-        """**Arguments:**
+class LogSoftmax(_Rowwise):
+    """Log-softmax over `axis`, as [`stablelayers.log_softmax`][]: `layer(x, where=None)`.
 
-        - `x`: Logits, a JAX array of any shape.
-        - `where`: Optional boolean mask broadcastable to `x.shape`. `False` entries are
-            `-inf` with gradient 0.
-        - `key`: Ignored; provided for compatibility with the rest of the Equinox API.
-            (Keyword only argument.)
+    `where` (optional, boolean, broadcastable to `x.shape`) leaves entries out: they are
+    `-inf` with gradient 0.
+    """
 
-        **Returns:**
-
-        A JAX array of the shape and dtype of `x`.
-        """
-        del key
-        return log_softmax(x, axis=self.axis, where=where)
+    _function = staticmethod(log_softmax)
 
 
 class Softplus(eqx.Module):

@@ -15,7 +15,7 @@ default and adds learnable sinks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,14 +41,12 @@ __all__ = [
 ]
 
 
-class Softmax(nn.Module):
-    """Softmax over ``axis``, as :func:`stablelayers.softmax`.
-
-    Attributes:
-        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
-    """
+class _Rowwise(nn.Module):
+    """A softmax-family function over ``axis`` as a layer: ``layer(x, where=None)`` is
+    ``function(x, axis=layer.axis, where=where)``."""
 
     axis: int | tuple[int, ...] | None = -1
+    _function: ClassVar[Callable[..., jax.Array]]
 
     def __post_init__(self) -> None:
         # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
@@ -57,46 +55,43 @@ class Softmax(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Softmax of ``x`` over ``self.axis``.
+        """The layer's function of ``x`` over ``self.axis``, masked by ``where``.
 
         Args:
             x: logits of any shape.
-            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
-                get exactly 0 and a row with nothing unmasked is all 0.
+            where: optional boolean mask broadcastable to ``x.shape``.
 
         Returns:
             An array of ``x``'s shape and dtype.
         """
-        return softmax(x, axis=self.axis, where=where)
+        return type(self)._function(x, axis=self.axis, where=where)
 
 
-class LogSoftmax(nn.Module):
-    """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`.
+class Softmax(_Rowwise):
+    """Softmax over ``axis``, as :func:`stablelayers.softmax`: ``layer(x, where=None)``.
+
+    ``where`` (optional, boolean, broadcastable to ``x.shape``) leaves entries out: they get
+    exactly 0, and a row with nothing unmasked is all 0.
 
     Attributes:
         axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
     """
 
-    axis: int | tuple[int, ...] | None = -1
+    _function = staticmethod(softmax)
 
-    def __post_init__(self) -> None:
-        # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
-        # object.__setattr__ is the way to normalise a field here).
-        object.__setattr__(self, "axis", _checks.check_axis(self.axis))
-        super().__post_init__()
 
-    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Log-softmax of ``x`` over ``self.axis``.
+class LogSoftmax(_Rowwise):
+    """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`:
+    ``layer(x, where=None)``.
 
-        Args:
-            x: logits of any shape.
-            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
-                are ``-inf`` with gradient 0.
+    ``where`` (optional, boolean, broadcastable to ``x.shape``) leaves entries out: they are
+    ``-inf`` with gradient 0.
 
-        Returns:
-            An array of ``x``'s shape and dtype.
-        """
-        return log_softmax(x, axis=self.axis, where=where)
+    Attributes:
+        axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
+    """
+
+    _function = staticmethod(log_softmax)
 
 
 class Softplus(nn.Module):
@@ -135,7 +130,20 @@ class Softplus(nn.Module):
         return _layers.learnable_softplus(x, log_beta)
 
 
-class MaskedSoftmax(nn.Module):
+class _SinkOwner(nn.Module):
+    """A layer that may own learnable sinks: the param ``'sink'``, one logit per head (or
+    one shared), starting at 0."""
+
+    num_heads: int | None = None
+    sink: bool = False
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        _layers.check_num_heads(self.num_heads)
+        super().__post_init__()
+
+
+class MaskedSoftmax(_SinkOwner):
     """The attention softmax, as :func:`stablelayers.masked_softmax`, with optional
     learnable sinks.
 
@@ -151,14 +159,6 @@ class MaskedSoftmax(nn.Module):
             initialised to 0 ("softmax1"), to each row's normaliser (gpt-oss style).
         param_dtype: dtype of the sink.
     """
-
-    num_heads: int | None = None
-    sink: bool = False
-    param_dtype: DTypeLike = jnp.float32
-
-    def __post_init__(self) -> None:
-        _layers.check_num_heads(self.num_heads)
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
@@ -177,7 +177,7 @@ class MaskedSoftmax(nn.Module):
         return _layers.heads_masked_softmax(logits, where, sink, self.num_heads)
 
 
-class DotProductAttention(nn.Module):
+class DotProductAttention(_SinkOwner):
     """:func:`stablelayers.dot_product_attention` as a module that owns learnable sinks.
 
     Use it as the ``attention_fn`` of :class:`flax.linen.MultiHeadDotProductAttention` to
@@ -191,14 +191,6 @@ class DotProductAttention(nn.Module):
         sink: hold a learnable sink logit per head, the param ``'sink'``, initialised to 0.
         param_dtype: dtype of the sink.
     """
-
-    num_heads: int | None = None
-    sink: bool = False
-    param_dtype: DTypeLike = jnp.float32
-
-    def __post_init__(self) -> None:
-        _layers.check_num_heads(self.num_heads)
-        super().__post_init__()
 
     # Linen's attention layer passes only the keywords that its attention_fn's signature
     # names, so __call__ carries dot_product_attention's signature (set below the class):

@@ -12,7 +12,7 @@ For attention without sinks no new class is needed: pass
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,36 @@ __all__ = [
 ]
 
 
-class Softmax(nnx.Module):
-    """Softmax over ``axis``, as :func:`stablelayers.softmax`.
+class _Rowwise(nnx.Module):
+    """A softmax-family function over ``axis`` as a layer: ``layer(x, where=None)`` is
+    ``function(x, axis=layer.axis, where=where)``."""
+
+    _function: ClassVar[Callable[..., jax.Array]]
+
+    def __init__(self, axis: _layers.Axis = -1):
+        self.axis = _checks.check_axis(axis)
+
+    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+        """The layer's function of ``x`` over ``self.axis``, masked by ``where``.
+
+        Args:
+            x: logits of any shape.
+            where: optional boolean mask broadcastable to ``x.shape``.
+
+        Returns:
+            An array of ``x``'s shape and dtype.
+        """
+        return type(self)._function(x, axis=self.axis, where=where)
+
+
+class Softmax(_Rowwise):
+    """Softmax over ``axis``, as :func:`stablelayers.softmax`: ``layer(x, where=None)``.
 
     Args:
         axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
+
+    ``where`` (optional, boolean, broadcastable to ``x.shape``) leaves entries out: they get
+    exactly 0, and a row with nothing unmasked is all 0.
 
     Example::
 
@@ -49,45 +74,21 @@ class Softmax(nnx.Module):
         >>> y = layer(jnp.array([[1.0, 2.0, 3.0]]))  # rows sum to one
     """
 
-    def __init__(self, axis: _layers.Axis = -1):
-        self.axis = _checks.check_axis(axis)
-
-    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Softmax of ``x`` over ``self.axis``.
-
-        Args:
-            x: logits of any shape.
-            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
-                get exactly 0 and a row with nothing unmasked is all 0.
-
-        Returns:
-            An array of ``x``'s shape and dtype.
-        """
-        return softmax(x, axis=self.axis, where=where)
+    _function = staticmethod(softmax)
 
 
-class LogSoftmax(nnx.Module):
-    """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`.
+class LogSoftmax(_Rowwise):
+    """Log-softmax over ``axis``, as :func:`stablelayers.log_softmax`:
+    ``layer(x, where=None)``.
 
     Args:
         axis: the axis, or tuple of axes, that forms a row; ``None`` for all axes.
+
+    ``where`` (optional, boolean, broadcastable to ``x.shape``) leaves entries out: they are
+    ``-inf`` with gradient 0.
     """
 
-    def __init__(self, axis: _layers.Axis = -1):
-        self.axis = _checks.check_axis(axis)
-
-    def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Log-softmax of ``x`` over ``self.axis``.
-
-        Args:
-            x: logits of any shape.
-            where: optional boolean mask broadcastable to ``x.shape``; ``False`` entries
-                are ``-inf`` with gradient 0.
-
-        Returns:
-            An array of ``x``'s shape and dtype.
-        """
-        return log_softmax(x, axis=self.axis, where=where)
+    _function = staticmethod(log_softmax)
 
 
 class Softplus(nnx.Module):
@@ -135,7 +136,29 @@ class Softplus(nnx.Module):
         return _layers.learnable_softplus(x, self.log_beta[...])
 
 
-class MaskedSoftmax(nnx.Module):
+class _SinkOwner(nnx.Module):
+    """A layer that may own learnable sinks: ``self.sink``, one logit per head (or one
+    shared), an ``nnx.Param`` starting at 0, or ``None``."""
+
+    def __init__(
+        self,
+        num_heads: int | None = None,
+        sink: bool = False,
+        *,
+        param_dtype: DTypeLike = jnp.float32,
+    ):
+        self.num_heads = _layers.check_num_heads(num_heads)
+        self.sink: nnx.Param[jax.Array] | None = (
+            nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
+            if sink
+            else None
+        )
+
+    def _sink_value(self) -> jax.Array | None:
+        return None if self.sink is None else self.sink[...]
+
+
+class MaskedSoftmax(_SinkOwner):
     """The attention softmax, as :func:`stablelayers.masked_softmax`, with optional
     learnable sinks.
 
@@ -153,20 +176,6 @@ class MaskedSoftmax(nnx.Module):
         param_dtype: dtype of the sink.
     """
 
-    def __init__(
-        self,
-        num_heads: int | None = None,
-        sink: bool = False,
-        *,
-        param_dtype: DTypeLike = jnp.float32,
-    ):
-        self.num_heads = _layers.check_num_heads(num_heads)
-        self.sink: nnx.Param[jax.Array] | None = (
-            nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
-            if sink
-            else None
-        )
-
     def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
         """Attention weights from ``logits``, normalised over the key axis.
 
@@ -179,11 +188,11 @@ class MaskedSoftmax(nnx.Module):
             An array of ``logits``' shape and dtype; each row sums to 1 minus the sink's
             share, or to 0 if nothing in it is unmasked.
         """
-        sink = None if self.sink is None else self.sink[...]
+        sink = self._sink_value()
         return _layers.heads_masked_softmax(logits, where, sink, self.num_heads)
 
 
-class DotProductAttention(nnx.Module):
+class DotProductAttention(_SinkOwner):
     """:func:`stablelayers.dot_product_attention` as a module that owns learnable sinks.
 
     Use it as the ``attention_fn`` of :class:`flax.nnx.MultiHeadAttention` to give that
@@ -199,20 +208,6 @@ class DotProductAttention(nnx.Module):
         sink: hold a learnable sink logit per head, ``self.sink = nnx.Param(zeros(...))``.
         param_dtype: dtype of the sink.
     """
-
-    def __init__(
-        self,
-        num_heads: int | None = None,
-        sink: bool = False,
-        *,
-        param_dtype: DTypeLike = jnp.float32,
-    ):
-        self.num_heads = _layers.check_num_heads(num_heads)
-        self.sink: nnx.Param[jax.Array] | None = (
-            nnx.Param(jnp.zeros(_layers.sink_shape(self.num_heads), param_dtype))
-            if sink
-            else None
-        )
 
     def __call__(
         self,
@@ -237,7 +232,7 @@ class DotProductAttention(nnx.Module):
         Returns:
             An array of shape ``(batch..., q_len, heads, v_dim)``.
         """
-        sink = None if self.sink is None else self.sink[...]
+        sink = self._sink_value()
         return _layers.heads_attention(
             query, key, value, bias, mask, sink, self.num_heads, **kwargs
         )
