@@ -18,6 +18,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks
 from stablelayers._attention_checks import (
+    Inputs,
     Settings,
     check_broadcast,
     check_lengths,
@@ -280,10 +281,10 @@ def dot_product_attention(
     if dropout_on:
         assert dropout_rng is not None  # checked above whenever dropout is on
         dropout = (dropout_rng, dropout_rate, broadcast_dropout)
-    query, key, value = silence_dead_rows(query, key, value, mask, *lengths)
+    inputs = silence_dead_rows(Inputs(query, key, value, bias, mask, sink, *lengths))
     settings = Settings(scale, is_causal, window, lookahead, precision, dropout)
     if use_chunks:
-        out, lse = chunked(query, key, value, bias, mask, sink, lengths, settings, chunk_size)
+        out, lse = chunked(inputs, settings, chunk_size)
         if not want_lse:
             return out
         # The chunked path marks an empty row's logsumexp with the lowest float.
@@ -291,13 +292,7 @@ def dot_product_attention(
         return _with_logsumexp(out, lse, return_residual, key.dtype)
 
     out, dense_lse = dense(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        sink,
-        lengths,
+        inputs,
         settings,
         qk_einsum=qk_attn_weights_einsum,
         wv_einsum=attn_weights_value_einsum,

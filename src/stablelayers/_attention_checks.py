@@ -18,6 +18,22 @@ from stablelayers._switches import forward_mode_enabled
 Shape = tuple[int, ...]
 
 
+class Inputs(NamedTuple):
+    """The arrays both paths read, checked: ``query`` ``(batch..., q_len, heads, qk_dim)``,
+    ``key`` and ``value`` ``(batch..., kv_len, kv_heads, dim)`` in one dtype, ``bias`` and
+    a boolean ``mask`` broadcastable to ``(batch..., heads, q_len, kv_len)``, ``sink``
+    ``(batch..., heads)`` in the compute dtype, and int32 lengths of shape ``batch``."""
+
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None
+    sink: jax.Array | None
+    q_lengths: jax.Array | None
+    kv_lengths: jax.Array | None
+
+
 class Settings(NamedTuple):
     """What both paths do the same way, checked: the logits' scale, which pairs the
     structure lets through (``_attention_masks.position_mask``), the einsums' precision,

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers._attention_checks import Inputs
+
 
 def both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
     """``a & b``, where ``None`` lets everything through."""
@@ -60,14 +62,7 @@ def dense_mask(
     return where
 
 
-def silence_dead_rows(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    mask: jax.Array | None,
-    q_lengths: jax.Array | None,
-    kv_lengths: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def silence_dead_rows(inputs: Inputs) -> Inputs:
     """Zero the queries, keys and values that no pair of the attention uses.
 
     A key that every query masks (padding past ``key_lengths``, or a mask column that is
@@ -76,8 +71,9 @@ def silence_dead_rows(
     logits. Likewise a query that attends nothing, in the gradient of the keys. Zeroed,
     they contribute exactly nothing, and their own gradients are exactly 0.
     """
+    query, key, value, _, mask, _, q_lengths, kv_lengths = inputs
     if mask is None and q_lengths is None and kv_lengths is None:
-        return query, key, value
+        return inputs
     batch, q_len = query.shape[:-3], query.shape[-3]
     kv_len = key.shape[-3]
     q_live = live_positions(mask, q_lengths, batch, q_len, reduce=(-3, -1))
@@ -87,7 +83,7 @@ def silence_dead_rows(
     if k_live is not None:
         key = jnp.where(k_live[..., None, None], key, 0)
         value = jnp.where(k_live[..., None, None], value, 0)
-    return query, key, value
+    return inputs._replace(query=query, key=key, value=value)
 
 
 def live_positions(

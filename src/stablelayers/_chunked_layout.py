@@ -15,24 +15,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from stablelayers import _chunked_attention
-from stablelayers._attention_checks import Settings, block_sizes
+from stablelayers._attention_checks import Inputs, Settings, block_sizes
 from stablelayers._float_arithmetic import compute_dtype
 
 
 def chunked(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    sink: jax.Array | None,
-    lengths: tuple[jax.Array | None, jax.Array | None],
-    settings: Settings,
-    chunk_size: int | tuple[int, int] | None,
+    inputs: Inputs, settings: Settings, chunk_size: int | tuple[int, int] | None
 ) -> tuple[jax.Array, jax.Array]:
     """The chunked path on ``dot_product_attention``'s checked arguments: ``(out, lse)``,
     ``out`` as ``(batch..., q_len, heads, v_dim)`` and ``lse`` as ``(batch..., heads,
     q_len)``, with the lowest float marking a row that attends nothing."""
+    query, key, value, bias, mask, sink, *lengths = inputs
     batch = query.shape[:-3]
     q_len, heads, qk_dim = query.shape[-3:]
     kv_len, kv_heads, v_dim = value.shape[-3:]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers._attention_checks import Settings
+from stablelayers._attention_checks import Inputs, Settings
 from stablelayers._attention_masks import dense_mask
 from stablelayers._float_arithmetic import compute_dtype
 from stablelayers._logsumexp import lse_rows
@@ -21,13 +21,7 @@ Einsum = Callable[..., jax.Array]
 
 
 def dense(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    sink: jax.Array | None,
-    lengths: tuple[jax.Array | None, jax.Array | None],
+    inputs: Inputs,
     settings: Settings,
     *,
     qk_einsum: Einsum | None,
@@ -40,6 +34,7 @@ def dense(
     """``(out, lse)`` on ``dot_product_attention``'s checked arguments: ``out`` as
     ``(batch..., q_len, heads, v_dim)``, and with ``want_lse`` the logsumexp of each row's
     logits (sink included) as ``(batch..., heads, q_len)``, ``-inf`` for an empty row."""
+    query, key, value, bias, mask, sink, q_lengths, kv_lengths = inputs
     scale, is_causal, window, lookahead, precision, dropout = settings
     batch = query.shape[:-3]
     q_len, heads, _ = query.shape[-3:]
@@ -69,6 +64,7 @@ def dense(
     if bias is not None:
         logits = logits + bias.astype(compute)
 
+    lengths = (q_lengths, kv_lengths)
     where = dense_mask(mask, is_causal, window, lookahead, lengths, logits_shape)
     row_sink = None if sink is None else sink[..., None]
     weights = masked_softmax(logits, where=where, sink=row_sink)
