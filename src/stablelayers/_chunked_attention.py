@@ -221,6 +221,8 @@ def sink_grad(sink: jax.Array, rows: tuple[jax.Array, jax.Array]) -> jax.Array:
 def _backward(
     cfg: Config, residuals: Residuals, cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[jax.Array | None, ...]:
+    """The backward rule: the gradients of q, k, v, bias and sink (None for the other
+    arguments) in their dtypes, from ``_fwd``'s residuals and ``(d_out, d_lse)``."""
     q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse = residuals
     d_out, d_lse = cotangents
     rows = row_terms(cfg, out, lse, d_out, d_lse)
