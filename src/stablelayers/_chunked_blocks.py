@@ -32,13 +32,14 @@ class Config(NamedTuple):
     block_k: int
     scale: float
     is_causal: bool
-    window: int | None
     dtype: jnp.dtype  # of the matmul inputs; logits and softmax are float32 or wider
     precision: lax.PrecisionLike
-    broadcast_dropout: bool
-    dropout: bool
-    # jax.nn's right window: key k is masked from query q when k - q > lookahead.
+    # Key k is masked from query q when q - k >= window (jax.nn's left window) ...
+    window: int | None = None
+    # ... or when k - q > lookahead (its right window).
     lookahead: int | None = None
+    broadcast_dropout: bool = False
+    dropout: bool = False
 
 
 class Inputs(NamedTuple):

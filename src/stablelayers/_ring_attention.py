@@ -125,17 +125,8 @@ def ring_attention(
         for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
     ]
     block_q, block_k = (min(b, chunk) for b in _attention_checks.block_sizes(chunk_size))
-    inner = _chunked_attention.Config(
-        block_q=block_q,
-        block_k=block_k,
-        scale=float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale),
-        is_causal=is_causal,
-        window=None,
-        dtype=dtype,
-        precision=precision,
-        broadcast_dropout=False,
-        dropout=False,
-    )
+    scale = float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale)
+    inner = _chunked_attention.Config(block_q, block_k, scale, is_causal, dtype, precision)
     cfg = _ring_blocks.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
     q = query.reshape(n_batch, q_len, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
