@@ -23,6 +23,17 @@ def _inputs(seed=0, dtype=jnp.float32):
     return h, w, b, y
 
 
+def _options(y, smoothing, z_loss, masked, ignored):
+    """The labels and the keyword options of one drawn case."""
+    options = {"label_smoothing": smoothing, "z_loss": z_loss}
+    if masked:
+        options["where"] = jnp.arange(VOCAB) % 4 != 1
+    if ignored:
+        y = y.at[::3].set(-100)
+        options["ignore_index"] = -100
+    return y, options
+
+
 def _both(y, options, chunk):
     def fused(h, w, b):
         return sl.linear_softmax_cross_entropy(h, w, y, bias=b, chunk_size=chunk, **options)
@@ -43,12 +54,7 @@ def _both(y, options, chunk):
 )
 def test_fused_equals_materialised(chunk, smoothing, z_loss, masked, ignored):
     h, w, b, y = _inputs()
-    options = {"label_smoothing": smoothing, "z_loss": z_loss}
-    if masked:
-        options["where"] = jnp.arange(VOCAB) % 4 != 1
-    if ignored:
-        y = y.at[::3].set(-100)
-        options["ignore_index"] = -100
+    y, options = _options(y, smoothing, z_loss, masked, ignored)
     fused, materialised = _both(y, options, chunk)
     np.testing.assert_allclose(fused(h, w, b), materialised(h, w, b), rtol=2e-6, atol=2e-6)
     vg = [
@@ -157,3 +163,120 @@ def test_bad_arguments_raise():
         sl.linear_softmax_cross_entropy(h, w, y, label_smoothing=1.0)
     with pytest.raises(ValueError, match="z_loss"):
         sl.linear_softmax_cross_entropy(h, w, y, z_loss=-1e-4)
+
+
+def _reduce(loss, y, reduction, ignore_index):
+    if reduction == "sum":
+        return jnp.sum(loss)
+    valid = jnp.ones_like(y, bool) if ignore_index is None else y != ignore_index
+    return sl.mean_over_valid(loss, valid)
+
+
+@settings(deadline=None, max_examples=8)
+@given(
+    reduction=st.sampled_from(["mean", "sum"]),
+    chunk=st.sampled_from([1, 5, 12, None]),
+    smoothing=st.sampled_from([0.0, 0.1]),
+    z_loss=st.sampled_from([0.0, 1e-2]),
+    masked=st.booleans(),
+    ignored=st.booleans(),
+)
+def test_reduced_fused_equals_materialised(
+    reduction, chunk, smoothing, z_loss, masked, ignored
+):
+    h, w, b, y = _inputs()
+    y, options = _options(y, smoothing, z_loss, masked, ignored)
+
+    def fused(h, w, b):
+        return sl.linear_softmax_cross_entropy(
+            h, w, y, bias=b, chunk_size=chunk, reduction=reduction, **options
+        )
+
+    def materialised(h, w, b):
+        loss = sl.softmax_cross_entropy(h @ w + b[None], y, **options)
+        return _reduce(loss, y, reduction, options.get("ignore_index"))
+
+    np.testing.assert_allclose(fused(h, w, b), materialised(h, w, b), rtol=2e-6)
+    none = sl.linear_softmax_cross_entropy(h, w, y, bias=b, **options)
+    np.testing.assert_allclose(
+        fused(h, w, b), _reduce(none, y, reduction, options.get("ignore_index")), rtol=2e-6
+    )
+    got = jax.jit(jax.grad(fused, (0, 1, 2)))(h, w, b)
+    for g, want in zip(got, jax.grad(materialised, (0, 1, 2))(h, w, b), strict=True):
+        np.testing.assert_allclose(g, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_to_second_order_and_forward_mode(reduction):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        h, w, b = rng.normal(size=(5, 4)), rng.normal(size=(4, 11)), rng.normal(size=11)
+        y = np.array([0, 3, 10, -1, 5])
+        options = {"ignore_index": -1, "label_smoothing": 0.1, "z_loss": 0.01}
+
+        def f(h, w, b):
+            return sl.linear_softmax_cross_entropy(
+                h, w, y, bias=b, chunk_size=2, reduction=reduction, **options
+            )
+
+        def materialised(h, w, b):
+            loss = sl.softmax_cross_entropy(h @ w + b[None], y, **options)
+            return _reduce(loss, y, reduction, -1)
+
+        check_grads(jax.jit(f), (h, w, b), 2, ["rev"])
+        with sl.forward_mode():
+            check_grads(jax.jit(f), (h, w, b), 2, ["fwd", "rev"])
+        for got, want in zip(
+            jax.tree.leaves(jax.hessian(f, (0, 1, 2))(h, w, b)),
+            jax.tree.leaves(jax.hessian(materialised, (0, 1, 2))(h, w, b)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        hs = np.stack([h, 2 * h])
+        np.testing.assert_allclose(
+            jax.vmap(f, (0, None, None))(hs, w, b), [f(h, w, b), f(2 * h, w, b)], rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            jax.vmap(jax.grad(f), (0, None, None))(hs, w, b)[1],
+            jax.grad(f)(2 * h, w, b),
+            rtol=1e-12,
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_all_ignored_is_exactly_zero(reduction):
+    h, w, _, _ = _inputs()
+    y = jnp.full((TOKENS,), -1)
+
+    def f(h, w):
+        poisoned = h.at[0].set(jnp.nan)
+        return sl.linear_softmax_cross_entropy(
+            poisoned, w, y, ignore_index=-1, chunk_size=5, reduction=reduction
+        )
+
+    assert float(f(h, w)) == 0.0
+    for g in jax.jit(jax.grad(f, (0, 1)))(h, w):
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_reduced_bfloat16_keeps_dtypes_to_second_order():
+    h, w, _, y = _inputs(dtype=jnp.bfloat16)
+
+    def f(h, w):
+        return sl.linear_softmax_cross_entropy(h, w, y, reduction="mean", chunk_size=5)
+
+    want = jnp.mean(
+        sl.softmax_cross_entropy(jnp.matmul(h, w, preferred_element_type=jnp.float32), y)
+    )
+    np.testing.assert_allclose(f(h, w), want, rtol=1e-5)
+    dh, dw = jax.grad(f, (0, 1))(h, w)
+    assert dh.dtype == dw.dtype == jnp.bfloat16
+    # Second order through the bit-sliced half-precision blocks.
+    hvp = jax.jvp(jax.grad(lambda h: f(h, w)), (h,), (jnp.ones_like(h),))[1]
+    assert hvp.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(hvp)))
+
+
+def test_unknown_reduction_raises():
+    h, w, _, y = _inputs()
+    with pytest.raises(ValueError, match="reduction"):
+        sl.linear_softmax_cross_entropy(h, w, y, reduction="max")

@@ -2,7 +2,8 @@ r"""linear_softmax_cross_entropy: the loss of ``softmax(hidden @ weight + bias)`
 ever forming the ``(tokens, vocab)`` logits, forward or backward.
 
 After Wijmans et al. (ICLR 2025, "Cut Your Losses in Large-Vocabulary Language Models"),
-in pure JAX. The vocabulary is walked in blocks of ``chunk_size`` columns:
+in pure JAX. With ``reduction='none'`` (the loss per token) the vocabulary is walked in
+blocks of ``chunk_size`` columns:
 
 * forward: each block's logits ``l = h W_c + b_c`` feed an online log-sum-exp
   (``m' = max(m, max l)``, ``s' = s e^{m - m'} + sum e^{l - m'}``; Milakov & Gimelshein,
@@ -12,146 +13,140 @@ in pure JAX. The vocabulary is walked in blocks of ``chunk_size`` columns:
 
 So the largest temporaries are ``(tokens, chunk_size)``, and the price is one more
 ``tokens x hidden x vocab`` product than the materialised loss (four instead of three).
-The last block, when ``chunk_size`` does not divide the vocabulary, is taken from
-``vocab - chunk_size`` and its columns already seen are masked: nothing is padded or copied.
+With ``reduction='mean'`` or ``'sum'`` the cotangent is one number and the gradient is
+formed in the forward pass instead: three products (:mod:`stablelayers._lce_sum`).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers import _checks, _float_arithmetic
 from stablelayers._cross_entropy import check_integer_labels, check_loss_options
-from stablelayers._switches import forward_mode_enabled
+from stablelayers._lce_sum import summed_op
+from stablelayers._lce_terms import (
+    Inputs,
+    acc_dtype,
+    block_start,
+    coefficients,
+    dlogits,
+    loss_terms,
+    take,
+)
 from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._switches import forward_mode_enabled
+
+Reduction = Literal["none", "mean", "sum"]
+# (vocabulary columns per block, label smoothing, z-loss coefficient).
+Static = tuple[int, float, float]
 
 
-def _block(h, weight, bias, c, size):
-    """Block ``c``'s logits in float32 and its column indices; ``fresh`` marks the columns
-    no earlier block held (only the last block overlaps)."""
-    vocab = weight.shape[1]
-    start = jnp.minimum(c * size, vocab - size)
-    w = lax.dynamic_slice_in_dim(weight, start, size, axis=1)
-    acc = _acc(h)
-    logits = jnp.matmul(h, w, preferred_element_type=acc)
-    if bias is not None:
-        logits = logits + lax.dynamic_slice_in_dim(bias, start, size).astype(acc)
-    cols = start + jnp.arange(size)
-    return logits, cols, cols >= c * size, start
+class _Block:
+    """Block ``c`` of ``size`` vocabulary columns: its logits ``(tokens, size)`` in
+    float32, ``live`` (unmasked and held by no earlier block: only the last block
+    overlaps) and ``hit`` (the label's column), both ``(1 or tokens, size)``."""
+
+    def __init__(self, args: Inputs, c: jax.Array, size: int):
+        h, weight, bias, labels, vocab_mask, _ = args
+        self.start, fresh = block_start(c, size, weight.shape[1])
+        self.w = take(weight, self.start, size, 1)
+        acc = acc_dtype(h)
+        logits = jnp.matmul(h, self.w, preferred_element_type=acc)
+        if bias is not None:
+            logits = logits + take(bias, self.start, size, 0).astype(acc)[None, :]
+        cols = self.start + jnp.arange(size)
+        self.fresh = fresh
+        self.live = (fresh & vocab_mask[cols])[None, :]
+        self.hit = self.live & (cols[None, :] == labels[:, None])
+        self.logits = logits
 
 
-def _acc(h):
-    # Products accumulate, and everything per token is computed, in float32 (float64 for
-    # float64 inputs); half precision is read as it is and never rounded back until the end.
-    return _float_arithmetic.compute_dtype(h.dtype)
+def _count(args: Inputs) -> jax.Array:
+    """``K``, the number of live classes (at least 1), in the accumulation dtype."""
+    return jnp.maximum(jnp.sum(args[4]), 1).astype(acc_dtype(args[0]))
 
 
-def _blocks(weight, size):
-    return -(-weight.shape[1] // size)
+def _blocks(args: Inputs, size: int) -> int:
+    return -(-args[1].shape[1] // size)
 
 
-def _forward(h, weight, bias, labels, vocab_mask, size, smoothing):
-    """Per token: ``(lse, target logit, sum of live logits)`` in float32."""
-    n, acc = h.shape[0], _acc(h)
-    lowest = jnp.finfo(acc).min
+def _forward(args: Inputs, size: int, smoothing: float) -> tuple[jax.Array, ...]:
+    """Per token: ``(lse, target logit, sum of live logits)`` in float32, one block of
+    the vocabulary at a time (online log-sum-exp)."""
+    n, acc = args[0].shape[0], acc_dtype(args[0])
+    lowest = np.finfo(acc).min
+    Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
-    def body(c, carry):
+    def body(c: jax.Array, carry: Carry) -> Carry:
         m, s, target, total = carry
-        logits, cols, fresh, _ = _block(h, weight, bias, c, size)
-        live = fresh & vocab_mask[cols]
-        logits = jnp.where(live, logits, lowest)
+        block = _Block(args, c, size)
+        logits = jnp.where(block.live, block.logits, lowest)
         m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(logits, axis=1)))
-        e = jnp.where(live, jnp.exp(logits - m_new[:, None]), 0.0)
+        e = jnp.where(block.live, jnp.exp(logits - m_new[:, None]), 0.0)
         s = s * jnp.exp(m - m_new) + jnp.sum(e, axis=1)
-        hit = live & (cols == labels[:, None])
-        target = target + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
+        target = target + jnp.sum(jnp.where(block.hit, logits, 0.0), axis=1)
         if smoothing:
-            total = total + jnp.sum(jnp.where(live, logits, 0.0), axis=1)
+            total = total + jnp.sum(jnp.where(block.live, logits, 0.0), axis=1)
         return m_new, s, target, total
 
     zeros = jnp.zeros((n,), acc)
     init = (jnp.full((n,), lowest, acc), zeros, zeros, zeros)
-    m, s, target, total = lax.fori_loop(0, _blocks(weight, size), body, init)
+    m, s, target, total = lax.fori_loop(0, _blocks(args, size), body, init)
     lse = m + jnp.log(jnp.where(s == 0, 1.0, s))
     return lse, target, total
 
 
-def _loss(lse, target, total, valid, count, smoothing, z_loss):
-    loss = lse - (1.0 - smoothing) * target
-    if smoothing:
-        loss = loss - (smoothing / count) * total
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    return jnp.where(valid, loss, 0.0)
+def _per_token(args: Inputs, static: Static) -> tuple[jax.Array, jax.Array]:
+    """The loss per token (float32) and the one value kept per token, ``lse``."""
+    size, smoothing, z_loss = static
+    lse, target, total = _forward(args, size, smoothing)
+    loss = loss_terms(lse, target, total, args[5], _count(args), smoothing, z_loss)
+    return loss, lse
 
 
-def _block_grad(h, weight, bias, labels, vocab_mask, lse, coef, c, size, smoothing, count):
-    """Block ``c``'s ``G = dloss/dlogits`` (float32) for per-token weights ``coef`` =
-    ``(g (1 + 2 z lse), g (1 - eps), g eps / K)``, and its start column."""
-    logits, cols, fresh, start = _block(h, weight, bias, c, size)
-    live = fresh & vocab_mask[cols]
-    scale, on_label, spread = coef
-    p = jnp.where(live, jnp.exp(jnp.minimum(logits - lse[:, None], 0.0)), 0.0)
-    hit = live & (cols == labels[:, None])
-    grad = scale[:, None] * p - jnp.where(hit, on_label[:, None], 0.0)
-    if smoothing:
-        grad = grad - jnp.where(live, spread[:, None] / count, 0.0)
-    return grad, start
-
-
-def _coefficients(g, lse, valid, smoothing, z_loss):
-    g = jnp.where(valid, g.astype(lse.dtype), 0.0)
-    return g * (1.0 + 2.0 * z_loss * lse), g * (1.0 - smoothing), g * smoothing
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def fused_op(h, weight, bias, labels, vocab_mask, valid, size, smoothing, z_loss):
-    """Per-token loss (float32) of ``h (tokens, hidden)``, ``weight (hidden, vocab)``."""
-    return _fused_fwd(h, weight, bias, labels, vocab_mask, valid, size, smoothing, z_loss)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _per_token_vjp(args: Inputs, static: Static) -> jax.Array:
+    return _per_token(args, static)[0]
 
 
 @allow_rank_promotion
-def _fused_fwd(h, weight, bias, labels, vocab_mask, valid, size, smoothing, z_loss):
-    lse, target, total = _forward(h, weight, bias, labels, vocab_mask, size, smoothing)
-    count = jnp.maximum(jnp.sum(vocab_mask), 1).astype(_acc(h))
-    loss = _loss(lse, target, total, valid, count, smoothing, z_loss)
+def _fwd(args: Inputs, static: Static) -> tuple[jax.Array, tuple[Inputs, jax.Array]]:
+    loss, lse = _per_token(args, static)
     # Kept: the inputs and lse per token; the logits are recomputed block by block.
-    return loss, (h, weight, bias, labels, vocab_mask, valid, lse)
+    return loss, (args, lse)
 
 
 @allow_rank_promotion
-def _fused_bwd(size, smoothing, z_loss, residuals, g):
-    # dloss/dlogits = (1 + 2 z lse) softmax - q, q = (1 - eps) onehot + eps / K over the
-    # live vocabulary; the chain rule through logits = h W + b gives the three products.
-    h, weight, bias, labels, vocab_mask, valid, lse = residuals
-    count = jnp.maximum(jnp.sum(vocab_mask), 1).astype(_acc(h))
-    coef = _coefficients(g, lse, valid, smoothing, z_loss)
-    mm, acc = weight.dtype, _acc(h)
+def _bwd(
+    static: Static, residuals: tuple[Inputs, jax.Array], g: jax.Array
+) -> tuple[tuple[jax.Array | None, ...]]:
+    # The chain rule through logits = h W + b gives the three products per block.
+    args, lse = residuals
+    h, weight, bias = args[:3]
+    size, smoothing, z_loss = static
+    coef = coefficients(g, lse, args[5], smoothing, z_loss)
+    count, acc = _count(args), acc_dtype(h)
+    Carry = tuple[jax.Array, jax.Array, jax.Array | None]
 
-    def body(c, carry):
+    def body(c: jax.Array, carry: Carry) -> Carry:
         dh, dw, db = carry
-        grad, start = _block_grad(
-            h, weight, bias, labels, vocab_mask, lse, coef, c, size, smoothing, count
-        )
-        w = lax.dynamic_slice_in_dim(weight, start, size, axis=1)
-        dh = dh + jnp.matmul(grad.astype(mm), w.T, preferred_element_type=acc)
+        block = _Block(args, c, size)
+        grad = dlogits(block.logits, block.live, block.hit, lse, coef, smoothing, count)
+        dh = dh + jnp.matmul(grad.astype(weight.dtype), block.w.T, preferred_element_type=acc)
         # A block's columns of dW and db are complete in one step (no sum over blocks), so
         # they are written in weight's dtype; the last block keeps the columns an earlier
-        # block wrote (``fresh`` is False there).
-        fresh = jnp.arange(size) + start >= c * size
+        # block wrote.
         dw_c = jnp.matmul(h.T, grad.astype(h.dtype), preferred_element_type=acc)
-        old = lax.dynamic_slice_in_dim(dw, start, size, axis=1)
-        dw_c = jnp.where(fresh[None, :], dw_c.astype(dw.dtype), old)
-        dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
+        dw = _write_fresh(dw, dw_c.astype(dw.dtype), block, axis=1)
         if db is not None:
-            old_b = lax.dynamic_slice_in_dim(db, start, size)
-            db_c = jnp.where(fresh, jnp.sum(grad, axis=0).astype(db.dtype), old_b)
-            db = lax.dynamic_update_slice_in_dim(db, db_c, start, 0)
+            db = _write_fresh(db, jnp.sum(grad, axis=0).astype(db.dtype), block, axis=0)
         return dh, dw, db
 
     init = (
@@ -159,54 +154,99 @@ def _fused_bwd(size, smoothing, z_loss, residuals, g):
         jnp.zeros(weight.shape, weight.dtype),
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     )
-    dh, dw, db = lax.fori_loop(0, _blocks(weight, size), body, init)
-    return dh.astype(h.dtype), dw, db, None, None, None
+    dh, dw, db = lax.fori_loop(0, _blocks(args, size), body, init)
+    return ((dh.astype(h.dtype), dw, db, None, None, None),)
 
 
-fused_op.defvjp(_fused_fwd, _fused_bwd)
+def _write_fresh(full: jax.Array, part: jax.Array, block: _Block, axis: int) -> jax.Array:
+    """``full`` with the block's fresh columns along ``axis`` replaced by ``part``'s."""
+    old = lax.dynamic_slice_in_dim(full, block.start, part.shape[axis], axis)
+    fresh = block.fresh if axis == 0 else block.fresh[None, :]
+    return lax.dynamic_update_slice_in_dim(full, jnp.where(fresh, part, old), block.start, axis)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
-def fused_jvp_op(h, weight, bias, labels, vocab_mask, valid, size, smoothing, z_loss):
-    return _fused_fwd(h, weight, bias, labels, vocab_mask, valid, size, smoothing, z_loss)[0]
+_per_token_vjp.defvjp(_fwd, _bwd)
 
 
-@fused_jvp_op.defjvp
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _per_token_jvp(args: Inputs, static: Static) -> jax.Array:
+    return _per_token(args, static)[0]
+
+
+@_per_token_jvp.defjvp
 @allow_rank_promotion
-def _fused_jvp_rule(size, smoothing, z_loss, primals, tangents):
+def _jvp_rule(
+    static: Static, primal_args: tuple[Inputs], tangent_args: tuple[Inputs]
+) -> tuple[jax.Array, jax.Array]:
     # loss_dot = sum_j G_j logits_dot_j, logits_dot = h_dot W + h W_dot + b_dot, one block
     # at a time (G with g = 1).
-    h, weight, bias, labels, vocab_mask, valid = primals
-    h_dot, w_dot, b_dot = tangents[:3]
-    loss, (*_, lse) = _fused_fwd(
-        h, weight, bias, labels, vocab_mask, valid, size, smoothing, z_loss
-    )
-    count = jnp.maximum(jnp.sum(vocab_mask), 1).astype(_acc(h))
-    coef = _coefficients(jnp.ones_like(lse), lse, valid, smoothing, z_loss)
+    (primals,), (tangents,) = primal_args, tangent_args
+    h, (h_dot, w_dot, b_dot) = primals[0], tangents[:3]
+    size, smoothing, z_loss = static
+    loss, lse = _per_token(primals, static)
+    coef = coefficients(jnp.ones_like(lse), lse, primals[5], smoothing, z_loss)
+    count, acc = _count(primals), acc_dtype(h)
 
-    def body(c, total):
-        grad, start = _block_grad(
-            h, weight, bias, labels, vocab_mask, lse, coef, c, size, smoothing, count
-        )
-        w = lax.dynamic_slice_in_dim(weight, start, size, axis=1)
-        wd = lax.dynamic_slice_in_dim(w_dot, start, size, axis=1)
-        acc = _acc(h)
-        dot = jnp.matmul(h_dot, w, preferred_element_type=acc)
+    def body(c: jax.Array, total: jax.Array) -> jax.Array:
+        block = _Block(primals, c, size)
+        grad = dlogits(block.logits, block.live, block.hit, lse, coef, smoothing, count)
+        wd = take(w_dot, block.start, size, 1)
+        dot = jnp.matmul(h_dot, block.w, preferred_element_type=acc)
         dot = dot + jnp.matmul(h, wd, preferred_element_type=acc)
-        if bias is not None:
-            dot = dot + lax.dynamic_slice_in_dim(b_dot, start, size).astype(acc)
+        if b_dot is not None:
+            dot = dot + lax.dynamic_slice_in_dim(b_dot, block.start, size).astype(acc)
         return total + jnp.sum(grad * dot, axis=1)
 
-    loss_dot = lax.fori_loop(0, _blocks(weight, size), body, jnp.zeros_like(lse))
+    loss_dot = lax.fori_loop(0, _blocks(primals, size), body, jnp.zeros_like(lse))
     return loss, loss_dot
 
 
 # Chosen on docs/loss_benchmarks.md: at 8192 tokens x 32768 vocabulary the fused loss's XLA
-# temporaries are under 1/16 of optax's on materialised logits (the block's float32
-# logits and gradient dominate them), in float32 with 1024 columns and in half precision
-# (which also keeps a half-precision copy of the block's gradient) with 512.
+# temporaries are under 1/16 of optax's on materialised logits, with either reduction and
+# in float32 and half precision. reduction='none': vocabulary columns per block (the
+# block's float32 logits and gradient dominate; half precision also keeps a half-precision
+# copy of the gradient). 'mean'/'sum': logits elements per chunk of tokens (a chunk's
+# float32 logits and gradient, next to the float32 dW every chunk adds to, which half
+# precision keeps besides its output); larger chunks make fewer, larger products.
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_CHUNK_SIZE_HALF = 512
+DEFAULT_CHUNK_ELEMENTS = 2**23
+DEFAULT_CHUNK_ELEMENTS_HALF = 2**22
+
+
+def _chunk(
+    chunk_size: int | None, dtype: jnp.dtype, shape: tuple[int, int], whole: bool
+) -> int:
+    """The block size along the walked axis: vocabulary columns per block, or with
+    ``whole`` rows (tokens) per chunk; ``shape`` is ``(tokens, vocab)``."""
+    tokens, vocab = shape
+    half = dtype.itemsize < 4
+    if chunk_size is not None:
+        size = _checks.positive_int(chunk_size, "chunk_size")
+    elif whole:
+        elements = DEFAULT_CHUNK_ELEMENTS_HALF if half else DEFAULT_CHUNK_ELEMENTS
+        size = max(1, elements // vocab)
+    else:
+        size = DEFAULT_CHUNK_SIZE_HALF if half else DEFAULT_CHUNK_SIZE
+    return max(1, min(size, tokens if whole else vocab))
+
+
+def _check_arrays(
+    hidden: ArrayLike, weight: ArrayLike, bias: ArrayLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    h = _checks.as_float_array(hidden, "hidden")
+    w = _checks.as_float_array(weight, "weight")
+    if h.ndim < 1 or w.ndim != 2 or w.shape[0] != h.shape[-1]:
+        raise ValueError(
+            f"`weight` must be (hidden, vocab) = ({h.shape[-1:]}, vocab) for `hidden` of "
+            f"shape {h.shape}, got {w.shape}; a (vocab, hidden) embedding needs `.T`."
+        )
+    if bias is None:
+        return h, w, None
+    b = _checks.as_float_array(bias, "bias")
+    if b.shape != (w.shape[1],):
+        raise ValueError(f"`bias` must have shape ({w.shape[1]},), got {b.shape}.")
+    return h, w, b
 
 
 @allow_rank_promotion
@@ -221,17 +261,21 @@ def linear_softmax_cross_entropy(
     z_loss: float = 0.0,
     ignore_index: int | None = None,
     chunk_size: int | None = None,
+    reduction: Reduction = "none",
 ) -> jax.Array:
-    r"""Per-token cross-entropy of ``softmax(hidden @ weight + bias)``, never forming the
+    r"""Cross-entropy of ``softmax(hidden @ weight + bias)``, never forming the
     ``(tokens, vocab)`` logits (Wijmans et al., ICLR 2025, "Cut Your Losses in
     Large-Vocabulary Language Models").
 
     Equal, to float32 rounding, to
-    ``softmax_cross_entropy(hidden @ weight + bias, labels, ...)``: the same loss, options
-    and gradient, ``dlogits = (1 + 2 z lse) softmax - q``, applied block by block. Peak
-    memory is ``O(tokens x chunk_size)`` instead of ``O(tokens x vocab)``; the backward pass
-    recomputes each block's logits, so it costs one more ``tokens x hidden x vocab``
-    product than the materialised loss.
+    ``softmax_cross_entropy(hidden @ weight + bias, labels, ...)`` (then reduced): the same
+    loss, options and gradient, ``dlogits = (1 + 2 z lse) softmax - q``, applied a block at
+    a time. Peak memory is ``O(tokens x chunk_size)`` (``'none'``) or
+    ``O(chunk_size x vocab + hidden x vocab)`` (``'mean'``, ``'sum'``) instead of
+    ``O(tokens x vocab)``. A reduced loss costs the three ``tokens x hidden x vocab``
+    products of the materialised loss (its gradient is formed in the forward pass, and the
+    backward pass scales it); the per-token loss costs four (the backward pass recomputes
+    the logits), so reduce here when the loss is a mean or a sum.
 
     Args:
         hidden: ``(..., hidden)`` features, e.g. ``(batch, length, d_model)``.
@@ -246,52 +290,50 @@ def linear_softmax_cross_entropy(
         z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term.
         ignore_index: labels equal to it give loss 0 and gradient 0, whatever their hidden
             state holds (NaN and inf included).
-        chunk_size: vocabulary columns per block (default 1024, 512 for half-precision
-            inputs, capped at the vocabulary);
-            need not divide it.
+        chunk_size: the block size along the walked axis, which need not divide it. With
+            ``'none'``: vocabulary columns per block (default 1024, 512 for
+            half-precision inputs). With ``'mean'``/``'sum'``: tokens per chunk (default
+            ``2**23 // vocab``, ``2**22 // vocab`` for half precision, at least 1).
+        reduction: ``'none'`` (the loss per token), ``'mean'`` (over the tokens not
+            ignored; 0, with gradient 0, when every token is) or ``'sum'``.
 
     Returns:
-        The loss per token, of ``labels``' shape, in float32 (or float64 under x64 for
-        float64 inputs); reduce it with e.g. :func:`mean_over_valid`.
+        The loss per token, of ``labels``' shape (``'none'``), or a scalar; in float32 (or
+        float64 under x64 for float64 inputs).
 
     Raises:
         TypeError: non-integer labels, non-boolean ``where``, non-float inputs.
-        ValueError: shapes that do not fit together, or the options out of range.
+        ValueError: shapes that do not fit together, options out of range, an unknown
+            ``reduction``.
     """
-    h = _checks.as_float_array(hidden, "hidden")
-    w = _checks.as_float_array(weight, "weight")
-    if h.ndim < 1 or w.ndim != 2 or w.shape[0] != h.shape[-1]:
-        raise ValueError(
-            f"`weight` must be (hidden, vocab) = ({h.shape[-1:]}, vocab) for `hidden` of "
-            f"shape {h.shape}, got {w.shape}; a (vocab, hidden) embedding needs `.T`."
-        )
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"`reduction` must be 'none', 'mean' or 'sum', got {reduction!r}.")
+    h, w, b = _check_arrays(hidden, weight, bias)
     vocab = w.shape[1]
     check_loss_options(label_smoothing, z_loss, ignore_index)
-    labels_ = check_integer_labels(labels, h.shape[:-1])
+    labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
     dtype = jnp.result_type(h.dtype, w.dtype)
-    if chunk_size is None:
-        half = jnp.finfo(dtype).bits < 32
-        size = DEFAULT_CHUNK_SIZE_HALF if half else DEFAULT_CHUNK_SIZE
-    else:
-        size = _checks.positive_int(chunk_size, "chunk_size")
-    size = min(size, vocab)
-    b = None
-    if bias is not None:
-        b = _checks.as_float_array(bias, "bias")
-        if b.shape != (vocab,):
-            raise ValueError(f"`bias` must have shape ({vocab},), got {b.shape}.")
     mask = _checks.check_where(where, (vocab,))
     mask = jnp.ones((vocab,), bool) if mask is None else jnp.broadcast_to(mask, (vocab,))
     rows = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1]).astype(dtype)
-    labels_ = labels_.reshape(-1)
-    valid = (
-        labels_ != ignore_index if ignore_index is not None else jnp.ones_like(labels_, bool)
-    )
-    # An ignored token's features are replaced before any product reads them.
+    valid = jnp.ones_like(labels_, bool) if ignore_index is None else labels_ != ignore_index
+    # An ignored token's features are replaced before any product reads them; with the
+    # whole vocabulary masked no token has a loss.
     h = jnp.where(valid[:, None], h, 0.0)
-    op = fused_jvp_op if forward_mode_enabled() else fused_op
-    loss = op(
-        h, w.astype(dtype), b, labels_, mask, valid, size, float(label_smoothing), float(z_loss)
-    )
-    return loss.astype(_float_arithmetic.compute_dtype(dtype)).reshape(rows)
+    valid = valid & jnp.any(mask)
+    args = (h, w.astype(dtype), b, labels_, mask, valid)
+    eps, z = float(label_smoothing), float(z_loss)
+    out_dtype = _float_arithmetic.compute_dtype(dtype)
+    size = _chunk(chunk_size, dtype, (h.shape[0], vocab), reduction != "none")
+    if reduction == "none":
+        op = _per_token_jvp if forward_mode_enabled() else _per_token_vjp
+        loss = op(args, (size, eps, z))
+        return loss.astype(out_dtype).reshape(rows)
+    if h.shape[0] == 0:
+        return jnp.zeros((), out_dtype)
+    bias_dtype = None if b is None else b.dtype
+    total = summed_op(forward_mode_enabled(), args, (size, eps, z, dtype, bias_dtype))
+    if reduction == "mean":
+        total = total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
+    return total.astype(out_dtype)

@@ -26,9 +26,11 @@ from stablelayers import _checks, _float_arithmetic, _shift
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Axis = int | Sequence[int] | None
+Maybe = jax.Array | None
+Rows = tuple[int, ...]
 
 
-def _live_mask(where, b):
+def _live_mask(where: Maybe, b: Maybe) -> Maybe:
     # b_j == 0 takes entry j out of the sum, as in jax.nn.logsumexp (even if x_j is inf).
     if b is None:
         return where
@@ -36,14 +38,16 @@ def _live_mask(where, b):
     return nonzero if where is None else where & nonzero
 
 
-def _terms(x, where, b, top):
+def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(e, dead)``: ``e_j = exp(x_j - shift)`` (TwoSum-corrected) with 0 at dead entries."""
     shift, has_posinf = _shift.shift_of_row_max(top)
     d, err, dead = _shift.shift(x, where, shift, has_posinf)
     return _float_arithmetic.exp_corrected(d, err), dead
 
 
-def _primal(x, where, b, axis, empty):
+def _primal(
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Return ``(lse, sign, top, total)`` per row (keepdims), in the compute dtype.
 
     ``total = sum_j b_j e_j``; ``lse = shift + log|total|``. A row with nothing live gets
@@ -75,7 +79,9 @@ def _primal(x, where, b, axis, empty):
     return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
 
 
-def _softmax_weights(x, where, b, top, total):
+def _softmax_weights(
+    x: jax.Array, where: Maybe, b: Maybe, top: jax.Array, total: jax.Array
+) -> jax.Array:
     """``d lse / d b_j = e_j / total`` (0 at dead entries), rebuilt from ``x``."""
     x = x.astype(_float_arithmetic.compute_dtype(x.dtype))
     e, dead = _terms(x, _live_mask(where, b), b, top)
@@ -83,20 +89,29 @@ def _softmax_weights(x, where, b, top, total):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def lse_vjp_op(x, where, b, axis, empty):
+def lse_vjp_op(
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+) -> tuple[jax.Array, jax.Array]:
     """``(lse, sign)`` per row in keepdims shape, compute dtype."""
     return _primal(x, where, b, axis, empty)[:2]
 
 
 @allow_rank_promotion
-def _lse_fwd(x, where, b, axis, empty):
+def _lse_fwd(
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array | None, ...]]:
     lse, sign, top, total = _primal(x, where, b, axis, empty)
     # Kept: x (an input), b (an input, when given) and two numbers per row.
     return (lse, sign), (x, where, b, top, total)
 
 
 @allow_rank_promotion
-def _lse_bwd(axis, empty, residuals, cotangents):
+def _lse_bwd(
+    axis: Rows,
+    empty: float,
+    residuals: tuple[jax.Array, Maybe, Maybe, jax.Array, jax.Array],
+    cotangents: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, None, jax.Array | None]:
     # d lse / d x_j = b_j e_j / total and d lse / d b_j = e_j / total, with total the signed
     # sum (so |total| inside the log contributes the sign). The sign has no derivative.
     # Dead entries (masked, b == 0, or below a +inf) have e == 0: exactly zero gradient,
@@ -107,21 +122,30 @@ def _lse_bwd(axis, empty, residuals, cotangents):
     g = jnp.where(total == 0, 0.0, g)
     dx = g * (w if b is None else w * b.astype(w.dtype))
     dx = jnp.where(w == 0, 0.0, dx).astype(x.dtype)
-    db = None if b is None else _checks.sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
-    return dx, None, None if db is None else db.astype(b.dtype)
+    if b is None:
+        return dx, None, None
+    db = _checks.sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
+    return dx, None, db.astype(b.dtype)
 
 
 lse_vjp_op.defvjp(_lse_fwd, _lse_bwd)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def lse_jvp_op(x, where, b, axis, empty):
+def lse_jvp_op(
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+) -> tuple[jax.Array, jax.Array]:
     return _primal(x, where, b, axis, empty)[:2]
 
 
 @lse_jvp_op.defjvp
 @allow_rank_promotion
-def _lse_jvp_rule(axis, empty, primals, tangents):
+def _lse_jvp_rule(
+    axis: Rows,
+    empty: float,
+    primals: tuple[jax.Array, Maybe, Maybe],
+    tangents: tuple[jax.Array, Maybe, Maybe],
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     x, where, b = primals
     x_dot, _, b_dot = tangents
     lse, sign, top, total = _primal(x, where, b, axis, empty)
@@ -130,7 +154,7 @@ def _lse_jvp_rule(axis, empty, primals, tangents):
     x_dot = jnp.where(w == 0, 0.0, x_dot.astype(dtype))
     weighted = w if b is None else w * b.astype(dtype)
     lse_dot = jnp.sum(weighted * x_dot, axis=axis, keepdims=True)
-    if b is not None:
+    if b is not None and b_dot is not None:
         b_dot = jnp.where(w == 0, 0.0, jnp.broadcast_to(b_dot, w.shape).astype(dtype))
         lse_dot = lse_dot + jnp.sum(w * b_dot, axis=axis, keepdims=True)
     return (lse, sign), (lse_dot, jnp.zeros_like(sign))

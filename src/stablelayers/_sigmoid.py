@@ -19,14 +19,14 @@ from stablelayers._softplus import softplus
 from stablelayers._switches import forward_mode_enabled
 
 
-def _sigmoid_primal(x):
+def _sigmoid_primal(x: jax.Array) -> jax.Array:
     dtype = _float_arithmetic.compute_dtype(x.dtype)
     x = x.astype(dtype)
     z = jnp.exp(-jnp.abs(x))
     return jnp.where(x >= 0, 1 / (1 + z), z / (1 + z))
 
 
-def _sigmoid_slope(x):
+def _sigmoid_slope(x: jax.Array) -> jax.Array:
     # sigmoid(x) * sigmoid(-x) = z / (1 + z)^2 with z = exp(-|x|): symmetric in x, so
     # exact at 0 (1/4) and exactly 0 at +-inf, never inf / inf.
     dtype = _float_arithmetic.compute_dtype(x.dtype)
@@ -35,18 +35,18 @@ def _sigmoid_slope(x):
 
 
 @jax.custom_vjp
-def _sigmoid_vjp_op(x):
+def _sigmoid_vjp_op(x: jax.Array) -> jax.Array:
     return _sigmoid_primal(x).astype(x.dtype)
 
 
 @allow_rank_promotion
-def _sigmoid_fwd(x):
+def _sigmoid_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Kept: x, from which the slope is exact (1 - y would lose it where y ~ 1).
     return _sigmoid_primal(x).astype(x.dtype), x
 
 
 @allow_rank_promotion
-def _sigmoid_bwd(x, g):
+def _sigmoid_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     slope = _sigmoid_slope(x)
     return ((g.astype(slope.dtype) * slope).astype(x.dtype),)
 
@@ -55,13 +55,15 @@ _sigmoid_vjp_op.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
 @jax.custom_jvp
-def _sigmoid_jvp_op(x):
+def _sigmoid_jvp_op(x: jax.Array) -> jax.Array:
     return _sigmoid_primal(x).astype(x.dtype)
 
 
 @_sigmoid_jvp_op.defjvp
 @allow_rank_promotion
-def _sigmoid_jvp_rule(primals, tangents):
+def _sigmoid_jvp_rule(
+    primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
     (x,), (x_dot,) = primals, tangents
     slope = _sigmoid_slope(x)
     return _sigmoid_primal(x).astype(x.dtype), (slope * x_dot.astype(slope.dtype)).astype(

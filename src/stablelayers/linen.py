@@ -24,7 +24,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks, _layers
 from stablelayers._attention import dot_product_attention
-from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
 from stablelayers._log_softmax import log_softmax
 from stablelayers._softmax import softmax
 from stablelayers._softplus import softplus
@@ -286,15 +286,18 @@ def _sink_param(module: nn.Module) -> jax.Array:
 
 
 class LMHead(nn.Module):
-    """An output projection that returns the per-token cross-entropy, as
+    """An output projection that returns the cross-entropy, as
     :func:`stablelayers.linear_softmax_cross_entropy`: the ``(tokens, vocab)`` logits are
     never formed during training.
 
     Attributes:
         vocab_size: number of classes.
         use_bias: add a ``(vocab,)`` bias.
-        chunk_size: vocabulary columns per block (``None``: the function's default).
+        chunk_size: block size (``None``: the function's default).
         label_smoothing, z_loss, ignore_index: as in the function.
+        reduction: ``'none'`` (per token), ``'mean'`` or ``'sum'``, as in the function; a
+            training loss that is a mean is cheaper as ``'mean'`` (three products, not
+            four).
         param_dtype: dtype of the parameters ``kernel`` ``(hidden, vocab)`` and ``bias``.
     """
 
@@ -304,6 +307,7 @@ class LMHead(nn.Module):
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     ignore_index: int | None = None
+    reduction: Reduction = "none"
     param_dtype: Any = jnp.float32
 
     def _params(self, width: int) -> tuple[jax.Array, jax.Array | None]:
@@ -318,8 +322,9 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: ArrayLike, labels: ArrayLike) -> jax.Array:
-        """Per-token loss of ``hidden`` ``(..., width)`` against integer ``labels``
-        ``(...)``; reduce it with e.g. :func:`stablelayers.mean_over_valid`."""
+        """Loss of ``hidden`` ``(..., width)`` against integer ``labels`` ``(...)``: per
+        token (``reduction='none'``; reduce it with e.g.
+        :func:`stablelayers.mean_over_valid`) or a scalar."""
         hidden = jnp.asarray(hidden)
         kernel, bias = self._params(hidden.shape[-1])
         return linear_softmax_cross_entropy(
@@ -331,6 +336,7 @@ class LMHead(nn.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             ignore_index=self.ignore_index,
+            reduction=self.reduction,
         )
 
     @nn.compact

@@ -21,7 +21,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks, _layers
 from stablelayers._attention import dot_product_attention
-from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
 from stablelayers._log_softmax import log_softmax
 from stablelayers._softmax import softmax
 from stablelayers._softplus import softplus
@@ -307,7 +307,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
 
 
 class LMHead(nnx.Module):
-    """An output projection that returns the per-token cross-entropy, as
+    """An output projection that returns the cross-entropy, as
     :func:`stablelayers.linear_softmax_cross_entropy`: the ``(tokens, vocab)`` logits are
     never formed during training.
 
@@ -315,8 +315,11 @@ class LMHead(nnx.Module):
         in_features: width of the hidden states.
         vocab_size: number of classes.
         use_bias: add a ``(vocab,)`` bias.
-        chunk_size: vocabulary columns per block (``None``: the function's default).
+        chunk_size: block size (``None``: the function's default).
         label_smoothing, z_loss, ignore_index: as in the function.
+        reduction: ``'none'`` (per token), ``'mean'`` or ``'sum'``, as in the function; a
+            training loss that is a mean is cheaper as ``'mean'`` (three products, not
+            four).
         param_dtype: dtype of the parameters.
         rngs: the random generators for the initialisers (``nnx.Linear``'s defaults).
 
@@ -335,6 +338,7 @@ class LMHead(nnx.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         ignore_index: int | None = None,
+        reduction: Reduction = "none",
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -343,11 +347,12 @@ class LMHead(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype)) if use_bias else None
         self.chunk_size = chunk_size
         self.label_smoothing, self.z_loss = label_smoothing, z_loss
-        self.ignore_index = ignore_index
+        self.ignore_index, self.reduction = ignore_index, reduction
 
     def __call__(self, hidden: ArrayLike, labels: ArrayLike) -> jax.Array:
-        """Per-token loss of ``hidden`` ``(..., in_features)`` against integer ``labels``
-        ``(...)``; reduce it with e.g. :func:`stablelayers.mean_over_valid`."""
+        """Loss of ``hidden`` ``(..., in_features)`` against integer ``labels`` ``(...)``:
+        per token (``reduction='none'``; reduce it with e.g.
+        :func:`stablelayers.mean_over_valid`) or a scalar."""
         return linear_softmax_cross_entropy(
             hidden,
             self.kernel[...],
@@ -357,6 +362,7 @@ class LMHead(nnx.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             ignore_index=self.ignore_index,
+            reduction=self.reduction,
         )
 
     def logits(self, hidden: ArrayLike) -> jax.Array:
