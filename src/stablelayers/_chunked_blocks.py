@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import DTypeLike
 
+from stablelayers._attention_masks import position_mask
+
 # jnp.finfo is untyped; its fields are numpy scalars.
 _finfo = cast(Callable[[DTypeLike], Any], jnp.finfo)
 
@@ -146,13 +148,10 @@ def block_logits(
     valid = (k_pos < x.kv_len[:, None, None, None, None]) & (
         q_pos < x.q_len[:, None, None, None, None]
     )
-    q_pos = q_pos + x.offset
-    if cfg.is_causal:
-        valid = valid & (k_pos <= q_pos)
-    if cfg.window is not None:
-        valid = valid & (q_pos - k_pos < cfg.window)
-    if cfg.lookahead is not None:
-        valid = valid & (k_pos - q_pos <= cfg.lookahead)
+    # The dense path's rule (_attention_masks), at this block's positions.
+    visible = position_mask(q_pos + x.offset, k_pos, cfg.is_causal, cfg.window, cfg.lookahead)
+    if visible is not None:
+        valid = valid & visible
     if x.mask is not None:
         valid = valid & _slice(_slice(x.mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
     valid = valid & (s != -jnp.inf)
