@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 
 import stablelayers.equinox as sl
+from _data import PAD
 from _lm import LMConfig, attention_mask, textbook_attention
 from _train import Model
 
@@ -109,13 +110,15 @@ def _textbook_multihead(layer: sl.MultiHeadAttention, x: jax.Array, mask: jax.Ar
 
 class LM(eqx.Module):
     """Character-level causal transformer: tokens ``(batch, L)`` to log-probabilities of
-    the next character ``(batch, L, vocab)``."""
+    the next character ``(batch, L, vocab)``, or with ``targets`` ``(batch, L)`` to the
+    mean loss over the targets that are not padding, from the fused head
+    (``stablelayers.equinox.LMHead``: the logits are never formed)."""
 
     embed: jax.Array
     position: jax.Array
     blocks: list[Block]
     norm: eqx.nn.LayerNorm
-    head: eqx.nn.Linear
+    head: sl.LMHead
     log_softmax: sl.LogSoftmax
 
     def __init__(self, config: LMConfig, *, key: jax.Array):
@@ -124,15 +127,20 @@ class LM(eqx.Module):
         self.position = 0.02 * jax.random.normal(k_position, (config.seq_len, config.width))
         self.blocks = [Block(config, key=k) for k in k_blocks]
         self.norm = eqx.nn.LayerNorm(config.width)
-        self.head = eqx.nn.Linear(config.width, config.vocab_size, key=k_head)
+        self.head = sl.LMHead(
+            config.width, config.vocab_size, ignore_index=PAD, reduction="mean", key=k_head
+        )
         self.log_softmax = sl.LogSoftmax()
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, targets: jax.Array | None = None) -> jax.Array:
         mask = attention_mask(tokens)[:, 0]  # (batch, L, L): Equinox's has no head axis
         x = self.embed[tokens] + self.position[None, : tokens.shape[-1]]
         for block in self.blocks:
             x = block(x, mask)
-        return self.log_softmax(_per_token(self.head, _per_token(self.norm, x)))
+        x = _per_token(self.norm, x)
+        if targets is not None:
+            return self.head(x, targets)
+        return self.log_softmax(self.head.logits(x))
 
 
 def mlp(sizes: tuple[int, ...], seed: int) -> Model:

@@ -8,33 +8,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import stablelayers as sl
 from _data import PAD, Corpus, chunk_documents, fixed_batches
 from _parallel import Placement
 from _train import Model
 
 
+def batch_nll(model: Model, params, rows: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood of the targets in ``rows`` (shape
+    ``(batch, seq_len + 1)``: inputs are ``rows[:, :-1]``, targets ``rows[:, 1:]``).
+
+    The model's fused head (``LMHead``, reduction ``'mean'``) never forms the logits; a
+    padded target is ignored (loss 0 and gradient 0 there, whatever its row holds), and a
+    batch of padding only gives 0."""
+    return model.apply(params, rows[:, :-1], rows[:, 1:])
+
+
 def token_nll(model: Model, params, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed negative log-likelihood of every target in ``rows`` (shape
-    ``(batch, seq_len + 1)``: inputs are ``rows[:, :-1]``, targets ``rows[:, 1:]``), and the
-    number of targets (padding is no target)."""
-    inputs, targets = rows[:, :-1], rows[:, 1:]
-    log_probs = model.apply(params, inputs)
-    # Log-probabilities are logits too (their logsumexp is 0). A padded target is ignored:
-    # loss 0 and gradient 0 there, whatever its row holds.
-    nll = sl.softmax_cross_entropy(log_probs, targets, ignore_index=PAD)
-    valid = targets != PAD
-    return nll.sum(), valid.sum()
+    """Summed negative log-likelihood of every target in ``rows`` and the number of targets
+    (padding is no target)."""
+    count = jnp.sum(rows[:, 1:] != PAD)
+    return batch_nll(model, params, rows) * count, count
 
 
 def mean_loss(model: Model) -> Callable[[object, jax.Array], jax.Array]:
     """The training loss: mean negative log-likelihood per target character."""
-
-    def loss(params, rows):
-        total, count = token_nll(model, params, rows)
-        return total / jnp.maximum(count, 1)
-
-    return loss
+    return lambda params, rows: batch_nll(model, params, rows)
 
 
 def evaluator(

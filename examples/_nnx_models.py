@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 import stablelayers
 import stablelayers.nnx as sl
+from _data import PAD
 from _lm import LMConfig, attention_mask, textbook_attention
 from _train import Model
 
@@ -115,7 +116,9 @@ class Block(nnx.Module):
 
 class LM(nnx.Module):
     """Character-level causal transformer: tokens ``(batch, L)`` to log-probabilities of
-    the next character ``(batch, L, vocab)``."""
+    the next character ``(batch, L, vocab)``, or with ``targets`` ``(batch, L)`` to the
+    mean loss over the targets that are not padding, from the fused head
+    (``stablelayers.nnx.LMHead``: the logits are never formed)."""
 
     def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -123,18 +126,23 @@ class LM(nnx.Module):
         self.position = nnx.Param(init(rngs.params(), (config.seq_len, config.width)))
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
         self.norm = nnx.LayerNorm(config.width, rngs=rngs)
-        self.head = nnx.Linear(config.width, config.vocab_size, rngs=rngs)
+        self.head = sl.LMHead(
+            config.width, config.vocab_size, ignore_index=PAD, reduction="mean", rngs=rngs
+        )
         self.log_softmax = sl.LogSoftmax()
         self.long_context = config.long_context or config.context_parallel > 1
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, targets: jax.Array | None = None) -> jax.Array:
         # --context: the attention is causal by itself, and an L x L mask would be the one
         # quadratic array left.
         mask = None if self.long_context else attention_mask(tokens)
         x = self.embed(tokens) + self.position[None, : tokens.shape[-1]]
         for block in self.blocks:
             x = block(x, mask)
-        return self.log_softmax(self.head(self.norm(x)))
+        x = self.norm(x)
+        if targets is not None:
+            return self.head(x, targets)
+        return self.log_softmax(self.head.logits(x))
 
 
 def mlp(sizes: tuple[int, ...], seed: int) -> Model:
