@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers import _softmax
 from stablelayers._attention_checks import Inputs, Settings
 from stablelayers._attention_masks import dense_mask
 from stablelayers._float_arithmetic import compute_dtype
 from stablelayers._logsumexp import lse_rows
-from stablelayers._softmax import masked_softmax
 
 Einsum = Callable[..., jax.Array]
 
@@ -66,8 +66,13 @@ def dense(
 
     lengths = (q_lengths, kv_lengths)
     where = dense_mask(mask, is_causal, window, lookahead, lengths, logits_shape)
-    row_sink = None if sink is None else sink[..., None]
-    weights = masked_softmax(logits, where=where, sink=row_sink)
+    # One sink per (batch, head), broadcast to each query row as the softmax keeps it.
+    row_sink = (
+        None
+        if sink is None
+        else jnp.broadcast_to(sink[..., None, None], (*logits_shape[:-1], 1))
+    )
+    weights = _softmax.apply(logits, where, row_sink, (logits.ndim - 1,))
     lse = _logsumexp(logits, where, row_sink) if want_lse else None
 
     if module is not None:
@@ -99,16 +104,15 @@ def dense(
 
 def _logsumexp(logits: jax.Array, where: jax.Array | None, sink: jax.Array | None) -> jax.Array:
     """``log(exp(sink) + sum of exp over the unmasked logits)`` per row, ``-inf`` for a row
-    with nothing: the sink is one more entry of the row, always unmasked."""
+    with nothing: the sink (``(..., q_len, 1)``) is one more entry of the row, always
+    unmasked."""
     if sink is not None:
         row_shape = (*logits.shape[:-1], 1)
         live = jnp.ones(logits.shape, bool) if where is None else where
         where = jnp.concatenate(
             [jnp.broadcast_to(live, logits.shape), jnp.ones(row_shape, bool)], axis=-1
         )
-        logits = jnp.concatenate(
-            [logits, jnp.broadcast_to(sink[..., None], row_shape)], axis=-1
-        )
+        logits = jnp.concatenate([logits, sink], axis=-1)
     if logits.shape[-1] == 0:
         return jnp.full(logits.shape[:-1], -jnp.inf, logits.dtype)
     lse, _ = lse_rows(logits, where, None, (logits.ndim - 1,), -jnp.inf)
