@@ -84,23 +84,17 @@ def heads_masked_softmax(
 
 
 def heads_attention(
-    query: ArrayLike,
-    key: ArrayLike,
-    value: ArrayLike,
-    bias: ArrayLike | None,
-    mask: ArrayLike | None,
-    sink: jax.Array | None,
-    num_heads: int | None,
-    **kwargs: Any,
+    sink: jax.Array | None, num_heads: int | None, query: ArrayLike, *args: Any, **kwargs: Any
 ) -> jax.Array:
-    """dot_product_attention with a layer's sink, checked against its ``num_heads``."""
+    """``dot_product_attention(query, *args, sink=sink, **kwargs)``, the query checked
+    against the layer's ``num_heads``."""
     query_shape = jnp.shape(query)
     if num_heads is not None and (len(query_shape) < 3 or query_shape[-2] != num_heads):
         raise ValueError(
             f"This layer has num_heads={num_heads}, so the query must have shape "
             f"(batch..., q_len, {num_heads}, head_dim); got shape {query_shape}."
         )
-    out = dot_product_attention(query, key, value, bias, mask, sink=sink, **kwargs)
+    out = dot_product_attention(query, *args, sink=sink, **kwargs)
     return cast(jax.Array, out)
 
 

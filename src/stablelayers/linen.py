@@ -55,15 +55,8 @@ class _Rowwise(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """The layer's function of ``x`` over ``self.axis``, masked by ``where``.
-
-        Args:
-            x: logits of any shape.
-            where: optional boolean mask broadcastable to ``x.shape``.
-
-        Returns:
-            An array of ``x``'s shape and dtype.
-        """
+        """The layer's function of ``x`` (any shape) over ``self.axis``, masked by
+        ``where``; an array of ``x``'s shape and dtype."""
         return type(self)._function(x, axis=self.axis, where=where)
 
 
@@ -144,17 +137,13 @@ class _SinkOwner(nn.Module):
 
 
 class MaskedSoftmax(_SinkOwner):
-    """The attention softmax, as :func:`stablelayers.masked_softmax`, with optional
-    learnable sinks.
-
-    Normalises attention logits of shape ``(batch..., heads, q_len, kv_len)`` over the
-    last (key) axis. ``-inf`` logits and ``False`` mask entries are left out, and a query
-    row with nothing left is exactly 0 with zero gradient.
+    """:func:`stablelayers.masked_softmax` as a Linen module, ``layer(logits, where=None)``,
+    whose optional sinks are the param ``'sink'``. A query row with nothing left is
+    exactly 0, with zero gradient.
 
     Attributes:
-        num_heads: the number of heads, the size of the logits' axis ``-3``; checked on
-            every call when given. With ``sink=True`` there is one sink per head; with
-            ``None``, one sink shared by all heads.
+        num_heads: the size of the logits' heads axis (``-3``), checked on each call when
+            set; it is also the number of sinks, one shared sink when ``None``.
         sink: add a learnable sink logit, the param ``'sink'`` of shape ``(num_heads,)``
             initialised to 0 ("softmax1"), to each row's normaliser (gpt-oss style).
         param_dtype: dtype of the sink.
@@ -162,17 +151,8 @@ class MaskedSoftmax(_SinkOwner):
 
     @nn.compact
     def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Attention weights from ``logits``, normalised over the key axis.
-
-        Args:
-            logits: shape ``(batch..., heads, q_len, kv_len)`` (any shape if there is
-                neither ``num_heads`` nor a sink).
-            where: optional boolean mask broadcastable to ``logits.shape``.
-
-        Returns:
-            An array of ``logits``' shape and dtype; each row sums to 1 minus the sink's
-            share, or to 0 if nothing in it is unmasked.
-        """
+        """``masked_softmax(logits, where=where, sink=...)`` with the layer's sinks, over the
+        key axis of ``(batch..., heads, q_len, kv_len)`` logits."""
         sink = _sink_param(self) if self.sink else None
         return _layers.heads_masked_softmax(logits, where, sink, self.num_heads)
 
@@ -196,34 +176,11 @@ class DotProductAttention(_SinkOwner):
     # names, so __call__ carries dot_product_attention's signature (set below the class):
     # every keyword it takes reaches it, none re-listed here.
     @nn.compact
-    def __call__(
-        self,
-        query: ArrayLike,
-        key: ArrayLike,
-        value: ArrayLike,
-        bias: ArrayLike | None = None,
-        mask: ArrayLike | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Attention over ``value`` with the layer's sinks.
-
-        Takes every argument of :func:`stablelayers.dot_product_attention` but ``sink``.
-
-        Args:
-            query: shape ``(batch..., q_len, heads, qk_dim)``.
-            key: shape ``(batch..., kv_len, kv_heads, qk_dim)``.
-            value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
-            bias: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
-            mask: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
-            **kwargs: the keywords of :func:`stablelayers.dot_product_attention`.
-
-        Returns:
-            An array of shape ``(batch..., q_len, heads, v_dim)``.
-        """
+    def __call__(self, query: ArrayLike, *args: Any, **kwargs: Any) -> Any:
+        """:func:`stablelayers.dot_product_attention` with the layer's sinks: the function's
+        arguments but ``sink``, in its order (``query, key, value, bias, mask, ...``)."""
         sink = _sink_param(self) if self.sink else None
-        return _layers.heads_attention(
-            query, key, value, bias, mask, sink, self.num_heads, **kwargs
-        )
+        return _layers.heads_attention(sink, self.num_heads, query, *args, **kwargs)
 
 
 _layers.forward_signature(DotProductAttention.__call__, dot_product_attention, drop=("sink",))

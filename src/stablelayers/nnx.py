@@ -47,15 +47,8 @@ class _Rowwise(nnx.Module):
         self.axis = _checks.check_axis(axis)
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """The layer's function of ``x`` over ``self.axis``, masked by ``where``.
-
-        Args:
-            x: logits of any shape.
-            where: optional boolean mask broadcastable to ``x.shape``.
-
-        Returns:
-            An array of ``x``'s shape and dtype.
-        """
+        """The layer's function of ``x`` (any shape) over ``self.axis``, masked by
+        ``where``; an array of ``x``'s shape and dtype."""
         return type(self)._function(x, axis=self.axis, where=where)
 
 
@@ -162,9 +155,8 @@ class MaskedSoftmax(_SinkOwner):
     """The attention softmax, as :func:`stablelayers.masked_softmax`, with optional
     learnable sinks.
 
-    Normalises attention logits of shape ``(batch..., heads, q_len, kv_len)`` over the
-    last (key) axis. ``-inf`` logits and ``False`` mask entries are left out, and a query
-    row with nothing left is exactly 0 with zero gradient.
+    Called as ``layer(logits, where=None)``, with the function's semantics: a query row
+    with nothing left is exactly 0, with zero gradient.
 
     Args:
         num_heads: the number of heads, the size of the logits' axis ``-3``; checked on
@@ -177,17 +169,8 @@ class MaskedSoftmax(_SinkOwner):
     """
 
     def __call__(self, logits: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
-        """Attention weights from ``logits``, normalised over the key axis.
-
-        Args:
-            logits: shape ``(batch..., heads, q_len, kv_len)`` (any shape if there is
-                neither ``num_heads`` nor a sink).
-            where: optional boolean mask broadcastable to ``logits.shape``.
-
-        Returns:
-            An array of ``logits``' shape and dtype; each row sums to 1 minus the sink's
-            share, or to 0 if nothing in it is unmasked.
-        """
+        """``masked_softmax(logits, where=where, sink=...)`` with the layer's sinks, over the
+        key axis of ``(batch..., heads, q_len, kv_len)`` logits."""
         sink = self._sink_value()
         return _layers.heads_masked_softmax(logits, where, sink, self.num_heads)
 
@@ -209,33 +192,11 @@ class DotProductAttention(_SinkOwner):
         param_dtype: dtype of the sink.
     """
 
-    def __call__(
-        self,
-        query: ArrayLike,
-        key: ArrayLike,
-        value: ArrayLike,
-        bias: ArrayLike | None = None,
-        mask: ArrayLike | None = None,
-        **kwargs: Any,
-    ) -> jax.Array:
-        """Attention over ``value`` with the layer's sinks.
-
-        Args:
-            query: shape ``(batch..., q_len, heads, qk_dim)``.
-            key: shape ``(batch..., kv_len, kv_heads, qk_dim)``.
-            value: shape ``(batch..., kv_len, kv_heads, v_dim)``.
-            bias: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
-            mask: optional, broadcastable to ``(batch..., heads, q_len, kv_len)``.
-            **kwargs: the other keywords of :func:`stablelayers.dot_product_attention`
-                (dropout, ``dtype``, ``precision``, ``module``, ``is_causal``, ...).
-
-        Returns:
-            An array of shape ``(batch..., q_len, heads, v_dim)``.
-        """
+    def __call__(self, query: ArrayLike, *args: Any, **kwargs: Any) -> jax.Array:
+        """:func:`stablelayers.dot_product_attention` with the layer's sinks: the function's
+        arguments but ``sink``, in its order (``query, key, value, bias, mask, ...``)."""
         sink = self._sink_value()
-        return _layers.heads_attention(
-            query, key, value, bias, mask, sink, self.num_heads, **kwargs
-        )
+        return _layers.heads_attention(sink, self.num_heads, query, *args, **kwargs)
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
