@@ -60,3 +60,15 @@ def test_lm_head_mean_is_the_mean_over_counted_tokens(make):
     )
     assert loss.shape == ()
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_an_option_the_function_does_not_take_fails_when_the_layer_is_built():
+    from flax import nnx
+
+    import stablelayers.equinox as sl_eqx
+    import stablelayers.nnx as sl_nnx
+
+    with pytest.raises(TypeError, match="label_smothing"):
+        sl_nnx.LMHead(WIDTH, VOCAB, label_smothing=0.1, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="label_smothing"):
+        sl_eqx.LMHead(WIDTH, VOCAB, label_smothing=0.1, key=jax.random.key(0))

@@ -17,6 +17,7 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers import _checks
 from stablelayers._attention import dot_product_attention
 from stablelayers._float_arithmetic import compute_dtype
+from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers._softmax import masked_softmax
 from stablelayers._softplus import softplus
 
@@ -109,3 +110,23 @@ def forward_signature(
     ]
     this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     method.__signature__ = inspect.Signature([this, *parameters])  # type: ignore[attr-defined]
+
+
+LossOptions = tuple[tuple[str, Any], ...]
+
+
+def loss_options(options: dict[str, Any]) -> LossOptions:
+    """An LM head's keywords for :func:`stablelayers.linear_softmax_cross_entropy`, checked
+    by name when the layer is built, as a hashable tuple (a static field)."""
+    taken = {
+        name
+        for name, p in inspect.signature(linear_softmax_cross_entropy).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("bias", "where")
+    }
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise TypeError(
+            f"LMHead got {unknown}, which linear_softmax_cross_entropy does not take; its "
+            f"options are {sorted(taken)}."
+        )
+    return tuple(sorted(options.items()))

@@ -14,7 +14,7 @@ constructor, call and fields) that computes attention with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -24,7 +24,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from stablelayers import _checks, _layers
 from stablelayers._equinox_attention import MultiHeadAttention
-from stablelayers._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
+from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers._log_softmax import log_softmax
 from stablelayers._softmax import softmax
 from stablelayers._softplus import softplus
@@ -192,11 +192,7 @@ class LMHead(eqx.Module):
 
     weight: Array
     bias: Array | None
-    chunk_size: int | None = eqx.field(static=True)
-    label_smoothing: float = eqx.field(static=True)
-    z_loss: float = eqx.field(static=True)
-    ignore_index: int | None = eqx.field(static=True)
-    reduction: Reduction = eqx.field(static=True)
+    options: _layers.LossOptions = eqx.field(static=True)
 
     def __init__(
         self,
@@ -204,33 +200,29 @@ class LMHead(eqx.Module):
         vocab_size: int,
         *,
         use_bias: bool = True,
-        chunk_size: int | None = None,
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        ignore_index: int | None = None,
-        reduction: Reduction = "none",
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
+        **options: Any,
     ):
         """**Arguments:**
 
         - `in_features`: Width of the hidden states.
         - `vocab_size`: Number of classes.
         - `use_bias`: Add a `(vocab,)` bias (initialised to zero).
-        - `chunk_size`, `label_smoothing`, `z_loss`, `ignore_index`: As in the function.
-        - `reduction`: `'none'` (per token), `'mean'` or `'sum'`, as in the function; a
-            training loss that is a mean is cheaper as `'mean'` (three products, not four).
         - `dtype`: Parameter dtype (float64 under x64, else float32, as `equinox.nn`).
         - `key`: PRNG key for the weight, `(in_features, vocab_size)` (`hidden @ weight`),
             uniform in `+-1/sqrt(in_features)` as `eqx.nn.Linear`.
+        - `**options`: The function's keywords (`reduction`, `label_smoothing`, `z_loss`,
+            `ignore_index`, `chunk_size`), checked here; kept as the static field
+            `options`. A training loss that is a mean is cheaper as `reduction='mean'`
+            (three products, not four).
         """
+        self.options = _layers.loss_options(options)
         param_dtype = _layers.default_param_dtype(dtype)
         limit = 1 / in_features**0.5
         shape = (in_features, vocab_size)
         self.weight = jax.random.uniform(key, shape, param_dtype, -limit, limit)
         self.bias = jnp.zeros((vocab_size,), param_dtype) if use_bias else None
-        self.chunk_size, self.label_smoothing, self.z_loss = chunk_size, label_smoothing, z_loss
-        self.ignore_index, self.reduction = ignore_index, reduction
 
     def __call__(
         self, hidden: Array, labels: Array, *, key: PRNGKeyArray | None = None
@@ -248,15 +240,7 @@ class LMHead(eqx.Module):
         """
         del key
         return linear_softmax_cross_entropy(
-            hidden,
-            self.weight,
-            labels,
-            bias=self.bias,
-            chunk_size=self.chunk_size,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
+            hidden, self.weight, labels, bias=self.bias, **dict(self.options)
         )
 
     def logits(self, hidden: Array) -> Array:

@@ -21,7 +21,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _checks, _layers
 from stablelayers._attention import dot_product_attention
-from stablelayers._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
+from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers._log_softmax import log_softmax
 from stablelayers._softmax import softmax
 from stablelayers._softplus import softplus
@@ -276,13 +276,11 @@ class LMHead(nnx.Module):
         in_features: width of the hidden states.
         vocab_size: number of classes.
         use_bias: add a ``(vocab,)`` bias.
-        chunk_size: block size (``None``: the function's default).
-        label_smoothing, z_loss, ignore_index: as in the function.
-        reduction: ``'none'`` (per token), ``'mean'`` or ``'sum'``, as in the function; a
-            training loss that is a mean is cheaper as ``'mean'`` (three products, not
-            four).
         param_dtype: dtype of the parameters.
         rngs: the random generators for the initialisers (``nnx.Linear``'s defaults).
+        **options: the function's keywords (``reduction``, ``label_smoothing``, ``z_loss``,
+            ``ignore_index``, ``chunk_size``), checked here. A training loss that is a mean
+            is cheaper as ``reduction='mean'`` (three products, not four).
 
     Attributes:
         kernel: ``nnx.Param`` of shape ``(in_features, vocab_size)`` (``hidden @ kernel``).
@@ -295,35 +293,22 @@ class LMHead(nnx.Module):
         vocab_size: int,
         *,
         use_bias: bool = True,
-        chunk_size: int | None = None,
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        ignore_index: int | None = None,
-        reduction: Reduction = "none",
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
+        self.options = _layers.loss_options(options)
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (in_features, vocab_size), param_dtype))
         self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype)) if use_bias else None
-        self.chunk_size = chunk_size
-        self.label_smoothing, self.z_loss = label_smoothing, z_loss
-        self.ignore_index, self.reduction = ignore_index, reduction
 
     def __call__(self, hidden: ArrayLike, labels: ArrayLike) -> jax.Array:
         """Loss of ``hidden`` ``(..., in_features)`` against integer ``labels`` ``(...)``:
         per token (``reduction='none'``; reduce it with e.g.
         :func:`stablelayers.mean_over_valid`) or a scalar."""
+        bias = None if self.bias is None else self.bias[...]
         return linear_softmax_cross_entropy(
-            hidden,
-            self.kernel[...],
-            labels,
-            bias=None if self.bias is None else self.bias[...],
-            chunk_size=self.chunk_size,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
+            hidden, self.kernel[...], labels, bias=bias, **dict(self.options)
         )
 
     def logits(self, hidden: ArrayLike) -> jax.Array:
