@@ -38,8 +38,10 @@ from stablelayers._lce_terms import (
 from stablelayers._rank_promotion import allow_rank_promotion
 
 # Columns of the weight per backward product: the float32 temporaries of a block (the
-# upcast weight block of half-precision inputs, the block of H_c^T G) stay a few MiB.
-VOCAB_BLOCK = 4096
+# block of H_c^T G, and the upcast weight block of half-precision inputs) stay a few MiB;
+# wider blocks make fewer, larger products.
+VOCAB_BLOCK = 8192
+VOCAB_BLOCK_HALF = 4096
 
 Grads = tuple[jax.Array, jax.Array, jax.Array | None]
 _Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
@@ -90,7 +92,7 @@ def _products(
     """``(G W^T, dW + H_c^T G, db + sum_rows G)`` for ``G`` ``(size, vocab)``, one block
     of ``VOCAB_BLOCK`` weight columns at a time."""
     vocab, acc = weight.shape[1], dw.dtype
-    block = min(VOCAB_BLOCK, vocab)
+    block = min(VOCAB_BLOCK if weight.dtype.itemsize >= 4 else VOCAB_BLOCK_HALF, vocab)
 
     def body(j: jax.Array, carry: Grads) -> Grads:
         dh, dw, db = carry
