@@ -230,15 +230,12 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         ValueError: ``sink=True`` together with a custom ``attention_fn``.
     """
 
+    # Flax's positional arguments go through as they come (in_features, qkv_features,
+    # out_features, num_kv_heads, in_kv_features), none re-listed here.
     def __init__(
         self,
         num_heads: int,
-        in_features: int,
-        qkv_features: int | None = None,
-        out_features: int | None = None,
-        num_kv_heads: int | None = None,
-        in_kv_features: int | None = None,
-        *,
+        *args: Any,
         sink: bool = False,
         attention_fn: Callable[..., jax.Array] = dot_product_attention,
         param_dtype: DTypeLike = jnp.float32,
@@ -255,11 +252,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             attention_fn = DotProductAttention(num_heads, sink=True, param_dtype=param_dtype)
         super().__init__(
             num_heads,
-            in_features,
-            qkv_features,
-            out_features,
-            num_kv_heads,
-            in_kv_features,
+            *args,
             attention_fn=attention_fn,
             param_dtype=param_dtype,
             rngs=rngs,
