@@ -5,10 +5,11 @@ import re
 
 import numpy as np
 
-import stablelayers
+import hatch_build
 from stablelayers._float_arithmetic import CPP_NAMES
 
-SOURCE = pathlib.Path(stablelayers.__file__).parent / "_cpu" / "_cpu_kernels.cc"
+# The repository's source, which the build compiles (an installed wheel has no .cc).
+SOURCE = pathlib.Path(hatch_build.__file__).parent / hatch_build.KERNELS
 NUMBER = r"[-+]?[0-9.]+(?:e[-+]?[0-9]+)?f?"
 
 
