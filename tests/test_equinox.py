@@ -249,6 +249,33 @@ def test_dropout():
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads(ours)))
 
 
+def test_equinox_spelling_is_the_class():
+    # Equinox spells it MultiheadAttention; stablelayers' other layers MultiHeadAttention.
+    assert sleqx.MultiheadAttention is sleqx.MultiHeadAttention
+    assert sleqx.MultiheadAttention.__name__ == "MultiheadAttention"
+
+
+@pytest.mark.parametrize("mask_shape", [None, (Q_LEN, KV_LEN), (4, Q_LEN, KV_LEN)])
+def test_dropout_draws_equinox_pattern(mask_shape):
+    # The same key drops the same weights as equinox.nn.MultiheadAttention: outputs and
+    # gradients agree to float rounding with dropout on.
+    ours, theirs = _pair(dropout_p=0.3)
+    mask = None if mask_shape is None else _mask(mask_shape)
+    np.testing.assert_allclose(
+        _call(ours, QUERY, KEY_, VALUE, mask, key=_key(7)),
+        _call(theirs, QUERY, KEY_, VALUE, mask, key=_key(7)),
+        atol=1e-6,
+    )
+
+    @eqx.filter_jit
+    @eqx.filter_grad
+    def grads(model):
+        return jnp.sum(model(QUERY, KEY_, VALUE, mask, key=_key(8)) ** 2)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_sinks():
     ours, theirs = _pair(sink=True)
     assert ours.sink.shape == (4,)

@@ -20,7 +20,7 @@ from stablelayers._attention import dot_product_attention
 _ProcessHeads = Callable[[Array, Array, Array], tuple[Array, Array, Array]]
 
 
-class MultiHeadAttention(eqx.Module):
+class MultiheadAttention(eqx.Module):
     r"""A drop-in for [`equinox.nn.MultiheadAttention`][] that computes attention with
     [`stablelayers.dot_product_attention`][], optionally with learnable sinks.
 
@@ -33,7 +33,8 @@ class MultiHeadAttention(eqx.Module):
     - `sink=True` adds one learnable logit per head to the softmax normaliser (gpt-oss
       style): the field `sink` of shape `(num_heads,)`, starting at 0.
 
-    Otherwise the outputs agree to float rounding.
+    Otherwise the outputs agree to float rounding, dropout included: the same `key` drops
+    the same attention weights (one key per head from `split(key, num_heads)`, as Equinox).
     """
 
     query_proj: eqx.nn.Linear
@@ -190,8 +191,8 @@ class MultiHeadAttention(eqx.Module):
         if deterministic is not None:
             inference = deterministic
             warnings.warn(
-                "MultiHeadAttention()(deterministic=...) is deprecated in favour of "
-                "MultiHeadAttention()(inference=...)",
+                "MultiheadAttention()(deterministic=...) is deprecated in favour of "
+                "MultiheadAttention()(inference=...)",
                 stacklevel=2,
             )
         for name, array, size in (
@@ -238,19 +239,52 @@ class MultiHeadAttention(eqx.Module):
             if (query_heads.shape, key_heads.shape, value_heads.shape) != shapes:
                 raise ValueError("process_heads must not change the shape of the heads.")
 
-        attn = dot_product_attention(
-            query_heads,
-            key_heads,
-            value_heads,
-            mask=mask,
-            sink=self.sink,
-            dropout_rng=key,
-            dropout_rate=rate,
-            # Equinox drops each head's weights independently.
-            broadcast_dropout=False,
-            deterministic=bool(no_dropout),
-        )
+        if no_dropout:
+            attn = dot_product_attention(
+                query_heads, key_heads, value_heads, mask=mask, sink=self.sink
+            )
+        else:
+            assert key is not None  # checked above whenever dropout is on
+            attn = self._dropped_attention(query_heads, key_heads, value_heads, mask, key)
         return jax.vmap(self.output_proj)(attn.reshape(q_len, -1))
+
+    def _dropped_attention(
+        self, query: Array, key_: Array, value: Array, mask: Array | None, key: Array
+    ) -> Array:
+        """Attention with dropout drawn as `equinox.nn.MultiheadAttention` draws it: one key
+        per head from `split(key, num_heads)`, and each head's `(q_len, kv_len)` weights
+        kept with a Bernoulli draw of that key, so the same key drops the same weights."""
+        rate = self.dropout.p
+
+        def one_head(
+            q: Array,
+            k: Array,
+            v: Array,
+            head_mask: Array | None,
+            sink: Array | None,
+            rng: Array,
+        ) -> Array:
+            return dot_product_attention(
+                q[:, None],
+                k[:, None],
+                v[:, None],
+                mask=head_mask,
+                sink=None if sink is None else sink[None],
+                dropout_rng=rng,
+                dropout_rate=rate,
+                # One head: its (q_len, kv_len) draw is Equinox's draw for that head.
+                broadcast_dropout=True,
+                deterministic=False,
+            )[:, 0]
+
+        mask_axis = 0 if mask is not None and jnp.ndim(mask) == 3 else None
+        sink_axis = None if self.sink is None else 0
+        heads = jax.vmap(one_head, in_axes=(1, 1, 1, mask_axis, sink_axis, 0), out_axes=1)
+        return heads(query, key_, value, mask, self.sink, jax.random.split(key, self.num_heads))
 
     def _project(self, proj: eqx.nn.Linear, x: Array) -> Array:
         return jax.vmap(proj)(x).reshape(x.shape[0], self.num_heads, -1)
+
+
+# stablelayers' other layers spell it MultiHeadAttention (as Flax does); both names work.
+MultiHeadAttention = MultiheadAttention

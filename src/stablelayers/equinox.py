@@ -4,7 +4,8 @@ Each layer keeps its parameters as array fields and calls the functional core, s
 the same numbers as :func:`stablelayers.softmax` and friends. Only Equinox is imported
 here; this module works without Flax.
 
-:class:`MultiHeadAttention` is a drop-in for :class:`equinox.nn.MultiheadAttention` (same
+:class:`MultiheadAttention` (Equinox's spelling; ``MultiHeadAttention`` is the same class)
+is a drop-in for :class:`equinox.nn.MultiheadAttention` (same
 constructor, call and fields) that computes attention with
 :func:`stablelayers.dot_product_attention` and can have learnable sinks.
 """
@@ -23,13 +24,21 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
 from stablelayers import _checks, _layers
-from stablelayers._equinox_attention import MultiHeadAttention
+from stablelayers._equinox_attention import MultiHeadAttention, MultiheadAttention
 from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers._log_softmax import log_softmax
 from stablelayers._softmax import softmax
 from stablelayers._softplus import softplus
 
-__all__ = ["LMHead", "LogSoftmax", "MaskedSoftmax", "MultiHeadAttention", "Softmax", "Softplus"]
+__all__ = [
+    "LMHead",
+    "LogSoftmax",
+    "MaskedSoftmax",
+    "MultiHeadAttention",
+    "MultiheadAttention",
+    "Softmax",
+    "Softplus",
+]
 
 
 class _Rowwise(eqx.Module):

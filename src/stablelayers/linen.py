@@ -8,7 +8,7 @@ imported here; ``stablelayers.equinox`` works without Flax and this module witho
 For attention without sinks no new class is needed: pass
 ``attention_fn=stablelayers.dot_product_attention`` to
 :class:`flax.linen.MultiHeadDotProductAttention`. :class:`MultiHeadDotProductAttention`
-here (also exported as ``MultiHeadAttention``, Flax's other name for it) does that by
+here (and its subclass ``MultiHeadAttention``, as Flax has it) does that by
 default and adds learnable sinks.
 """
 
@@ -231,10 +231,12 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
         super().__post_init__()
 
 
-# One class under both of Flax's names. Either is auto-named
-# MultiHeadDotProductAttention_N in a parent module, the name of Flax's class that models
-# usually hold, so swapping it in keeps the parameter paths and a checkpoint loads.
-MultiHeadAttention = MultiHeadDotProductAttention
+class MultiHeadAttention(MultiHeadDotProductAttention):
+    """:class:`MultiHeadDotProductAttention` under Flax's other name, as
+    :class:`flax.linen.MultiHeadAttention` is: the same layer, auto-named
+    ``MultiHeadAttention_N`` in a parent module (Flax's subclass is named so too), so a
+    model that held Flax's ``MultiHeadAttention`` keeps its parameter paths, its dropout
+    draws (Linen folds the module's name into its RNG) and its checkpoints."""
 
 
 def _sink_param(module: nn.Module) -> jax.Array:

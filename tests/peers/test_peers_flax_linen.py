@@ -201,7 +201,11 @@ def test_sow_weights_flax_class():
 
 def test_sow_weights_stablelayers_class_flax_names():
     # origin: flax tests/linen/linen_attention_test.py test_multihead_sow_attention_weights
-    _check_sown(_sow_model(sllinen.MultiHeadAttention), "MultiHeadDotProductAttention")
+    # (Flax's test uses nn.MultiHeadAttention, auto-named MultiHeadAttention_N)
+    _check_sown(_sow_model(nn.MultiHeadAttention), "MultiHeadAttention")
+    _check_sown(_sow_model(sllinen.MultiHeadAttention), "MultiHeadAttention")
+    other = "MultiHeadDotProductAttention"
+    _check_sown(_sow_model(getattr(sllinen, other)), other)
 
 
 def test_decode_with_x64(layer):
@@ -250,24 +254,31 @@ def _parent(make, **name):
 
 def test_alias_submodule_explicit_name():
     # origin: flax tests/linen/linen_attention_test.py test_attention_alias_submodule
-    # (with name='MultiHeadDotProductAttention_0' the params and outputs match Flax's)
+    # (MultiHeadAttention named 'MultiHeadDotProductAttention_0' matches the other class)
     k1, k2 = jax.random.split(jax.random.key(0))
     q, kv = jax.random.uniform(k1, (3, 5)), jax.random.uniform(k2, (9, 5))
-    out1, v1 = _parent(nn.MultiHeadDotProductAttention).init_with_output(k2, q, kv)
+    out1, v1 = _parent(sllinen.MultiHeadDotProductAttention).init_with_output(k2, q, kv)
     ours = _parent(sllinen.MultiHeadAttention, name="MultiHeadDotProductAttention_0")
     out2, v2 = ours.init_with_output(k2, q, kv)
-    np.testing.assert_allclose(out1, out2, atol=1e-6)
+    assert (out1 == out2).all()
     assert jax.tree.all(jax.tree.map(lambda a, b: (a == b).all(), v1, v2))
 
 
-def test_alias_submodule_auto_name():
+@pytest.mark.parametrize("name", ["MultiHeadAttention", "MultiHeadDotProductAttention"])
+def test_alias_submodule_auto_name(name):
     # origin: flax tests/linen/linen_attention_test.py test_attention_alias_submodule:
-    # swapping the class in a parent keeps Flax's param paths, so checkpoints load
+    # each class auto-named as Flax's class of the same name, so Flax's checkpoints load
+    # and the same parameters give Flax's outputs
     k1, k2 = jax.random.split(jax.random.key(0))
     q, kv = jax.random.uniform(k1, (3, 5)), jax.random.uniform(k2, (9, 5))
-    v1 = _parent(nn.MultiHeadDotProductAttention).init(k2, q, kv)
-    v2 = _parent(sllinen.MultiHeadAttention).init(k2, q, kv)
-    assert set(v1["params"]) == set(v2["params"]) == {"MultiHeadDotProductAttention_0"}
+    flax_class, our_class = getattr(nn, name), getattr(sllinen, name)
+    out1, v1 = _parent(flax_class).init_with_output(k2, q, kv)
+    v2 = _parent(our_class).init(k2, q, kv)
+    assert set(v1["params"]) == set(v2["params"]) == {f"{name}_0"}
+    assert jax.tree.all(jax.tree.map(lambda a, b: (a == b).all(), v1, v2))
+    out2 = _parent(our_class).apply(v1, q, kv, rngs={"dropout": k1})
+    out1 = _parent(flax_class).apply(v1, q, kv, rngs={"dropout": k1})
+    np.testing.assert_allclose(out1, out2, atol=1e-6)
 
 
 def _fp32_sown(make):
