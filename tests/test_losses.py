@@ -245,3 +245,41 @@ def test_bad_arguments_raise():
         sl.softmax_cross_entropy(x, jnp.array([0, 1]), z_loss=-1.0)
     with pytest.raises(ValueError, match="labels"):
         sl.sigmoid_binary_cross_entropy(x, jnp.ones(4))
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients with respect to the labels (distillation, learned soft targets)
+
+
+def test_softmax_cross_entropy_label_gradient_is_minus_log_softmax_at_zero_labels(x64):
+    # d loss / d q_j = -log_softmax(x)_j for every class, q_j == 0 included (a where-guard
+    # on q_j != 0 alone would send 0 there); the value is optax's -sum q log p.
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(1), (3, 5), jnp.float64))
+    q = q.at[:, 2].set(0.0)
+    q = q / q.sum(-1, keepdims=True)
+    grad_q = jax.grad(lambda q: jnp.sum(sl.softmax_cross_entropy(x, q)))(q)
+    np.testing.assert_allclose(grad_q, -jax.nn.log_softmax(x), rtol=1e-12)
+    np.testing.assert_allclose(
+        sl.softmax_cross_entropy(x, q), -jnp.sum(q * jax.nn.log_softmax(x), -1), rtol=1e-12
+    )
+    check_grads(sl.softmax_cross_entropy, (x, q), order=2, modes=["rev"])
+
+
+def test_softmax_cross_entropy_minus_inf_logit_off_target_keeps_its_label_gradient():
+    x = jnp.array([1.0, -jnp.inf, 0.5])
+    q = jnp.array([0.4, 0.0, 0.6])
+    assert np.isfinite(sl.softmax_cross_entropy(x, q))
+    grad_q = jax.grad(lambda q: sl.softmax_cross_entropy(x, q))(q)
+    # -log p_j: +inf where p_j = 0, as the math says; finite elsewhere.
+    assert grad_q[1] == np.inf and np.all(np.isfinite(grad_q[np.array([0, 2])]))
+    np.testing.assert_array_equal(jax.grad(sl.softmax_cross_entropy)(x, q)[1], 0.0)
+
+
+def test_sigmoid_binary_cross_entropy_label_gradient_at_zero_and_one(x64):
+    # d loss / d t = -x, at t == 0 and t == 1 too.
+    x = jnp.array([-2.0, 0.5, 3.0, -1.0], jnp.float64)
+    t = jnp.array([0.0, 1.0, 0.3, 1.0], jnp.float64)
+    grad_t = jax.grad(lambda t: jnp.sum(sl.sigmoid_binary_cross_entropy(x, t)))(t)
+    np.testing.assert_allclose(grad_t, -x, rtol=1e-12)
+    check_grads(sl.sigmoid_binary_cross_entropy, (x, t), order=2, modes=["rev"])

@@ -1,8 +1,9 @@
 r"""softmax_cross_entropy on the logsumexp op, and the mean over the examples that count.
 
 .. math::
-    \ell = \mathrm{lse}(x) - \sum_j q_j x_j + z\,\mathrm{lse}(x)^2, \qquad
-    \frac{\partial \ell}{\partial x_j} = (1 + 2 z\,\mathrm{lse})\,p_j - q_j
+    \ell = -\sum_j q_j \log p_j + z\,\mathrm{lse}(x)^2, \qquad
+    \frac{\partial \ell}{\partial x_j} = (\textstyle\sum_k q_k + 2 z\,\mathrm{lse})\,p_j - q_j,
+    \qquad \frac{\partial \ell}{\partial q_j} = -\log p_j
 
 with ``p = softmax(x)`` over the unmasked classes and ``q`` the target distribution: the
 one-hot of an integer label, or given probabilities, smoothed as
@@ -24,6 +25,7 @@ from jax.typing import ArrayLike
 from stablelayers import _checks
 from stablelayers._logsumexp import lse_rows
 from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._target_weight import target_weight
 
 
 def check_loss_options(label_smoothing: float, z_loss: float, ignore_index: int | None) -> None:
@@ -70,10 +72,12 @@ def softmax_cross_entropy(
     r"""Per-example softmax cross-entropy, for integer or probability labels.
 
     .. math::
-        \ell = \mathrm{lse}(x) - \sum_j q_j x_j + z\,\mathrm{lse}(x)^2
+        \ell = -\sum_j q_j \log p_j + z\,\mathrm{lse}(x)^2, \qquad \log p_j = x_j - \mathrm{lse}(x)
 
     with ``lse`` the accurate :func:`logsumexp` and ``q`` the (smoothed) target
-    distribution; the gradient is ``(1 + 2 z lse) softmax(x) - q`` per example.
+    distribution (optax's definition); the gradient is ``(1 + 2 z lse) softmax(x) - q``
+    per example for labels that sum to 1, and ``-log p_j`` with respect to ``q_j``, for
+    every class (``q_j = 0`` included: ``+inf`` where a ``-inf`` logit makes ``p_j = 0``).
 
     Args:
         logits: logits of shape ``(..., classes, ...)`` (``axis`` names the class axis).
@@ -137,10 +141,12 @@ def softmax_cross_entropy(
     if label_smoothing != 0.0:
         uniform = jnp.where(live, 1.0 / jnp.maximum(count, 1.0), 0.0)
         q = (1.0 - label_smoothing) * q + label_smoothing * uniform
-    # q_j x_j only where q_j != 0, so a -inf logit with no target mass is no 0 * inf.
-    target = jnp.sum(jnp.where(live & (q != 0), q * x_live.astype(dtype), 0.0), axis=axis_)
+    # -sum_j q_j log p_j, each term 0 where q_j == 0 (a -inf logit with no target mass is
+    # no 0 * inf) and its derivative in q_j the cost -log p_j there too (_target_weight).
+    neg_log_p = lse - x_live.astype(dtype)
+    cost = jnp.where(live, target_weight(q, neg_log_p), 0.0)
+    loss = jnp.sum(cost, axis=axis_)
     lse = jnp.squeeze(lse, axis_)
-    loss = lse - target
     if z_loss != 0.0:
         loss = loss + z_loss * lse * lse
     counted = valid_row & (jnp.squeeze(count, axis_) > 0)

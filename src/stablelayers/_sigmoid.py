@@ -17,6 +17,7 @@ from stablelayers import _checks, _float_arithmetic
 from stablelayers._rank_promotion import allow_rank_promotion
 from stablelayers._softplus import softplus
 from stablelayers._switches import forward_mode_enabled
+from stablelayers._target_weight import target_weight
 
 
 def _sigmoid_primal(x: jax.Array) -> jax.Array:
@@ -149,7 +150,9 @@ def sigmoid_binary_cross_entropy(
     t = jnp.broadcast_to(t, x.shape)
     if where_ is not None:
         x = jnp.where(where_, x, 0.0)
-    positive = jnp.where(t == 0, 0.0, t * softplus(-x))
-    negative = jnp.where(t == 1, 0.0, (1 - t) * softplus(x))
+    # Each term 0 where its weight is 0 (no 0 * inf at an infinite logit), and its
+    # derivative in t the cost there too (_target_weight): d loss / d t = -x.
+    positive = target_weight(t, softplus(-x))
+    negative = target_weight(1 - t, softplus(x))
     loss = positive + negative
     return loss if where_ is None else jnp.where(where_, loss, 0.0)
