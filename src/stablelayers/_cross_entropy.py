@@ -72,7 +72,8 @@ def softmax_cross_entropy(
     r"""Per-example softmax cross-entropy, for integer or probability labels.
 
     .. math::
-        \ell = -\sum_j q_j \log p_j + z\,\mathrm{lse}(x)^2, \qquad \log p_j = x_j - \mathrm{lse}(x)
+        \ell = -\sum_j q_j \log p_j + z\,\mathrm{lse}(x)^2,
+        \qquad \log p_j = x_j - \mathrm{lse}(x)
 
     with ``lse`` the accurate :func:`logsumexp` and ``q`` the (smoothed) target
     distribution (optax's definition); the gradient is ``(1 + 2 z lse) softmax(x) - q``
