@@ -68,3 +68,22 @@ def test_page_code_runs(page: pathlib.Path) -> None:
 def test_skip_marker() -> None:
     text = "a\n```python\nx = 1\n```\n<!-- skip-test -->\n```python\nraise RuntimeError\n```\n"
     assert [code for _, code in python_blocks(text)] == ["x = 1\n"]
+
+
+def test_readme_api_list_and_frameworks_table_name_every_public_name():
+    # Each public name of the package and of every framework module, in README's API list
+    # and (for the layers) in docs/frameworks.md's table: neither can drift again.
+    import importlib
+
+    import stablelayers
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    api = readme[readme.index("## API") :]
+    missing = [name for name in stablelayers.__all__ if f"`{name}(" not in api]
+    table = (root / "docs" / "frameworks.md").read_text()
+    for framework in ("nnx", "linen", "equinox"):
+        module = importlib.import_module(f"stablelayers.{framework}")
+        missing += [f"{framework}.{n}" for n in module.__all__ if f"`{n}" not in api]
+        missing += [f"table: {n}" for n in module.__all__ if f"| `{n}(" not in table]
+    assert not missing, f"not named: {missing}"

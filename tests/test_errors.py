@@ -75,3 +75,12 @@ def test_empty_axis_returns_empty(op):
     assert y.shape == (3, 0)
     g = jax.grad(lambda x: jnp.sum(op(x)))(x)
     assert g.shape == (3, 0)
+
+
+def test_transposed_weight_message_names_the_shapes_and_the_fix():
+    hidden = jnp.ones((4, 8))
+    with pytest.raises(ValueError) as info:
+        sl.linear_softmax_cross_entropy(hidden, jnp.ones((32, 8)), jnp.zeros(4, jnp.int32))
+    message = str(info.value)
+    assert "(hidden, vocab) = (8, vocab)" in message and "got (32, 8)" in message
+    assert "weight.T" in message and "((8,)" not in message

@@ -238,8 +238,9 @@ def _check_arrays(
     w = _checks.as_float_array(weight, "weight")
     if h.ndim < 1 or w.ndim != 2 or w.shape[0] != h.shape[-1]:
         raise ValueError(
-            f"`weight` must be (hidden, vocab) = ({h.shape[-1:]}, vocab) for `hidden` of "
-            f"shape {h.shape}, got {w.shape}; a (vocab, hidden) embedding needs `.T`."
+            f"`weight` must have shape (hidden, vocab) = ({h.shape[-1] if h.ndim else '?'}, "
+            f"vocab) for `hidden` of shape {h.shape}, got {w.shape}; pass `weight.T` if "
+            "it is stored (vocab, hidden), as a tied embedding is."
         )
     if bias is None:
         return h, w, None
