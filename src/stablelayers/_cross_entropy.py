@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks
+from stablelayers import _checks, _target_weight
 from stablelayers._logsumexp import lse_rows
 from stablelayers._rank_promotion import allow_rank_promotion
-from stablelayers._target_weight import target_weight
 
 
 def check_loss_options(label_smoothing: float, z_loss: float, ignore_index: int | None) -> None:
@@ -145,7 +144,7 @@ def softmax_cross_entropy(
     # -sum_j q_j log p_j, each term 0 where q_j == 0 (a -inf logit with no target mass is
     # no 0 * inf) and its derivative in q_j the cost -log p_j there too (_target_weight).
     neg_log_p = lse - x_live.astype(dtype)
-    cost = jnp.where(live, target_weight(q, neg_log_p), 0.0)
+    cost = jnp.where(live, _target_weight.target_weight(q, neg_log_p), 0.0)
     loss = jnp.sum(cost, axis=axis_)
     lse = jnp.squeeze(lse, axis_)
     if z_loss != 0.0:

@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _float_arithmetic
+from stablelayers import _checks, _float_arithmetic, _target_weight
 from stablelayers._rank_promotion import allow_rank_promotion
 from stablelayers._softplus import softplus
 from stablelayers._switches import forward_mode_enabled
-from stablelayers._target_weight import target_weight
 
 
 def _sigmoid_primal(x: jax.Array) -> jax.Array:
@@ -152,7 +151,7 @@ def sigmoid_binary_cross_entropy(
         x = jnp.where(where_, x, 0.0)
     # Each term 0 where its weight is 0 (no 0 * inf at an infinite logit), and its
     # derivative in t the cost there too (_target_weight): d loss / d t = -x.
-    positive = target_weight(t, softplus(-x))
-    negative = target_weight(1 - t, softplus(x))
+    positive = _target_weight.target_weight(t, softplus(-x))
+    negative = _target_weight.target_weight(1 - t, softplus(x))
     loss = positive + negative
     return loss if where_ is None else jnp.where(where_, loss, 0.0)

@@ -8,7 +8,7 @@ The value drops a class with no target mass, so an infinite cost there (a ``-inf
 off the target) is no ``0 * inf``; the derivative keeps both factors, so the gradient with
 respect to the labels is the cost itself wherever the labels sit, ``q = 0`` included
 (distillation and learned soft targets need it). ``jnp.where(q != 0, q * c, 0)`` alone
-would send 0 back to every ``q_j = 0``. As :func:`jax.scipy.special.xlogy`'s rule.
+would send 0 back to every ``q_j = 0``. The rule is that of ``jax.scipy.special.xlogy``.
 """
 
 from __future__ import annotations
