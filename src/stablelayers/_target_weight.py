@@ -20,7 +20,7 @@ import jax.numpy as jnp
 @jax.custom_jvp
 def target_weight(q: jax.Array, cost: jax.Array) -> jax.Array:
     """``q * cost``, exactly 0 where ``q == 0`` (whatever ``cost`` holds)."""
-    return jnp.where(q != 0, q * cost, jnp.zeros_like(q * cost))
+    return jnp.where(q != 0, q * cost, 0.0)
 
 
 @target_weight.defjvp
