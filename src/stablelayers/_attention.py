@@ -32,6 +32,7 @@ from stablelayers._attention_masks import silence_dead_rows
 from stablelayers._chunked_layout import chunked
 from stablelayers._dense_attention import dense
 from stablelayers._float_arithmetic import compute_dtype
+from stablelayers._nonfinite import neg_inf_where
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Einsum = Callable[..., jax.Array]
@@ -288,7 +289,8 @@ def dot_product_attention(
         if not want_lse:
             return out
         # The chunked path marks an empty row's logsumexp with the lowest float.
-        lse = jnp.where(lse == jnp.finfo(lse.dtype).min, -jnp.inf, lse)
+        lowest = lse == jnp.finfo(lse.dtype).min
+        lse = jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
         return _with_logsumexp(out, lse, return_residual, key.dtype)
 
     out, dense_lse = dense(

@@ -35,6 +35,7 @@ from stablelayers import _vma
 from stablelayers._chunked_blocks import Config as Config
 from stablelayers._chunked_blocks import Grads as Grads
 from stablelayers._chunked_blocks import Inputs as Inputs
+from stablelayers._nonfinite import is_neginf
 from stablelayers._rank_promotion import allow_rank_promotion
 
 # (dq, dk, dv, d_bias) of one key block, dk and dv transposed: (B, Hkv, D, block_k).
@@ -58,7 +59,7 @@ def initial_state(
         lse = jnp.full(rows, lowest, compute)
     else:
         s = sink.astype(compute)[..., None]
-        lse = jnp.broadcast_to(jnp.where(s == -jnp.inf, lowest, s), rows)
+        lse = jnp.broadcast_to(jnp.where(is_neginf(s), lowest, s), rows)
     return jnp.zeros((*rows, v.shape[-1]), compute), lse
 
 
@@ -93,7 +94,7 @@ def forward(
             v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
             s = cb.block_logits(cfg, x, i, j, q_blk, k_blk)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            shift = jnp.where(is_neginf(m_new), 0.0, m_new)
             p = jnp.where(s > lowest, jnp.exp(s - shift[..., None]), 0.0)
             alpha = jnp.exp(m - shift)
             l = alpha * l + jnp.sum(p, axis=-1)
@@ -213,7 +214,7 @@ def sink_grad(sink: jax.Array, rows: tuple[jax.Array, jax.Array]) -> jax.Array:
     as its only cotangent."""
     finite_lse, delta = rows
     sink_c = sink.astype(delta.dtype)[..., None]
-    p_sink = jnp.where(sink_c == -jnp.inf, 0.0, jnp.exp(sink_c - finite_lse))
+    p_sink = jnp.where(is_neginf(sink_c), 0.0, jnp.exp(sink_c - finite_lse))
     return cb.sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
 
 

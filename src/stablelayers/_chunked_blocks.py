@@ -17,6 +17,7 @@ from jax import lax
 from jax.typing import DTypeLike
 
 from stablelayers._attention_masks import position_mask
+from stablelayers._nonfinite import is_neginf
 
 # jnp.finfo is untyped; its fields are numpy scalars.
 _finfo = cast(Callable[[DTypeLike], Any], jnp.finfo)
@@ -154,7 +155,7 @@ def block_logits(
         valid = valid & visible
     if x.mask is not None:
         valid = valid & _slice(_slice(x.mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
-    valid = valid & (s != -jnp.inf)
+    valid = valid & ~is_neginf(s)
     # A +inf logit (from a +inf bias, or q.k overflowing) becomes the largest float: the
     # running max stays finite, so s - max is 0 there and -inf-like elsewhere, and the row's
     # mass is shared among its +inf entries as on the dense path, instead of inf - inf = NaN.

@@ -115,5 +115,5 @@ def _logsumexp(logits: jax.Array, where: jax.Array | None, sink: jax.Array | Non
         logits = jnp.concatenate([logits, sink], axis=-1)
     if logits.shape[-1] == 0:
         return jnp.full(logits.shape[:-1], -jnp.inf, logits.dtype)
-    lse, _ = lse_rows(logits, where, None, (logits.ndim - 1,), -jnp.inf)
+    lse, _ = lse_rows(logits, where, None, (logits.ndim - 1,), None)
     return lse[..., 0]

@@ -18,6 +18,7 @@ from jax.typing import ArrayLike
 from stablelayers import _checks
 from stablelayers._cpu import calls, library
 from stablelayers._float_arithmetic import compute_dtype, exp_corrected, opaque_identity
+from stablelayers._nonfinite import is_neginf, nan_where, neg_inf_where
 from stablelayers._rank_promotion import allow_rank_promotion
 from stablelayers._shift import exempt_from_nan, nan_rows, row_max, shift, shift_of_row_max
 from stablelayers._switches import forward_mode_enabled
@@ -96,8 +97,10 @@ def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Arra
     # it with the reductions, which would make XLA write it to memory.
     x = opaque_identity(x)
     d, err, dead = shift(x, where, amount, has_posinf)
-    y = jnp.where(dead | (d == -jnp.inf), -jnp.inf, (d - lse) + err)
-    y = jnp.where(nan_rows(x, where, axis) & ~exempt_from_nan(x, where), jnp.nan, y)
+    no_mass = dead | is_neginf(d)
+    y = jnp.where(no_mass, neg_inf_where(no_mass, d.dtype), (d - lse) + err)
+    nan = nan_rows(x, where, axis) & ~exempt_from_nan(x, where)
+    y = jnp.where(nan, nan_where(nan, y.dtype), y)
     # A row with nothing unmasked has total == 0; it has no live entry to use the total.
     return y.astype(out_dtype), (top, jnp.where(total == 0, 1.0, total))
 
@@ -108,7 +111,7 @@ def _vjp_from_output(axis: Axes, y: jax.Array, g: jax.Array) -> jax.Array:
     # gradient.
     dtype = compute_dtype(y.dtype)
     y = y.astype(dtype)
-    live = y != -jnp.inf
+    live = ~is_neginf(y)
     g = jnp.where(live, g.astype(dtype), 0.0)
     total = jnp.sum(g, axis=axis, keepdims=True)
     return jnp.where(live, g - jnp.exp(y) * total, 0.0)
@@ -122,18 +125,19 @@ def _vjp_from_input(axis: Axes, x: jax.Array, rows: Rows, g: jax.Array) -> jax.A
     top, total = rows
     x = x.astype(compute_dtype(x.dtype))
     d, err, dead = shift(x, None, *shift_of_row_max(top))
-    live = ~dead & (d != -jnp.inf)
+    live = ~dead & ~is_neginf(d)
     g = jnp.where(live, g.astype(x.dtype), 0.0)
     g_total = jnp.sum(g, axis=axis, keepdims=True)
     p = exp_corrected(d, err) * (1 / total)
     dx = jnp.where(live, g - p * g_total, 0.0)
-    return jnp.where(nan_rows(x, None, axis) & (x != -jnp.inf), jnp.nan, dx)
+    nan = nan_rows(x, None, axis) & ~is_neginf(x)
+    return jnp.where(nan, nan_where(nan, dx.dtype), dx)
 
 
 def _jvp(axis: Axes, y: jax.Array, x_dot: jax.Array) -> jax.Array:
     dtype = compute_dtype(y.dtype)
     y = y.astype(dtype)
-    live = y != -jnp.inf
+    live = ~is_neginf(y)
     x_dot = jnp.where(live, x_dot.astype(dtype), 0.0)
     mean = jnp.sum(jnp.exp(y) * x_dot, axis=axis, keepdims=True)
     return jnp.where(live, x_dot - mean, 0.0)

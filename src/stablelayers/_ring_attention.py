@@ -27,6 +27,7 @@ from stablelayers import (
     _ring_blocks,
     _vma,
 )
+from stablelayers._nonfinite import neg_inf_where
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Layout = Literal["contiguous", "zigzag"]
@@ -150,7 +151,8 @@ def ring_attention(
     out = out.astype(dtype)
     if not return_logsumexp:
         return out
-    lse = jnp.where(lse == _chunked_blocks.lowest(lse.dtype), -jnp.inf, lse)
+    lowest = lse == _chunked_blocks.lowest(lse.dtype)
+    lse = jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
     return out, lse.reshape(*batch, heads, q_len)
 
 

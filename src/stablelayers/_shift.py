@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stablelayers._float_arithmetic import two_sum_error
+from stablelayers._nonfinite import is_neginf, is_posinf
 
 Axis = tuple[int, ...]
 
@@ -35,7 +36,7 @@ def row_max(
 def shift_of_row_max(top: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(shift, has_posinf)``: the row max, or 0 where it is not finite, and whether it
     is ``+inf``."""
-    return jnp.where(jnp.isfinite(top), top, 0.0), top == jnp.inf
+    return jnp.where(jnp.isfinite(top), top, 0.0), is_posinf(top)
 
 
 def shift(
@@ -48,7 +49,7 @@ def shift(
     mass equally). A dead entry gets the lowest finite ``d``, whose exp is 0, rather than
     ``-inf``; whatever it held (NaN included) is gone.
     """
-    dead = has_posinf & (x != jnp.inf)
+    dead = has_posinf & ~is_posinf(x)
     if where is not None:
         dead = dead | ~where
     x = jnp.where(dead | has_posinf, 0.0, x)
@@ -60,7 +61,7 @@ def shift(
     # A finite logit stays finite after the shift (x - amount may overflow for logits near
     # the float limits), so it keeps its log-probability gradient; a -inf logit has none.
     lowest = jnp.finfo(x.dtype).min
-    d = jnp.where(x == -jnp.inf, -jnp.inf, jnp.maximum(raw, lowest))
+    d = jnp.where(is_neginf(x), x, jnp.maximum(raw, lowest))
     return jnp.where(dead, lowest, d), err, dead
 
 
@@ -73,7 +74,7 @@ def shifted_logits(
     d, err, _ = shift(x, where, top_shift, has_posinf)
     if sink is None:
         return d, err, None, None
-    sink_dead = has_posinf & (sink != jnp.inf)
+    sink_dead = has_posinf & ~is_posinf(sink)
     sink = jnp.where(has_posinf, 0.0, sink)
     d_sink = sink - top_shift
     err_sink = two_sum_error(sink, -top_shift, d_sink)
@@ -92,5 +93,5 @@ def nan_rows(x: jax.Array, where: jax.Array | None, axis: Axis) -> jax.Array:
 
 def exempt_from_nan(x: jax.Array, where: jax.Array | None) -> jax.Array:
     """The entries a NaN row leaves alone: masked ones and ``-inf`` logits."""
-    exempt = x == -jnp.inf
+    exempt = is_neginf(x)
     return exempt if where is None else exempt | ~where

@@ -24,6 +24,7 @@ from stablelayers._float_arithmetic import (
     opaque_identity,
     reciprocal_pair,
 )
+from stablelayers._nonfinite import nan_where
 from stablelayers._rank_promotion import allow_rank_promotion
 from stablelayers._shift import exempt_from_nan, nan_rows, shifted_logits
 from stablelayers._switches import forward_mode_enabled
@@ -159,7 +160,8 @@ def _primal(
     y = e * r + opaque_identity(e * r_lo)
     # Masked places stay exactly 0 even when a NaN logit elsewhere makes the row's total NaN.
     y = jnp.where(e == 0, 0.0, y)
-    y = jnp.where(nan_rows(x, where, axis) & ~exempt_from_nan(x, where), jnp.nan, y)
+    nan = nan_rows(x, where, axis) & ~exempt_from_nan(x, where)
+    y = jnp.where(nan, nan_where(nan, y.dtype), y)
     p_sink = None if e_sink is None else e_sink / total
     # The largest entry of a row has e == 1, so its share is 1 / total.
     dominant = (total < 2) if sink is None else None

@@ -28,6 +28,7 @@ from stablelayers._float_arithmetic import (
     log1p_unit,
     neg_expm1,
 )
+from stablelayers._nonfinite import is_posinf
 from stablelayers._rank_promotion import allow_rank_promotion
 from stablelayers._switches import forward_mode_enabled
 
@@ -77,7 +78,7 @@ def _primal(x: jax.Array, beta: jax.Array) -> jax.Array:
     u = beta.astype(dtype) * x
     y = _softplus_float32(u) if jnp.finfo(dtype).bits <= 32 else _softplus_float64(u)
     # Where beta * x overflows, softplus(beta * x) / beta is x itself.
-    y = jnp.where(u == jnp.inf, x, y / beta.astype(dtype))
+    y = jnp.where(is_posinf(u), x, y / beta.astype(dtype))
     return y.astype(out_dtype)
 
 
@@ -137,7 +138,7 @@ def _beta_slope(y: jax.Array, beta: jax.Array) -> jax.Array:
     sig_safe = jnp.where(large | (sig == 0), 1.0, sig)
     exp_neg_v_safe = jnp.where(large, exp_neg_v, 0.5)
     log_sig = jnp.where(large, jnp.log1p(-exp_neg_v_safe), jnp.log(sig_safe))
-    v_safe = jnp.where(v == jnp.inf, 0.0, v)
+    v_safe = jnp.where(is_posinf(v), 0.0, v)
     return (sig * log_sig - v_safe * exp_neg_v) / (beta * beta)
 
 
