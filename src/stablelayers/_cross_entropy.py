@@ -20,22 +20,47 @@ import operator
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from stablelayers import _checks, _target_weight
 from stablelayers._logsumexp import lse_rows
+from stablelayers._nonfinite import nan_where
 from stablelayers._rank_promotion import allow_rank_promotion
 
+HyperParameter = float | jax.Array
 
-def check_loss_options(label_smoothing: float, z_loss: float, ignore_index: int | None) -> None:
-    """The scalar options shared by both cross-entropies, checked at trace time."""
-    eps = _checks.concrete_number(label_smoothing, "label_smoothing")
+
+def _hyper_parameter(value: ArrayLike, name: str) -> tuple[float | None, HyperParameter]:
+    """``(concrete value or None, value to compute with)``: a traced scalar (jitted, or
+    from a schedule) is taken as it is, since its value is not known until run time."""
+    number = _checks.concrete_number(value, name)
+    if number is not None:
+        return number, number
+    traced = jnp.asarray(value)
+    real = jnp.issubdtype(traced.dtype, jnp.floating) or jnp.issubdtype(
+        traced.dtype, jnp.integer
+    )
+    if traced.shape != () or not real:
+        raise TypeError(
+            f"`{name}` must be a real scalar, got a traced array of shape {traced.shape} "
+            f"and dtype {traced.dtype}."
+        )
+    return None, traced
+
+
+def check_loss_options(
+    label_smoothing: ArrayLike, z_loss: ArrayLike, ignore_index: int | None
+) -> tuple[HyperParameter, HyperParameter]:
+    """The scalar options shared by both cross-entropies, checked at trace time when they
+    are concrete; returned as floats, or as the traced scalars they are."""
+    eps, eps_value = _hyper_parameter(label_smoothing, "label_smoothing")
     if eps is not None and not 0.0 <= eps < 1.0:
         raise ValueError(
             f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}: it is the mass "
             "moved from the label to the uniform distribution (0.1 is usual)."
         )
-    z = _checks.concrete_number(z_loss, "z_loss")
+    z, z_value = _hyper_parameter(z_loss, "z_loss")
     if z is not None and not (z >= 0.0 and z < float("inf")):
         raise ValueError(f"`z_loss` must be a finite number >= 0, got {z_loss!r}.")
     if ignore_index is not None:
@@ -43,6 +68,30 @@ def check_loss_options(label_smoothing: float, z_loss: float, ignore_index: int 
             operator.index(ignore_index)
         except TypeError:
             raise TypeError(f"`ignore_index` must be an int, got {ignore_index!r}.") from None
+    return eps_value, z_value
+
+
+def is_off(value: HyperParameter) -> bool:
+    """Whether an option is a concrete 0, so its term can be left out of the graph."""
+    return isinstance(value, float) and value == 0.0
+
+
+def out_of_range(labels: jax.Array, classes: int, counted: jax.Array, name: str) -> jax.Array:
+    """Counted labels outside ``[0, classes)``: their loss is made NaN (never a finite
+    number), and under ``jax.experimental.checkify`` they raise."""
+    bad = counted & ((labels < 0) | (labels >= classes))
+    checkify.debug_check(
+        ~jnp.any(bad),
+        f"{name}: a label is outside [0, {classes}) and is not `ignore_index`; set "
+        "`ignore_index` for padding labels such as -100.",
+    )
+    return bad
+
+
+def poison(loss: jax.Array, bad: jax.Array) -> jax.Array:
+    """``loss`` with NaN where ``bad``: multiplied, so its gradient there is NaN too
+    (no finite garbage), and exact elsewhere (``loss * (1 + 0)``)."""
+    return loss * (1.0 + nan_where(bad, loss.dtype))
 
 
 def check_integer_labels(labels: ArrayLike, rows: tuple[int, ...]) -> jax.Array:
@@ -57,15 +106,43 @@ def check_integer_labels(labels: ArrayLike, rows: tuple[int, ...]) -> jax.Array:
     return labels
 
 
+def _class_axes(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    """The class axes, non-negative, in the order given (a flat integer label indexes
+    them in that order, as optax's)."""
+    if axis is not None and not isinstance(axis, (int, tuple)):
+        raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {axis!r}.")
+    _checks.canonical_axis(axis, ndim)
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
+
+
+def example_where(
+    where: ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> jax.Array | None:
+    """``where`` broadcast to the logits' ``shape``. A mask of the examples' rank that
+    broadcasts to their shape (the logits' without ``axes``) masks whole examples, as
+    optax's ``where`` of shape ``(batch,)``; any other broadcasts to the logits."""
+    if where is None:
+        return None
+    where_ = jnp.asarray(where)
+    rows = tuple(n for i, n in enumerate(shape) if i not in axes)
+    if where_.ndim == len(rows) < len(shape) and _checks.broadcasts_to(where_.shape, rows):
+        where_ = jnp.expand_dims(where_, tuple(sorted(axes)))
+    checked = _checks.check_where(where_, shape)
+    assert checked is not None
+    return jnp.broadcast_to(checked, shape)
+
+
 @allow_rank_promotion
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     ignore_index: int | None = None,
 ) -> jax.Array:
     r"""Per-example softmax cross-entropy, for integer or probability labels.
@@ -80,17 +157,24 @@ def softmax_cross_entropy(
     every class (``q_j = 0`` included: ``+inf`` where a ``-inf`` logit makes ``p_j = 0``).
 
     Args:
-        logits: logits of shape ``(..., classes, ...)`` (``axis`` names the class axis).
+        logits: logits of shape ``(..., classes, ...)`` (``axis`` names the class axes).
         labels: integer class indices of the logits' shape without ``axis`` (any integer
             dtype, int64 under x64 included), or float probabilities of the logits' shape
-            (one-hot or soft; rows should sum to 1).
-        axis: the class axis.
-        where: optional boolean mask broadcastable to ``logits``: ``False`` classes are
-            left out of the softmax and of the smoothing. A row with no class left gives
-            loss 0 and gradient 0.
+            (one-hot or soft; rows should sum to 1). With several class axes an integer
+            label is a flat index into them, in the order ``axis`` lists them (as
+            ``jnp.ravel_multi_index`` makes it, and as optax reads it).
+        axis: the class axis, a tuple of them, or ``None`` for all.
+        where: optional boolean mask. Of the examples' shape (the logits' without
+            ``axis``, e.g. ``(batch,)``): ``False`` examples give loss 0 and gradient 0,
+            as optax's ``where``. Otherwise broadcastable to ``logits``: ``False``
+            classes are left out of the softmax and of the smoothing; a row with no class
+            left gives loss 0 and gradient 0.
         label_smoothing: ``eps`` in ``[0, 1)``: the target becomes
-            ``(1 - eps) q + eps / K`` over the ``K`` unmasked classes.
-        z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term (1e-4 in PaLM).
+            ``(1 - eps) q + eps / K`` over the ``K`` unmasked classes. A concrete value is
+            checked; a traced one (under ``jit``, or from a schedule) is taken as it is,
+            and the loss is differentiable in it.
+        z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term (1e-4 in PaLM); checked
+            when concrete, taken as it is when traced, as ``label_smoothing``.
         ignore_index: integer labels equal to it give loss 0 and gradient 0, whatever their
             logits hold (NaN and inf included).
 
@@ -98,7 +182,10 @@ def softmax_cross_entropy(
         The loss per example, of the logits' shape without ``axis``, in the logits' dtype.
         Reduce it yourself; :func:`mean_over_valid` gives the mean over counted examples.
         A ``-inf`` logit off the target gives a finite loss and gradient 0 there; a ``-inf``
-        logit on the target gives ``+inf``, as the math says.
+        logit on the target gives ``+inf``, as the math says. An integer label outside
+        ``[0, classes)`` that is not ``ignore_index`` gives NaN, with NaN gradient, for
+        its example, never a number (PyTorch raises, optax returns the log-sum-exp as if
+        the target were absent); under ``jax.experimental.checkify.checkify`` it raises.
 
     Raises:
         TypeError: labels of the wrong dtype, non-boolean ``where``, bad ``axis``.
@@ -106,12 +193,11 @@ def softmax_cross_entropy(
             outside ``[0, 1)``, negative ``z_loss``.
     """
     x = _checks.as_float_array(logits, "logits")
-    if not isinstance(axis, int):
-        raise TypeError(f"`axis` must be one int, the class axis, got {axis!r}.")
-    (axis_,) = _checks.canonical_axis(axis, x.ndim)
-    check_loss_options(label_smoothing, z_loss, ignore_index)
-    where_ = _checks.check_where(where, x.shape)
-    rows = tuple(n for i, n in enumerate(x.shape) if i != axis_)
+    axes = _class_axes(axis, x.ndim)
+    eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
+    where_ = example_where(where, x.shape, axes)
+    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
+    rows = tuple(x.shape[i] for i in batch_axes)
     labels_ = jnp.asarray(labels)
     integer = jnp.issubdtype(labels_.dtype, jnp.integer)
     if integer:
@@ -123,7 +209,18 @@ def softmax_cross_entropy(
             f"probability `labels` must have the logits' shape {x.shape}, got "
             f"{labels_.shape}; for class indices pass an integer array of shape {rows}."
         )
-    live = jnp.ones(x.shape, bool) if where_ is None else jnp.broadcast_to(where_, x.shape)
+    if len(axes) == 1:
+        axis_ = axes[0]
+    else:
+        # Several class axes are one: moved last in the order given and flattened.
+        def flat(a: jax.Array) -> jax.Array:
+            return jnp.transpose(a, batch_axes + axes).reshape((*rows, -1))
+
+        x, axis_ = flat(x), len(rows)
+        where_ = None if where_ is None else flat(where_)
+        labels_ = labels_ if integer else flat(labels_)
+    classes = x.shape[axis_]
+    live = jnp.ones(x.shape, bool) if where_ is None else where_
     valid_row = jnp.ones(rows, bool)
     if integer and ignore_index is not None:
         valid_row = labels_ != ignore_index
@@ -134,22 +231,25 @@ def softmax_cross_entropy(
     lse, _ = lse_rows(x_live, live, None, (axis_,), 0.0)
     dtype = lse.dtype
     if integer:
-        q = jax.nn.one_hot(labels_, x.shape[axis_], dtype=dtype, axis=axis_)
+        q = jax.nn.one_hot(labels_, classes, dtype=dtype, axis=axis_)
     else:
         q = labels_.astype(dtype)
     count = jnp.sum(live, axis=axis_, keepdims=True).astype(dtype)
-    if label_smoothing != 0.0:
+    if not is_off(eps):
         uniform = jnp.where(live, 1.0 / jnp.maximum(count, 1.0), 0.0)
-        q = (1.0 - label_smoothing) * q + label_smoothing * uniform
+        q = (1.0 - eps) * q + eps * uniform
     # -sum_j q_j log p_j, each term 0 where q_j == 0 (a -inf logit with no target mass is
     # no 0 * inf) and its derivative in q_j the cost -log p_j there too (_target_weight).
     neg_log_p = lse - x_live.astype(dtype)
     cost = jnp.where(live, _target_weight.target_weight(q, neg_log_p), 0.0)
     loss = jnp.sum(cost, axis=axis_)
     lse = jnp.squeeze(lse, axis_)
-    if z_loss != 0.0:
-        loss = loss + z_loss * lse * lse
+    if not is_off(z):
+        loss = loss + z * lse * lse
     counted = valid_row & (jnp.squeeze(count, axis_) > 0)
+    if integer:
+        bad = out_of_range(labels_, classes, counted, "softmax_cross_entropy")
+        loss = poison(loss, bad)
     return jnp.where(counted, loss, 0.0).astype(x.dtype)
 
 

@@ -33,6 +33,8 @@ from stablelayers._lce_terms import (
     dlogits,
     exact_lse,
     loss_terms,
+    option_terms,
+    options,
     take,
 )
 from stablelayers._rank_promotion import allow_rank_promotion
@@ -44,8 +46,11 @@ VOCAB_BLOCK = 8192
 VOCAB_BLOCK_HALF = 4096
 
 Grads = tuple[jax.Array, jax.Array, jax.Array | None]
-_Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
-Static = tuple[int, float, float, jnp.dtype, jnp.dtype | None]
+# (dH, dW, db, d eps, d z): the gradient of the summed loss, kept by the forward pass.
+AllGrads = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array]
+_Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]
+# (tokens per chunk, smoothing on, z-loss on, inputs' dtype, bias dtype).
+Static = tuple[int, bool, bool, jnp.dtype, jnp.dtype | None]
 
 
 class _Chunk:
@@ -53,8 +58,9 @@ class _Chunk:
     ``(size, vocab)`` (float32), lse, summed loss and ``G = dloss/dlogits``."""
 
     def __init__(self, args: Inputs, c: jax.Array, static: Static):
-        h, weight, bias, labels, vocab_mask, valid = args
-        size, smoothing, z_loss = static[:3]
+        h, weight, bias, labels, vocab_mask, valid = args[:6]
+        size, smoothing = static[:2]
+        self.options = options(args, static[1:3])
         self.start, self.fresh = block_start(c, size, h.shape[0])
         self.h = take(h, self.start, size, 0)
         labels = lax.dynamic_slice_in_dim(labels, self.start, size)
@@ -72,14 +78,18 @@ class _Chunk:
         if smoothing:
             total = jnp.sum(jnp.where(live, logits, 0.0), axis=1)
         count = jnp.maximum(jnp.sum(vocab_mask), 1).astype(acc)
-        self.loss = jnp.sum(loss_terms(lse, target, total, rows, count, smoothing, z_loss))
+        self.loss = jnp.sum(loss_terms(lse, target, total, rows, count, *self.options))
+        # The loss is linear in eps and z: its derivatives in them, summed over the chunk.
+        self.option_grads = jnp.stack(
+            [jnp.sum(t) for t in option_terms(lse, target, total, rows, count)]
+        )
         self.logits, self.live, self.hit, self.lse, self.rows = logits, live, hit, lse, rows
         self.count = count
 
-    def grad(self, smoothing: float, z_loss: float) -> jax.Array:
+    def grad(self) -> jax.Array:
         """``G`` ``(size, vocab)``: the chunk's rows of ``d(summed loss)/dlogits``."""
-        coef = coefficients(jnp.ones_like(self.lse), self.lse, self.rows, smoothing, z_loss)
-        return dlogits(self.logits, self.live, self.hit, self.lse, coef, smoothing, self.count)
+        coef = coefficients(jnp.ones_like(self.lse), self.lse, self.rows, *self.options)
+        return dlogits(self.logits, self.live, self.hit, self.lse, coef, self.count)
 
 
 def _chunks(h: jax.Array, size: int) -> int:
@@ -127,25 +137,27 @@ def summed_loss(args: Inputs, static: Static) -> jax.Array:
     return total
 
 
-def value_and_grads(args: Inputs, static: Static) -> tuple[jax.Array, Grads]:
-    """The summed loss and its float32 gradients ``(dH, dW, db)``: three products."""
+def value_and_grads(args: Inputs, static: Static) -> tuple[jax.Array, AllGrads]:
+    """The summed loss and its gradients ``(dH, dW, db, d eps, d z)`` in float32: three
+    products."""
     h, weight, bias = args[:3]
-    size, smoothing, z_loss = static[:3]
+    size = static[0]
     acc = acc_dtype(h)
 
     def body(c: jax.Array, carry: _Carry) -> _Carry:
-        total, dh, dw, db = carry
+        total, dh, dw, db, d_options = carry
         chunk = _Chunk(args, c, static)
-        dh_c, dw, db = _products(chunk.h, weight, chunk.grad(smoothing, z_loss), dw, db)
+        dh_c, dw, db = _products(chunk.h, weight, chunk.grad(), dw, db)
         old = lax.dynamic_slice_in_dim(dh, chunk.start, size)
         dh_c = jnp.where(chunk.fresh[:, None], dh_c, old)
         dh = lax.dynamic_update_slice_in_dim(dh, dh_c, chunk.start, 0)
-        return total + chunk.loss, dh, dw, db
+        return total + chunk.loss, dh, dw, db, d_options + chunk.option_grads
 
     db0 = None if bias is None else jnp.zeros(bias.shape, acc)
-    init = (jnp.zeros((), acc), jnp.zeros(h.shape, acc), jnp.zeros(weight.shape, acc), db0)
-    total, dh, dw, db = lax.fori_loop(0, _chunks(h, size), body, init)
-    return total, (dh, dw, db)
+    zero = jnp.zeros((), acc)
+    init = (zero, jnp.zeros(h.shape, acc), jnp.zeros(weight.shape, acc), db0, jnp.zeros(2, acc))
+    total, dh, dw, db, d_options = lax.fori_loop(0, _chunks(h, size), body, init)
+    return total, (dh, dw, db, d_options[0], d_options[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -154,18 +166,21 @@ def _summed_vjp(args: Inputs, static: Static) -> jax.Array:
 
 
 @allow_rank_promotion
-def _fwd(args: Inputs, static: Static) -> tuple[jax.Array, Grads]:
+def _fwd(args: Inputs, static: Static) -> tuple[jax.Array, AllGrads]:
     return value_and_grads(args, static)
 
 
-def _bwd(static: Static, grads: Grads, g: jax.Array) -> tuple[tuple[jax.Array | None, ...]]:
+def _bwd(static: Static, grads: AllGrads, g: jax.Array) -> tuple[tuple[jax.Array | None, ...]]:
     # The cotangent is one number: the gradient formed in the forward pass, scaled, and
     # rounded to the inputs' dtypes once.
-    dh, dw, db = grads
+    dh, dw, db, d_eps, d_z = grads
     dtype, bias_dtype = static[3:]
     g = g.astype(dh.dtype)
     db_out = None if db is None else (g * db).astype(bias_dtype)
-    return (((g * dh).astype(dtype), (g * dw).astype(dtype), db_out, None, None, None),)
+    eps_out = g * d_eps if static[1] else None
+    z_out = g * d_z if static[2] else None
+    dh_out, dw_out = (g * dh).astype(dtype), (g * dw).astype(dtype)
+    return ((dh_out, dw_out, db_out, None, None, None, eps_out, z_out),)
 
 
 _summed_vjp.defvjp(_fwd, _bwd)
@@ -181,20 +196,22 @@ def _summed_jvp(args: Inputs, static: Static) -> jax.Array:
 def _jvp_rule(
     static: Static, primals: tuple[Inputs], tangents: tuple[Inputs]
 ) -> tuple[jax.Array, jax.Array]:
-    # loss_dot = <dH, H_dot> + <dW, W_dot> + <db, b_dot>: the gradient and three inner
-    # products, so forward mode costs the same three matmuls.
+    # loss_dot = <dH, H_dot> + <dW, W_dot> + <db, b_dot> (+ eps_dot d eps + z_dot d z):
+    # the gradient and three inner products, so forward mode costs the same three matmuls.
     total, grads = value_and_grads(primals[0], static)
+    on = (True, True, True, static[1], static[2])
+    (h_dot, w_dot, b_dot), option_dots = tangents[0][:3], tangents[0][6:]
     dot = jnp.zeros_like(total)
-    for grad, tangent in zip(grads, tangents[0][:3], strict=True):
-        if grad is not None and tangent is not None:
+    for used, grad, tangent in zip(on, grads, (h_dot, w_dot, b_dot, *option_dots), strict=True):
+        if used and grad is not None and tangent is not None:
             dot = dot + jnp.sum(grad * tangent.astype(grad.dtype))
     return total, dot
 
 
 def summed_op(forward_mode: bool, args: Inputs, static: Static) -> jax.Array:
-    """The summed loss of ``args = (h, weight, bias, labels, vocab_mask, valid)``, ``h``
-    ``(tokens, hidden)`` and ``weight`` ``(hidden, vocab)`` of one dtype, with
-    ``static = (chunk tokens, eps, z, inputs' dtype, bias dtype)``: a custom_vjp, or under
-    ``forward_mode`` a custom_jvp, both exact to any order."""
+    """The summed loss of ``args = (h, weight, bias, labels, vocab_mask, valid, eps, z)``,
+    ``h`` ``(tokens, hidden)`` and ``weight`` ``(hidden, vocab)`` of one dtype, with
+    ``static = (chunk tokens, smoothing on, z-loss on, inputs' dtype, bias dtype)``: a
+    custom_vjp, or under ``forward_mode`` a custom_jvp, both exact to any order."""
     op = _summed_jvp if forward_mode else _summed_vjp
     return op(args, static)

@@ -22,10 +22,28 @@ from jax import lax
 
 from stablelayers import _float_arithmetic
 
-Coefficients = tuple[jax.Array, jax.Array, jax.Array]
+Coefficients = tuple[jax.Array, jax.Array, jax.Array | None]
 # (h (tokens, hidden), weight (hidden, vocab), bias (vocab,) or None, labels (tokens,),
-# vocab_mask (vocab,), valid (tokens,)): the array arguments of the fused ops.
-Inputs = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array, jax.Array]
+# vocab_mask (vocab,), valid (tokens,), eps (), z ()): the array arguments of the fused ops.
+# The options are arrays (a traced or scheduled value is taken as it is, and the loss is
+# differentiable in it); a static flag leaves a concrete 0's term out of the graph.
+Inputs = tuple[
+    jax.Array,
+    jax.Array,
+    jax.Array | None,
+    jax.Array,
+    jax.Array,
+    jax.Array,
+    jax.Array,
+    jax.Array,
+]
+# (smoothing on, z-loss on): whether eps and z may be nonzero.
+Flags = tuple[bool, bool]
+
+
+def options(args: Inputs, flags: Flags) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(eps, z)`` from ``args``, ``None`` for an option that is a concrete 0."""
+    return (args[6] if flags[0] else None), (args[7] if flags[1] else None)
 
 
 def acc_dtype(x: jax.Array) -> jnp.dtype:
@@ -91,25 +109,45 @@ def loss_terms(
     total: jax.Array,
     valid: jax.Array,
     count: jax.Array,
-    smoothing: float,
-    z_loss: float,
+    smoothing: jax.Array | None,
+    z_loss: jax.Array | None,
 ) -> jax.Array:
     """``(rows,)`` loss ``lse - (1 - eps) t - eps S / K + z lse^2``, 0 where not ``valid``."""
-    loss = lse - (1.0 - smoothing) * target
-    if smoothing:
-        loss = loss - (smoothing / count) * total
-    if z_loss:
+    if smoothing is None:
+        loss = lse - target
+    else:
+        loss = lse - (1.0 - smoothing) * target - (smoothing / count) * total
+    if z_loss is not None:
         loss = loss + z_loss * lse * lse
     return jnp.where(valid, loss, 0.0)
 
 
+def option_terms(
+    lse: jax.Array, target: jax.Array, total: jax.Array, valid: jax.Array, count: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(d loss / d eps, d loss / d z)`` per row: ``t - S / K`` and ``lse^2`` (the loss is
+    linear in both), 0 where not ``valid``."""
+    return (
+        jnp.where(valid, target - total / count, 0.0),
+        jnp.where(valid, lse * lse, 0.0),
+    )
+
+
 def coefficients(
-    g: jax.Array, lse: jax.Array, valid: jax.Array, smoothing: float, z_loss: float
+    g: jax.Array,
+    lse: jax.Array,
+    valid: jax.Array,
+    smoothing: jax.Array | None,
+    z_loss: jax.Array | None,
 ) -> Coefficients:
     """Per-token weights of ``dloss/dlogits`` for cotangents ``g``:
-    ``(g (1 + 2 z lse), g (1 - eps), g eps)``, all 0 where not ``valid``."""
+    ``(g (1 + 2 z lse), g (1 - eps), g eps)``, all 0 where not ``valid``; the last is
+    ``None`` without smoothing."""
     g = jnp.where(valid, g.astype(lse.dtype), 0.0)
-    return g * (1.0 + 2.0 * z_loss * lse), g * (1.0 - smoothing), g * smoothing
+    scale = g if z_loss is None else g * (1.0 + 2.0 * z_loss * lse)
+    if smoothing is None:
+        return scale, g, None
+    return scale, g * (1.0 - smoothing), g * smoothing
 
 
 def dlogits(
@@ -118,7 +156,6 @@ def dlogits(
     hit: jax.Array,
     lse: jax.Array,
     coef: Coefficients,
-    smoothing: float,
     count: jax.Array,
 ) -> jax.Array:
     """``G = g ((1 + 2 z lse) p - q)`` for a block of ``logits`` ``(rows, cols)``; ``live``
@@ -128,6 +165,6 @@ def dlogits(
     # rounds above lse from making p > 1.
     p = jnp.where(live, jnp.exp(jnp.minimum(logits - lse[:, None], 0.0)), 0.0)
     grad = scale[:, None] * p - jnp.where(hit, on_label[:, None], 0.0)
-    if smoothing:
+    if spread is not None:
         grad = grad - jnp.where(live, spread[:, None] / count, 0.0)
     return grad

@@ -29,7 +29,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers import _checks, _float_arithmetic
-from stablelayers._cross_entropy import check_integer_labels, check_loss_options
+from stablelayers._cross_entropy import (
+    check_integer_labels,
+    check_loss_options,
+    is_off,
+    out_of_range,
+    poison,
+)
 from stablelayers._lce_sum import summed_op
 from stablelayers._lce_terms import (
     Inputs,
@@ -38,14 +44,17 @@ from stablelayers._lce_terms import (
     coefficients,
     dlogits,
     loss_terms,
+    option_terms,
+    options,
     take,
 )
 from stablelayers._rank_promotion import allow_rank_promotion
 from stablelayers._switches import forward_mode_enabled
 
 Reduction = Literal["none", "mean", "sum"]
-# (vocabulary columns per block, label smoothing, z-loss coefficient).
-Static = tuple[int, float, float]
+Maybe = jax.Array | None
+# (vocabulary columns per block, smoothing on, z-loss on).
+Static = tuple[int, bool, bool]
 
 
 class _Block:
@@ -54,7 +63,7 @@ class _Block:
     overlaps) and ``hit`` (the label's column), both ``(1 or tokens, size)``."""
 
     def __init__(self, args: Inputs, c: jax.Array, size: int):
-        h, weight, bias, labels, vocab_mask, _ = args
+        h, weight, bias, labels, vocab_mask = args[:5]
         self.start, fresh = block_start(c, size, weight.shape[1])
         self.w = take(weight, self.start, size, 1)
         acc = acc_dtype(h)
@@ -77,7 +86,7 @@ def _blocks(args: Inputs, size: int) -> int:
     return -(-args[1].shape[1] // size)
 
 
-def _forward(args: Inputs, size: int, smoothing: float) -> tuple[jax.Array, ...]:
+def _forward(args: Inputs, size: int, smoothing: bool) -> tuple[jax.Array, ...]:
     """Per token: ``(lse, target logit, sum of live logits)`` in float32, one block of
     the vocabulary at a time (online log-sum-exp)."""
     n, acc = args[0].shape[0], acc_dtype(args[0])
@@ -103,12 +112,26 @@ def _forward(args: Inputs, size: int, smoothing: float) -> tuple[jax.Array, ...]
     return lse, target, total
 
 
-def _per_token(args: Inputs, static: Static) -> tuple[jax.Array, jax.Array]:
-    """The loss per token (float32) and the one value kept per token, ``lse``."""
-    size, smoothing, z_loss = static
+Terms = tuple[Maybe, Maybe]
+
+
+def _per_token(args: Inputs, static: Static) -> tuple[jax.Array, jax.Array, Terms]:
+    """The loss per token (float32), ``lse``, and ``d loss / d eps`` and ``d loss / d z``
+    per token (``None`` for an option that is off)."""
+    size, smoothing, _ = static
     lse, target, total = _forward(args, size, smoothing)
-    loss = loss_terms(lse, target, total, args[5], _count(args), smoothing, z_loss)
-    return loss, lse
+    eps, z = options(args, static[1:])
+    count = _count(args)
+    loss = loss_terms(lse, target, total, args[5], count, eps, z)
+    d_eps, d_z = option_terms(lse, target, total, args[5], count)
+    return loss, lse, (d_eps if static[1] else None, d_z if static[2] else None)
+
+
+def _option_grads(terms: Terms, g: jax.Array) -> Terms:
+    """The cotangents of ``eps`` and ``z``: ``sum_tokens g * d loss / d option``."""
+    return tuple(  # type: ignore[return-value]
+        None if t is None else jnp.sum(t * g.astype(t.dtype)) for t in terms
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -117,28 +140,30 @@ def _per_token_vjp(args: Inputs, static: Static) -> jax.Array:
 
 
 @allow_rank_promotion
-def _fwd(args: Inputs, static: Static) -> tuple[jax.Array, tuple[Inputs, jax.Array]]:
-    loss, lse = _per_token(args, static)
-    # Kept: the inputs and lse per token; the logits are recomputed block by block.
-    return loss, (args, lse)
+def _fwd(args: Inputs, static: Static) -> tuple[jax.Array, tuple[Inputs, jax.Array, Terms]]:
+    loss, lse, terms = _per_token(args, static)
+    # Kept: the inputs and lse per token (and, for a smoothing or z-loss that is not a
+    # concrete 0, the loss's derivative in it); the logits are recomputed block by block.
+    return loss, (args, lse, terms)
 
 
 @allow_rank_promotion
 def _bwd(
-    static: Static, residuals: tuple[Inputs, jax.Array], g: jax.Array
+    static: Static, residuals: tuple[Inputs, jax.Array, Terms], g: jax.Array
 ) -> tuple[tuple[jax.Array | None, ...]]:
-    # The chain rule through logits = h W + b gives the three products per block.
-    args, lse = residuals
+    # The chain rule through logits = h W + b gives the three products per block; the
+    # loss is linear in eps and z, with the kept per-token derivatives.
+    args, lse, terms = residuals
     h, weight, bias = args[:3]
-    size, smoothing, z_loss = static
-    coef = coefficients(g, lse, args[5], smoothing, z_loss)
+    size = static[0]
+    coef = coefficients(g, lse, args[5], *options(args, static[1:]))
     count, acc = _count(args), acc_dtype(h)
     Carry = tuple[jax.Array, jax.Array, jax.Array | None]
 
     def body(c: jax.Array, carry: Carry) -> Carry:
         dh, dw, db = carry
         block = _Block(args, c, size)
-        grad = dlogits(block.logits, block.live, block.hit, lse, coef, smoothing, count)
+        grad = dlogits(block.logits, block.live, block.hit, lse, coef, count)
         dh = dh + jnp.matmul(grad.astype(weight.dtype), block.w.T, preferred_element_type=acc)
         # A block's columns of dW and db are complete in one step (no sum over blocks), so
         # they are written in weight's dtype; the last block keeps the columns an earlier
@@ -155,7 +180,8 @@ def _bwd(
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     )
     dh, dw, db = lax.fori_loop(0, _blocks(args, size), body, init)
-    return ((dh.astype(h.dtype), dw, db, None, None, None),)
+    d_eps, d_z = _option_grads(terms, g)
+    return ((dh.astype(h.dtype), dw, db, None, None, None, d_eps, d_z),)
 
 
 def _write_fresh(full: jax.Array, part: jax.Array, block: _Block, axis: int) -> jax.Array:
@@ -182,14 +208,14 @@ def _jvp_rule(
     # at a time (G with g = 1).
     (primals,), (tangents,) = primal_args, tangent_args
     h, (h_dot, w_dot, b_dot) = primals[0], tangents[:3]
-    size, smoothing, z_loss = static
-    loss, lse = _per_token(primals, static)
-    coef = coefficients(jnp.ones_like(lse), lse, primals[5], smoothing, z_loss)
+    size = static[0]
+    loss, lse, terms = _per_token(primals, static)
+    coef = coefficients(jnp.ones_like(lse), lse, primals[5], *options(primals, static[1:]))
     count, acc = _count(primals), acc_dtype(h)
 
     def body(c: jax.Array, total: jax.Array) -> jax.Array:
         block = _Block(primals, c, size)
-        grad = dlogits(block.logits, block.live, block.hit, lse, coef, smoothing, count)
+        grad = dlogits(block.logits, block.live, block.hit, lse, coef, count)
         wd = take(w_dot, block.start, size, 1)
         dot = jnp.matmul(h_dot, block.w, preferred_element_type=acc)
         dot = dot + jnp.matmul(h, wd, preferred_element_type=acc)
@@ -198,6 +224,9 @@ def _jvp_rule(
         return total + jnp.sum(grad * dot, axis=1)
 
     loss_dot = lax.fori_loop(0, _blocks(primals, size), body, jnp.zeros_like(lse))
+    for term, tangent in zip(terms, tangents[6:], strict=True):
+        if term is not None:
+            loss_dot = loss_dot + term * tangent.astype(term.dtype)
     return loss, loss_dot
 
 
@@ -258,8 +287,8 @@ def linear_softmax_cross_entropy(
     *,
     bias: ArrayLike | None = None,
     where: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     ignore_index: int | None = None,
     chunk_size: int | None = None,
     reduction: Reduction = "none",
@@ -287,8 +316,10 @@ def linear_softmax_cross_entropy(
         where: optional boolean ``(vocab,)`` mask: ``False`` tokens of the vocabulary are
             left out of the softmax and of the smoothing (a label on one counts as no
             target mass, as in :func:`softmax_cross_entropy`).
-        label_smoothing: ``eps`` in ``[0, 1)``, spread over the unmasked vocabulary.
-        z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term.
+        label_smoothing: ``eps`` in ``[0, 1)``, spread over the unmasked vocabulary;
+            checked when concrete, taken as it is when traced (under ``jit``, or from a
+            schedule), and the loss is differentiable in it.
+        z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term; as ``label_smoothing``.
         ignore_index: labels equal to it give loss 0 and gradient 0, whatever their hidden
             state holds (NaN and inf included).
         chunk_size: the block size along the walked axis, which need not divide it. With
@@ -300,7 +331,10 @@ def linear_softmax_cross_entropy(
 
     Returns:
         The loss per token, of ``labels``' shape (``'none'``), or a scalar; in float32 (or
-        float64 under x64 for float64 inputs).
+        float64 under x64 for float64 inputs). A label outside ``[0, vocab)`` that is
+        not ``ignore_index`` gives NaN, with NaN gradient, for its token (and so for a
+        ``'mean'`` or ``'sum'``), never a number; under
+        ``jax.experimental.checkify.checkify`` it raises.
 
     Raises:
         TypeError: non-integer labels, non-boolean ``where``, non-float inputs.
@@ -311,7 +345,7 @@ def linear_softmax_cross_entropy(
         raise ValueError(f"`reduction` must be 'none', 'mean' or 'sum', got {reduction!r}.")
     h, w, b = _check_arrays(hidden, weight, bias)
     vocab = w.shape[1]
-    check_loss_options(label_smoothing, z_loss, ignore_index)
+    eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
     labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
     dtype = jnp.result_type(h.dtype, w.dtype)
     mask = _checks.check_where(where, (vocab,))
@@ -323,18 +357,29 @@ def linear_softmax_cross_entropy(
     # whole vocabulary masked no token has a loss.
     h = jnp.where(valid[:, None], h, 0.0)
     valid = valid & jnp.any(mask)
-    args = (h, w.astype(dtype), b, labels_, mask, valid)
-    eps, z = float(label_smoothing), float(z_loss)
+    bad = out_of_range(labels_, vocab, valid, "linear_softmax_cross_entropy")
     out_dtype = _float_arithmetic.compute_dtype(dtype)
+    flags = (not is_off(eps), not is_off(z))
+    args = (
+        h,
+        w.astype(dtype),
+        b,
+        labels_,
+        mask,
+        valid,
+        jnp.asarray(eps, out_dtype),
+        jnp.asarray(z, out_dtype),
+    )
     size = _chunk(chunk_size, dtype, (h.shape[0], vocab), reduction != "none")
     if reduction == "none":
         op = _per_token_jvp if forward_mode_enabled() else _per_token_vjp
-        loss = op(args, (size, eps, z))
+        loss = poison(op(args, (size, *flags)), bad)
         return loss.astype(out_dtype).reshape(rows)
     if h.shape[0] == 0:
         return jnp.zeros((), out_dtype)
     bias_dtype = None if b is None else b.dtype
-    total = summed_op(forward_mode_enabled(), args, (size, eps, z, dtype, bias_dtype))
+    total = summed_op(forward_mode_enabled(), args, (size, *flags, dtype, bias_dtype))
+    total = poison(total, jnp.any(bad))
     if reduction == "mean":
         total = total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
     return total.astype(out_dtype)
