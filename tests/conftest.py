@@ -31,7 +31,13 @@ def hard_inputs():
 # here) and the pure-JAX code that runs everywhere else (GPU, TPU) and wherever the kernels
 # cannot be built. These modules run once on each; test_cpu_kernels.py checks the two
 # against each other under every transform.
-BOTH_PATHS = {"test_values", "test_accuracy", "test_gradients", "test_residuals"}
+BOTH_PATHS = {
+    "test_values",
+    "test_accuracy",
+    "test_gradients",
+    "test_residuals",
+    "test_debug_flags",
+}
 
 
 def pytest_generate_tests(metafunc):

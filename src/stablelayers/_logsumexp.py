@@ -23,6 +23,8 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers import _checks, _float_arithmetic, _shift
+from stablelayers._logsumexp_complex import complex_logsumexp
+from stablelayers._nonfinite import nan_where, neg_inf_where
 from stablelayers._rank_promotion import allow_rank_promotion
 
 Axis = int | Sequence[int] | None
@@ -46,7 +48,7 @@ def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Ar
 
 
 def _primal(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Return ``(lse, sign, top, total)`` per row (keepdims), in the compute dtype.
 
@@ -73,9 +75,14 @@ def _primal(
         sign = jnp.sign(total)
         log_total = jnp.log(jnp.where(total == 0, 1.0, jnp.abs(total)))
     empty_row = total == 0
-    lse = jnp.where(has_posinf, jnp.inf, shift + log_total)
-    lse = jnp.where(empty_row, empty, lse)
-    lse = jnp.where(_shift.nan_rows(x, where, axis), jnp.nan, lse)
+    lse = jnp.where(has_posinf, top, shift + log_total)
+    fill = neg_inf_where(empty_row, lse.dtype) if empty is None else empty
+    lse = jnp.where(empty_row, fill, lse)
+    # The NaN comes from the input's own NaN (a sum of the row's live NaN entries), never a
+    # NaN constant: jax.debug_nans under disable_jit checks every eager intermediate.
+    live_nan = jnp.isnan(x) if where is None else jnp.isnan(x) & where
+    nan_of_row = jnp.sum(jnp.where(live_nan, x, 0.0), axis=axis, keepdims=True)
+    lse = jnp.where(_shift.nan_rows(x, where, axis), nan_of_row, lse)
     return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
 
 
@@ -90,7 +97,7 @@ def _softmax_weights(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def lse_vjp_op(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
 ) -> tuple[jax.Array, jax.Array]:
     """``(lse, sign)`` per row in keepdims shape, compute dtype."""
     return _primal(x, where, b, axis, empty)[:2]
@@ -98,7 +105,7 @@ def lse_vjp_op(
 
 @allow_rank_promotion
 def _lse_fwd(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array | None, ...]]:
     lse, sign, top, total = _primal(x, where, b, axis, empty)
     # Kept: x (an input), b (an input, when given) and two numbers per row.
@@ -108,7 +115,7 @@ def _lse_fwd(
 @allow_rank_promotion
 def _lse_bwd(
     axis: Rows,
-    empty: float,
+    empty: float | None,
     residuals: tuple[jax.Array, Maybe, Maybe, jax.Array, jax.Array],
     cotangents: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, None, jax.Array | None]:
@@ -133,7 +140,7 @@ lse_vjp_op.defvjp(_lse_fwd, _lse_bwd)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def lse_jvp_op(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float
+    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
 ) -> tuple[jax.Array, jax.Array]:
     return _primal(x, where, b, axis, empty)[:2]
 
@@ -142,7 +149,7 @@ def lse_jvp_op(
 @allow_rank_promotion
 def _lse_jvp_rule(
     axis: Rows,
-    empty: float,
+    empty: float | None,
     primals: tuple[jax.Array, Maybe, Maybe],
     tangents: tuple[jax.Array, Maybe, Maybe],
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
@@ -165,7 +172,7 @@ def lse_rows(
     where: jax.Array | None,
     b: jax.Array | None,
     axis: tuple[int, ...],
-    empty: float,
+    empty: float | None,
 ) -> tuple[jax.Array, jax.Array]:
     """The op for the current mode: ``(lse, sign)`` per row, keepdims, compute dtype."""
     from stablelayers._switches import forward_mode_enabled
@@ -201,7 +208,9 @@ def logsumexp(
             returned in its own dtype).
         axis: axis or tuple of axes to reduce; ``None`` (the default, as in JAX and SciPy)
             reduces every axis.
-        b: optional weights broadcastable to ``a.shape``, negative entries allowed.
+        b: optional weights, broadcast together with ``a`` (as ``jax.nn.logsumexp`` and
+            SciPy do: ``a`` of shape ``(4,)`` and ``b`` of ``(3, 4)`` reduce a ``(3, 4)``
+            array; ``axis`` counts in the broadcast shape), negative entries allowed.
             Entries with ``b == 0`` are left out, whatever ``a`` holds there. Differentiable.
         keepdims: keep the reduced axes as size 1.
         return_sign: return ``(log|sum|, sign(sum))``; otherwise a negative sum gives NaN.
@@ -218,24 +227,59 @@ def logsumexp(
         ValueError: ``where`` or ``b`` does not broadcast to ``a``, or ``axis`` is out of
             range.
     """
+    if jnp.iscomplexobj(a) or (b is not None and jnp.iscomplexobj(b)):
+        return _complex(a, axis, b, keepdims, return_sign, where)
     x = _checks.as_float_array(a, "a")
-    axes = _checks.canonical_axis(axis, x.ndim)
-    where_ = _checks.check_where(where, x.shape)
     b_ = None
     if b is not None:
         b_ = _checks.as_float_array(b, "b")
-        if not _checks.broadcasts_to(b_.shape, x.shape):
-            raise ValueError(
-                f"`b` of shape {b_.shape} does not broadcast to the input's shape {x.shape}."
-            )
+        shape = _broadcast_shape(x.shape, b_.shape)
+        # As jax.nn.logsumexp and scipy: a and b broadcast together, then the reduction.
+        # Explicit, so it holds under jax_numpy_rank_promotion="raise".
+        x = jnp.broadcast_to(x, shape)
+    axes = _checks.canonical_axis(axis, x.ndim)
+    where_ = _checks.check_where(where, x.shape)
     if x.size == 0:
         lse = jnp.full(_checks.reduced_shape(x.shape, axes), -jnp.inf, x.dtype)
         sign = jnp.zeros_like(lse)
     else:
-        lse, sign = lse_rows(x, where_, b_, axes, -jnp.inf)
+        lse, sign = lse_rows(x, where_, b_, axes, None)
         if b_ is not None and not return_sign:
-            lse = jnp.where(sign < 0, jnp.nan, lse)
+            # NaN only where the sum is negative: no NaN constant (see _nonfinite).
+            negative = sign < 0
+            lse = jnp.where(negative, nan_where(negative, lse.dtype), lse)
         lse, sign = lse.astype(x.dtype), sign.astype(x.dtype)
     if not keepdims:
         lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)
     return (lse, sign) if return_sign else lse
+
+
+def _complex(
+    a: ArrayLike,
+    axis: Axis,
+    b: ArrayLike | None,
+    keepdims: bool,
+    return_sign: bool,
+    where: ArrayLike | None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    x = jnp.asarray(a)
+    b_ = None if b is None else jnp.asarray(b)
+    dtype = jnp.result_type(x, jnp.complex64) if b_ is None else jnp.result_type(x, b_, 1j)
+    shape = x.shape if b_ is None else _broadcast_shape(x.shape, b_.shape)
+    x = jnp.broadcast_to(x.astype(dtype), shape)
+    b_ = None if b_ is None else jnp.broadcast_to(b_, shape)
+    axes = _checks.canonical_axis(axis, x.ndim)
+    where_ = _checks.check_where(where, x.shape)
+    lse, sign = complex_logsumexp(x, axes, b_, where_, return_sign)
+    if not keepdims:
+        lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)
+    return (lse, sign) if return_sign else lse
+
+
+def _broadcast_shape(a: Rows, b: Rows) -> Rows:
+    try:
+        return tuple(jnp.broadcast_shapes(a, b))
+    except ValueError:
+        raise ValueError(
+            f"`b` of shape {b} does not broadcast with the input's shape {a}."
+        ) from None
