@@ -35,10 +35,6 @@ def _rng():
     return np.random.RandomState(0)
 
 
-def _issue21(defect):
-    return pytest.mark.xfail(strict=True, reason=f"issue 21: {defect}")
-
-
 # The stablelayers equivalents, under optax's names. Jitted, where optax's tests call some
 # eagerly: one compile per case instead of one per primitive keeps the port fast (the
 # values are the same; JAX's logsumexp port checks eager against jitted).
@@ -85,7 +81,6 @@ def test_softmax_cross_entropy_gradient():
     _check_grads(softmax_cross_entropy, (YS[:2], TS[:2]), order=1)
 
 
-@_issue21("a per-example `where` of shape (batch,) is refused")
 def test_softmax_cross_entropy_gradient_with_mask():
     # The second half of optax's test_gradient: finite gradients under a (batch,) mask.
     def loss_fn(*args, **kw):
@@ -187,7 +182,6 @@ def test_integer_labels_gradient():
     _check_grads(f, (YS,), order=1)
 
 
-@_issue21("a per-example `where` of shape (batch,) is refused")
 def test_integer_labels_gradient_with_mask():
     def loss_fn(*args, **kw):
         return jnp.sum(softmax_cross_entropy_with_integer_labels(*args, **kw))
@@ -225,7 +219,6 @@ def _axes_cases():
     ]
 
 
-@_issue21("a tuple `axis` is refused with integer labels")
 @pytest.mark.parametrize("precision, axis", _axes_cases(), indirect=["precision"])
 def test_integer_labels_axes(precision, axis):
     shape = (2, 3, 4, 5)
