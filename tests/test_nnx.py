@@ -280,6 +280,51 @@ def test_multi_head_attention_is_flax_class_with_our_attention():
     np.testing.assert_array_equal(_forward(ours, X, mask=mask), _forward(theirs, X, mask=mask))
 
 
+@pytest.mark.parametrize(
+    ("broadcast_dropout", "num_kv_heads"), [(True, None), (False, None), (False, 1)]
+)
+def test_multi_head_attention_with_dropout_matches_flax_class(broadcast_dropout, num_kv_heads):
+    # The drop-in against Flax's own layer (its own attention function), dropout on at a
+    # rate that makes any other pattern obvious: same rngs, so the same parameters and the
+    # same dropout key; outputs and parameter gradients agree to float32 rounding. Mask
+    # rows are never empty, where the two differ on purpose.
+    kwargs = {
+        "dropout_rate": 0.5,
+        "broadcast_dropout": broadcast_dropout,
+        "num_kv_heads": num_kv_heads,
+        "decode": False,
+    }
+    ours = slnnx.MultiHeadAttention(HEADS, FEATURES, rngs=nnx.Rngs(_key(0)), **kwargs)
+    theirs = nnx.MultiHeadAttention(HEADS, FEATURES, rngs=nnx.Rngs(_key(0)), **kwargs)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.to_pure_dict(nnx.state(ours, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(theirs, nnx.Param)),
+    )
+    mask = _mask((BATCH, 1, LENGTH, LENGTH))
+    cotangent = _normal((BATCH, LENGTH, FEATURES), 7)
+
+    @nnx.jit
+    def run(model, key):
+        def loss(model):
+            out = model(X, mask=mask, deterministic=False, rngs=nnx.Rngs(dropout=key))
+            return jnp.sum(out * cotangent), out
+
+        (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return out, nnx.to_pure_dict(grads)
+
+    out, grads = run(ours, _key(3))
+    expected, expected_grads = run(theirs, _key(3))
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+        grads,
+        expected_grads,
+    )
+    # Dropout did act, and the pattern depends on broadcast_dropout.
+    assert not np.allclose(out, _forward(ours, X, mask=mask, deterministic=True), atol=1e-3)
+
+
 def test_multi_head_attention_with_sinks():
     model = slnnx.MultiHeadAttention(
         HEADS, FEATURES, sink=True, use_bias=False, decode=False, rngs=nnx.Rngs(_key(0))
