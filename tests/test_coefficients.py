@@ -6,7 +6,7 @@ import re
 import numpy as np
 
 import hatch_build
-from stablelayers._float_arithmetic import CPP_NAMES
+from stablelayers._core.arithmetic import CPP_NAMES
 
 # The repository's source, which the build compiles (an installed wheel has no .cc).
 SOURCE = pathlib.Path(hatch_build.__file__).parent / hatch_build.KERNELS

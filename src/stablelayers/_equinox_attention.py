@@ -15,7 +15,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
 from stablelayers import _layers
-from stablelayers._attention import dot_product_attention
+from stablelayers.attention._api import dot_product_attention
 
 _ProcessHeads = Callable[[Array, Array, Array], tuple[Array, Array, Array]]
 

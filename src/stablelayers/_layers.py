@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _checks
-from stablelayers._attention import dot_product_attention
-from stablelayers._float_arithmetic import compute_dtype
-from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
-from stablelayers._softmax import masked_softmax
-from stablelayers._softplus import softplus
+from stablelayers._core import checks
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers.attention._api import dot_product_attention
+from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.ops._softmax import masked_softmax
+from stablelayers.ops._softplus import softplus
 
 Axis = int | Sequence[int] | None
 
@@ -31,7 +31,7 @@ def default_param_dtype(dtype: DTypeLike | None) -> DTypeLike:
 
 def softplus_beta(beta: ArrayLike) -> float:
     """A layer's ``beta``, checked as the functional ``softplus`` checks it, as a float."""
-    _checks.check_beta(beta)
+    checks.check_beta(beta)
     return float(beta)  # type: ignore[arg-type]
 
 
@@ -69,7 +69,7 @@ def heads_masked_softmax(
     num_heads: int | None,
 ) -> jax.Array:
     """masked_softmax over the last axis of ``(batch..., heads, q_len, kv_len)`` logits."""
-    logits = _checks.as_float_array(logits, "logits")
+    logits = checks.as_float_array(logits, "logits")
     if num_heads is not None and (logits.ndim < 3 or logits.shape[-3] != num_heads):
         raise ValueError(
             f"This layer has num_heads={num_heads}, so the logits must have shape "

@@ -23,12 +23,13 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
-from stablelayers import _checks, _layers
+from stablelayers import _layers
+from stablelayers._core import checks
 from stablelayers._equinox_attention import MultiHeadAttention, MultiheadAttention
-from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
-from stablelayers._log_softmax import log_softmax
-from stablelayers._softmax import softmax
-from stablelayers._softplus import softplus
+from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.ops._log_softmax import log_softmax
+from stablelayers.ops._softmax import softmax
+from stablelayers.ops._softplus import softplus
 
 __all__ = [
     "LMHead",
@@ -53,7 +54,7 @@ class _Rowwise(eqx.Module):
 
         - `axis`: The axis, or tuple of axes, that forms a row; `None` for all axes.
         """
-        self.axis = _checks.check_axis(axis)
+        self.axis = checks.check_axis(axis)
 
     def __call__(
         self, x: Array, where: Array | None = None, *, key: PRNGKeyArray | None = None

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _checks, _layers
-from stablelayers._attention import dot_product_attention
-from stablelayers._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
-from stablelayers._log_softmax import log_softmax
-from stablelayers._softmax import softmax
-from stablelayers._softplus import softplus
+from stablelayers import _layers
+from stablelayers._core import checks
+from stablelayers.attention._api import dot_product_attention
+from stablelayers.losses._fused_api import Reduction, linear_softmax_cross_entropy
+from stablelayers.ops._log_softmax import log_softmax
+from stablelayers.ops._softmax import softmax
+from stablelayers.ops._softplus import softplus
 
 __all__ = [
     "DotProductAttention",
@@ -51,7 +52,7 @@ class _Rowwise(nn.Module):
     def __post_init__(self) -> None:
         # A tuple, not a list: Linen hashes module attributes (the dataclass is frozen, so
         # object.__setattr__ is the way to normalise a field here).
-        object.__setattr__(self, "axis", _checks.check_axis(self.axis))
+        object.__setattr__(self, "axis", checks.check_axis(self.axis))
         super().__post_init__()
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:

@@ -19,12 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _checks, _layers
-from stablelayers._attention import dot_product_attention
-from stablelayers._linear_cross_entropy import linear_softmax_cross_entropy
-from stablelayers._log_softmax import log_softmax
-from stablelayers._softmax import softmax
-from stablelayers._softplus import softplus
+from stablelayers import _layers
+from stablelayers._core import checks
+from stablelayers.attention._api import dot_product_attention
+from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.ops._log_softmax import log_softmax
+from stablelayers.ops._softmax import softmax
+from stablelayers.ops._softplus import softplus
 
 __all__ = [
     "DotProductAttention",
@@ -44,7 +45,7 @@ class _Rowwise(nnx.Module):
     _function: ClassVar[Callable[..., jax.Array]]
 
     def __init__(self, axis: _layers.Axis = -1):
-        self.axis = _checks.check_axis(axis)
+        self.axis = checks.check_axis(axis)
 
     def __call__(self, x: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
         """The layer's function of ``x`` (any shape) over ``self.axis``, masked by

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._cpu import library
-from stablelayers._float_arithmetic import compute_dtype
-from stablelayers._rank_promotion import allow_rank_promotion
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ import warnings
 
 import jax
 
-from stablelayers._switches import pure_jax_enabled
+from stablelayers._core.switches import pure_jax_enabled
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 

@@ -2,8 +2,8 @@
 
 Nothing here imports a framework: the function is a drop-in ``attention_fn`` for Flax Linen
 and Flax NNX, and the Equinox layer calls it directly. It only composes einsums, the mask,
-dropout and the masked softmax: the checks are in ``_attention_checks``, the masks in
-``_attention_masks``, and the two paths in ``_dense_attention`` and ``_chunked_layout``.
+dropout and the masked softmax: the checks are in ``_arguments``, the masks in
+``_masks``, and the two paths in ``_dense`` and ``_chunked_layout``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import _checks
-from stablelayers._attention_checks import (
+from stablelayers._core import checks
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers._core.nonfinite import neg_inf_where
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.attention._arguments import (
     Inputs,
     Settings,
     check_broadcast,
@@ -28,12 +31,9 @@ from stablelayers._attention_checks import (
     local_window,
     use_chunked,
 )
-from stablelayers._attention_masks import silence_dead_rows
-from stablelayers._chunked_layout import chunked
-from stablelayers._dense_attention import dense
-from stablelayers._float_arithmetic import compute_dtype
-from stablelayers._nonfinite import neg_inf_where
-from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers.attention._chunked_layout import chunked
+from stablelayers.attention._dense import dense
+from stablelayers.attention._masks import silence_dead_rows
 
 Einsum = Callable[..., jax.Array]
 
@@ -229,7 +229,7 @@ def dot_product_attention(
             "einsums; set them inside the einsums."
         )
     query, key, value = (
-        _checks.as_float_array(a, name)
+        checks.as_float_array(a, name)
         for a, name in ((query, "query"), (key, "key"), (value, "value"))
     )
     if dtype is None:
@@ -238,7 +238,7 @@ def dot_product_attention(
     query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
     batch, q_len, heads, kv_len, _ = check_shapes(query, key, value)
     logits_shape = (*batch, heads, q_len, kv_len)
-    rate = _checks.concrete_number(dropout_rate, "dropout_rate")
+    rate = checks.concrete_number(dropout_rate, "dropout_rate")
     if rate is not None and not 0.0 <= rate < 1.0:
         raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
     # A traced rate (an Equinox Dropout's ``p`` may be an array) counts as active.
@@ -254,11 +254,11 @@ def dot_product_attention(
     if scale is None:
         scale = 1.0 / float(query.shape[-1]) ** 0.5
     if sink is not None:
-        sink = _checks.as_float_array(sink, "sink")
+        sink = checks.as_float_array(sink, "sink")
         check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
         sink = sink.astype(compute)
     if window is not None:
-        window = _checks.positive_int(window, "window")
+        window = checks.positive_int(window, "window")
     lengths = (
         check_lengths(query_lengths, "query_lengths", batch),
         check_lengths(key_lengths, "key_lengths", batch),

@@ -15,13 +15,19 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks
+from stablelayers._core import checks
+from stablelayers._core.arithmetic import compute_dtype, exp_corrected, opaque_identity
+from stablelayers._core.nonfinite import is_neginf, nan_where, neg_inf_where
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers._core.row_shift import (
+    exempt_from_nan,
+    nan_rows,
+    row_max,
+    shift,
+    shift_of_row_max,
+)
+from stablelayers._core.switches import forward_mode_enabled
 from stablelayers._cpu import calls, library
-from stablelayers._float_arithmetic import compute_dtype, exp_corrected, opaque_identity
-from stablelayers._nonfinite import is_neginf, nan_where, neg_inf_where
-from stablelayers._rank_promotion import allow_rank_promotion
-from stablelayers._shift import exempt_from_nan, nan_rows, row_max, shift, shift_of_row_max
-from stablelayers._switches import forward_mode_enabled
 
 Axis = int | Sequence[int] | None
 Axes = tuple[int, ...]
@@ -65,7 +71,7 @@ def log_softmax(
         TypeError: ``where`` is not boolean.
         ValueError: ``where`` does not broadcast to ``x``, or ``axis`` is out of range.
     """
-    x, axes, mask = _checks.prepare_rows(x, axis, where, initial)
+    x, axes, mask = checks.prepare_rows(x, axis, where, initial)
     if x.size == 0:
         return jnp.zeros_like(x)
     kernels = library.available()

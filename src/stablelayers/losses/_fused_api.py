@@ -14,7 +14,7 @@ blocks of ``chunk_size`` columns:
 So the largest temporaries are ``(tokens, chunk_size)``, and the price is one more
 ``tokens x hidden x vocab`` product than the materialised loss (four instead of three).
 With ``reduction='mean'`` or ``'sum'`` the cotangent is one number and the gradient is
-formed in the forward pass instead: three products (:mod:`stablelayers._lce_sum`).
+formed in the forward pass instead: three products (:mod:`stablelayers.losses._fused_sum`).
 """
 
 from __future__ import annotations
@@ -28,16 +28,18 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _float_arithmetic
-from stablelayers._cross_entropy import (
+from stablelayers._core import arithmetic, checks
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers._core.switches import forward_mode_enabled
+from stablelayers.losses._cross_entropy import (
     check_integer_labels,
     check_loss_options,
     is_off,
     out_of_range,
     poison,
 )
-from stablelayers._lce_sum import summed_op
-from stablelayers._lce_terms import (
+from stablelayers.losses._fused_sum import summed_op
+from stablelayers.losses._fused_terms import (
     Inputs,
     acc_dtype,
     block_start,
@@ -48,8 +50,6 @@ from stablelayers._lce_terms import (
     options,
     take,
 )
-from stablelayers._rank_promotion import allow_rank_promotion
-from stablelayers._switches import forward_mode_enabled
 
 Reduction = Literal["none", "mean", "sum"]
 Maybe = jax.Array | None
@@ -251,7 +251,7 @@ def _chunk(
     tokens, vocab = shape
     half = dtype.itemsize < 4
     if chunk_size is not None:
-        size = _checks.positive_int(chunk_size, "chunk_size")
+        size = checks.positive_int(chunk_size, "chunk_size")
     elif whole:
         elements = DEFAULT_CHUNK_ELEMENTS_HALF if half else DEFAULT_CHUNK_ELEMENTS
         size = max(1, elements // vocab)
@@ -263,8 +263,8 @@ def _chunk(
 def _check_arrays(
     hidden: ArrayLike, weight: ArrayLike, bias: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    h = _checks.as_float_array(hidden, "hidden")
-    w = _checks.as_float_array(weight, "weight")
+    h = checks.as_float_array(hidden, "hidden")
+    w = checks.as_float_array(weight, "weight")
     if h.ndim < 1 or w.ndim != 2 or w.shape[0] != h.shape[-1]:
         raise ValueError(
             f"`weight` must have shape (hidden, vocab) = ({h.shape[-1] if h.ndim else '?'}, "
@@ -273,7 +273,7 @@ def _check_arrays(
         )
     if bias is None:
         return h, w, None
-    b = _checks.as_float_array(bias, "bias")
+    b = checks.as_float_array(bias, "bias")
     if b.shape != (w.shape[1],):
         raise ValueError(f"`bias` must have shape ({w.shape[1]},), got {b.shape}.")
     return h, w, b
@@ -348,7 +348,7 @@ def linear_softmax_cross_entropy(
     eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
     labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
     dtype = jnp.result_type(h.dtype, w.dtype)
-    mask = _checks.check_where(where, (vocab,))
+    mask = checks.check_where(where, (vocab,))
     mask = jnp.ones((vocab,), bool) if mask is None else jnp.broadcast_to(mask, (vocab,))
     rows = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1]).astype(dtype)
@@ -358,7 +358,7 @@ def linear_softmax_cross_entropy(
     h = jnp.where(valid[:, None], h, 0.0)
     valid = valid & jnp.any(mask)
     bad = out_of_range(labels_, vocab, valid, "linear_softmax_cross_entropy")
-    out_dtype = _float_arithmetic.compute_dtype(dtype)
+    out_dtype = arithmetic.compute_dtype(dtype)
     flags = (not is_off(eps), not is_off(z))
     args = (
         h,

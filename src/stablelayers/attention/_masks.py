@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers._attention_checks import Inputs
+from stablelayers.attention._arguments import Inputs
 
 
 def both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:

@@ -1,7 +1,7 @@
 """Context parallelism: :func:`ring_attention` inside ``shard_map``, and
 :func:`ring_attention_sharded`, which does the ``shard_map`` for arrays on a ``Mesh``.
 
-The ring itself (the rotation, the chunk pairs, the ``custom_vjp``) is in ``_ring_blocks``;
+The ring itself (the rotation, the chunk pairs, the ``custom_vjp``) is in ``_ring_rule``;
 here are the checks, the canonical layout and the zigzag order.
 """
 
@@ -18,17 +18,16 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers import (
-    _attention_checks,
-    _checks,
-    _chunked_attention,
+from stablelayers._core import arithmetic, checks
+from stablelayers._core.nonfinite import neg_inf_where
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.attention import (
+    _arguments,
     _chunked_blocks,
-    _float_arithmetic,
-    _ring_blocks,
-    _vma,
+    _chunked_rule,
+    _ring_rule,
+    _sharding,
 )
-from stablelayers._nonfinite import neg_inf_where
-from stablelayers._rank_promotion import allow_rank_promotion
 
 Layout = Literal["contiguous", "zigzag"]
 _spec = cast(Callable[..., PartitionSpec], PartitionSpec)  # untyped in jax.sharding
@@ -108,12 +107,12 @@ def ring_attention(
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"`layout` must be 'contiguous' or 'zigzag', got {layout!r}.")
     query, key, value = (
-        _checks.as_float_array(a, name)
+        checks.as_float_array(a, name)
         for a, name in ((query, "query"), (key, "key"), (value, "value"))
     )
     dtype = jnp.dtype(dtype or jnp.result_type(query.dtype, key.dtype, value.dtype))
     query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
-    batch, q_len, heads, kv_len, kv_heads = _attention_checks.check_shapes(query, key, value)
+    batch, q_len, heads, kv_len, kv_heads = _arguments.check_shapes(query, key, value)
     if q_len != kv_len or q_len % 2:
         raise ValueError(
             "ring_attention needs the queries, keys and values split alike, an even number "
@@ -125,10 +124,10 @@ def ring_attention(
         _global_lengths(n, name, batch, q_len * size)
         for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
     ]
-    block_q, block_k = (min(b, chunk) for b in _attention_checks.block_sizes(chunk_size))
+    block_q, block_k = (min(b, chunk) for b in _arguments.block_sizes(chunk_size))
     scale = float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale)
-    inner = _chunked_attention.Config(block_q, block_k, scale, is_causal, dtype, precision)
-    cfg = _ring_blocks.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
+    inner = _chunked_rule.Config(block_q, block_k, scale, is_causal, dtype, precision)
+    cfg = _ring_rule.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
     q = query.reshape(n_batch, q_len, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
     k, v = (
@@ -143,7 +142,7 @@ def ring_attention(
         _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
     ]
     sinks = None if sink is None else _canonical_sink(sink, dtype, batch, kv_heads, groups)
-    ring = cast(Callable[..., tuple[_ring_blocks.Pair, _ring_blocks.Pair]], _ring_blocks.ring)
+    ring = cast(Callable[..., tuple[_ring_rule.Pair, _ring_rule.Pair]], _ring_rule.ring)
     outs, lses = ring(cfg, *halves, sinks, *lengths)
     out = jnp.concatenate([x[..., :chunk, :] for x in outs], axis=3)
     lse = jnp.concatenate([x[..., :chunk] for x in lses], axis=3)
@@ -160,7 +159,7 @@ def _global_lengths(
     lengths: ArrayLike | None, name: str, batch: tuple[int, ...], total: int
 ) -> jax.Array:
     """Per-batch global lengths, flat ``(B,)`` int32 in ``[0, total]``."""
-    checked = _attention_checks.check_lengths(lengths, name, batch)
+    checked = _arguments.check_lengths(lengths, name, batch)
     if checked is None:
         return jnp.full((math.prod(batch),), total, jnp.int32)
     return jnp.clip(checked.reshape(-1), 0, total)
@@ -171,15 +170,15 @@ def _canonical_sink(
 ) -> jax.Array:
     """The sink logits as ``(B, Hkv, G)`` in the compute dtype."""
     heads = kv_heads * groups
-    sink = _checks.as_float_array(sink, "sink")
-    _attention_checks.check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
-    sink = sink.astype(_float_arithmetic.compute_dtype(dtype))
+    sink = checks.as_float_array(sink, "sink")
+    _arguments.check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
+    sink = sink.astype(arithmetic.compute_dtype(dtype))
     return jnp.broadcast_to(sink, (*batch, heads)).reshape(-1, kv_heads, groups)
 
 
-def _positions(cfg: _ring_blocks.RingConfig) -> jax.Array:
+def _positions(cfg: _ring_rule.RingConfig) -> jax.Array:
     """Global positions of this device's local block, shape ``(2C,)``."""
-    first, second = _ring_blocks.chunk_ids(cfg, lax.axis_index(cfg.axis_name))
+    first, second = _ring_rule.chunk_ids(cfg, lax.axis_index(cfg.axis_name))
     idx = jnp.arange(cfg.chunk, dtype=jnp.int32)
     return jnp.concatenate([first * cfg.chunk + idx, second * cfg.chunk + idx])
 
@@ -305,6 +304,6 @@ def _relayout(x: jax.Array, axis_name: str, n: int, *, to_zigzag: bool) -> jax.A
                 for d, chunks in enumerate(source)
                 if where[chunks[h]][1] == slot
             ]
-            parts.append(_vma.ppermute(halves[h], axis_name, perm))
+            parts.append(_sharding.ppermute(halves[h], axis_name, perm))
         slots.append(parts[0] + parts[1])
     return jnp.concatenate(slots, axis=1)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers import _softmax
-from stablelayers._attention_checks import Inputs, Settings
-from stablelayers._attention_masks import dense_mask
-from stablelayers._float_arithmetic import compute_dtype
-from stablelayers._logsumexp import lse_rows
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers.attention._arguments import Inputs, Settings
+from stablelayers.attention._masks import dense_mask
+from stablelayers.ops import _softmax
+from stablelayers.ops._logsumexp import lse_rows
 
 Einsum = Callable[..., jax.Array]
 

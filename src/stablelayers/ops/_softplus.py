@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks
-from stablelayers._cpu import calls, library
-from stablelayers._float_arithmetic import (
+from stablelayers._core import checks
+from stablelayers._core.arithmetic import (
     LOG1P_QUOTIENT_FLOAT32,
     LOG2_HI,
     LOG2_LO,
@@ -28,9 +27,10 @@ from stablelayers._float_arithmetic import (
     log1p_unit,
     neg_expm1,
 )
-from stablelayers._nonfinite import is_posinf
-from stablelayers._rank_promotion import allow_rank_promotion
-from stablelayers._switches import forward_mode_enabled
+from stablelayers._core.nonfinite import is_posinf
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers._core.switches import forward_mode_enabled
+from stablelayers._cpu import calls, library
 
 
 @allow_rank_promotion
@@ -58,12 +58,12 @@ def softplus(x: ArrayLike, beta: ArrayLike = 1.0) -> jax.Array:
         ValueError: a concrete ``beta`` is not positive and finite. A traced ``beta`` is
             not checked (docs/semantics.md says what the formula then gives).
     """
-    x = _checks.as_float_array(x)
-    _checks.check_beta(beta)
+    x = checks.as_float_array(x)
+    checks.check_beta(beta)
     if isinstance(beta, (int, float)) and not forward_mode_enabled():
         return softplus_fixed_beta_vjp_op(x, float(beta), library.available())
-    beta = _checks.as_float_array(beta, "beta")
-    if not _checks.broadcasts_to(beta.shape, x.shape):
+    beta = checks.as_float_array(beta, "beta")
+    if not checks.broadcasts_to(beta.shape, x.shape):
         raise ValueError(
             f"`beta` of shape {beta.shape} does not broadcast to the input's shape {x.shape}."
         )
@@ -159,7 +159,7 @@ def _bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Arra
     y, beta = residuals
     sig = sigmoid_from_output(y, beta)
     g = g.astype(sig.dtype)
-    grad_beta = _checks.sum_to_shape(g * _beta_slope(y, beta), beta.shape)
+    grad_beta = checks.sum_to_shape(g * _beta_slope(y, beta), beta.shape)
     return (g * sig).astype(y.dtype), grad_beta.astype(beta.dtype)
 
 

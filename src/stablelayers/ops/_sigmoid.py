@@ -1,4 +1,4 @@
-r"""sigmoid, log_sigmoid and the sigmoid binary cross-entropy, exact at 0 and at +-inf.
+r"""sigmoid and log_sigmoid, exact at 0 and at +-inf.
 
 ``jax.nn.sigmoid``'s gradient is NaN at ``+-inf`` under some compositions (jax #2107,
 pytorch #135359: ``exp(inf) / (1 + exp(inf))`` in a branch that a ``where`` discards still
@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _float_arithmetic, _target_weight
-from stablelayers._rank_promotion import allow_rank_promotion
-from stablelayers._softplus import softplus
-from stablelayers._switches import forward_mode_enabled
+from stablelayers._core import arithmetic, checks
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers._core.switches import forward_mode_enabled
+from stablelayers.ops._softplus import softplus
 
 
 def _sigmoid_primal(x: jax.Array) -> jax.Array:
-    dtype = _float_arithmetic.compute_dtype(x.dtype)
+    dtype = arithmetic.compute_dtype(x.dtype)
     x = x.astype(dtype)
     z = jnp.exp(-jnp.abs(x))
     return jnp.where(x >= 0, 1 / (1 + z), z / (1 + z))
@@ -29,7 +29,7 @@ def _sigmoid_primal(x: jax.Array) -> jax.Array:
 def _sigmoid_slope(x: jax.Array) -> jax.Array:
     # sigmoid(x) * sigmoid(-x) = z / (1 + z)^2 with z = exp(-|x|): symmetric in x, so
     # exact at 0 (1/4) and exactly 0 at +-inf, never inf / inf.
-    dtype = _float_arithmetic.compute_dtype(x.dtype)
+    dtype = arithmetic.compute_dtype(x.dtype)
     z = jnp.exp(-jnp.abs(x.astype(dtype)))
     return z / ((1 + z) * (1 + z))
 
@@ -88,7 +88,7 @@ def sigmoid(x: ArrayLike) -> jax.Array:
     Returns:
         An array of ``x``'s shape and dtype.
     """
-    x = _checks.as_float_array(x)
+    x = checks.as_float_array(x)
     return (_sigmoid_jvp_op if forward_mode_enabled() else _sigmoid_vjp_op)(x)
 
 
@@ -105,53 +105,5 @@ def log_sigmoid(x: ArrayLike) -> jax.Array:
     Returns:
         An array of ``x``'s shape and dtype.
     """
-    x = _checks.as_float_array(x)
+    x = checks.as_float_array(x)
     return -softplus(-x)
-
-
-@allow_rank_promotion
-def sigmoid_binary_cross_entropy(
-    logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None = None
-) -> jax.Array:
-    r"""Elementwise binary cross-entropy on logits, finite wherever the math is.
-
-    .. math::
-        \ell(x, t) = t\,\mathrm{softplus}(-x) + (1 - t)\,\mathrm{softplus}(x),
-        \qquad \frac{\partial \ell}{\partial x} = \sigma(x) - t
-
-    Each term is taken only where its weight is non-zero, so ``x = +inf`` with ``t = 1``
-    (or ``-inf`` with ``t = 0``) gives loss 0 and gradient 0, not ``inf - inf``
-    (jax #2107, pytorch #135359). The same loss as ``optax.sigmoid_binary_cross_entropy``.
-
-    Args:
-        logits: logits of any shape.
-        labels: targets in ``[0, 1]`` (soft labels allowed), broadcastable to ``logits``;
-            booleans and integers are accepted.
-        where: optional boolean mask broadcastable to ``logits``; ``False`` entries give
-            loss 0 and gradient 0 whatever the logit (NaN and inf included).
-
-    Returns:
-        The per-entry loss, of the broadcast shape and ``logits``' dtype. Reduce it
-        yourself, e.g. with :func:`mean_over_valid`.
-
-    Raises:
-        TypeError: ``where`` is not boolean.
-        ValueError: ``labels`` or ``where`` does not broadcast to ``logits``.
-    """
-    x = _checks.as_float_array(logits, "logits")
-    t = jnp.asarray(labels)
-    if not _checks.broadcasts_to(t.shape, x.shape):
-        raise ValueError(
-            f"`labels` of shape {t.shape} does not broadcast to the logits' shape {x.shape}."
-        )
-    t = _checks.as_float_array(t, "labels").astype(x.dtype)
-    where_ = _checks.check_where(where, x.shape)
-    t = jnp.broadcast_to(t, x.shape)
-    if where_ is not None:
-        x = jnp.where(where_, x, 0.0)
-    # Each term 0 where its weight is 0 (no 0 * inf at an infinite logit), and its
-    # derivative in t the cost there too (_target_weight): d loss / d t = -x.
-    positive = _target_weight.target_weight(t, softplus(-x))
-    negative = _target_weight.target_weight(1 - t, softplus(x))
-    loss = positive + negative
-    return loss if where_ is None else jnp.where(where_, loss, 0.0)

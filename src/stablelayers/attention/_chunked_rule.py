@@ -7,7 +7,7 @@ and one float32 logsumexp per query row; the backward pass (FlashAttention-2's) 
 each block's probabilities from the logsumexp. Blocks that the causal mask, the window or the
 per-batch lengths remove entirely are skipped: the loops' bounds depend on the block index.
 
-Everything here works on a canonical layout prepared by ``_attention``:
+Everything here works on a canonical layout prepared by ``_api``:
 
 * ``q``: ``(B, kv_heads, groups, Lq, D)``, ``k``: ``(B, kv_heads, Lk, D)``,
   ``v``: ``(B, kv_heads, Lk, Dv)``, with ``Lq`` and ``Lk`` padded to whole blocks;
@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers import _chunked_blocks as cb
-from stablelayers import _vma
-from stablelayers._chunked_blocks import Config as Config
-from stablelayers._chunked_blocks import Grads as Grads
-from stablelayers._chunked_blocks import Inputs as Inputs
-from stablelayers._nonfinite import is_neginf
-from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._core.nonfinite import is_neginf
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.attention import _chunked_blocks as cb
+from stablelayers.attention import _sharding
+from stablelayers.attention._chunked_blocks import Config as Config
+from stablelayers.attention._chunked_blocks import Grads as Grads
+from stablelayers.attention._chunked_blocks import Inputs as Inputs
 
 # (dq, dk, dv, d_bias) of one key block, dk and dv transposed: (B, Hkv, D, block_k).
 _BlockGrads = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
@@ -107,7 +107,7 @@ def forward(
         m0 = lax.dynamic_slice_in_dim(lse, q0, cfg.block_q, 3)
         l0 = jnp.where(m0 == lowest, 0.0, 1.0).astype(compute)
         acc0 = lax.dynamic_slice_in_dim(out, q0, cfg.block_q, 3)
-        init = _vma.match((m0, l0, acc0), x, sink)
+        init = _sharding.match((m0, l0, acc0), x, sink)
         m, l, acc = lax.fori_loop(lo, hi, key_block, init)
         empty = l == 0
         o_blk = acc / jnp.where(empty, 1.0, l)[..., None]
@@ -120,7 +120,7 @@ def forward(
 
     if state is None:
         state = initial_state(cfg, q, v, sink)
-    state = _vma.match(state, x, sink)
+    state = _sharding.match(state, x, sink)
     return cast(tuple[jax.Array, jax.Array], lax.fori_loop(0, n_q, query_block, state))
 
 
@@ -198,7 +198,7 @@ def accumulate_grads(
         lo, hi = (b.astype(jnp.int32) for b in q_range)
         dk0 = jnp.zeros(jnp.swapaxes(k_blk, 2, 3).shape, compute)
         dv0 = jnp.zeros(jnp.swapaxes(v_blk, 2, 3).shape, compute)
-        init = _vma.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, finite_lse)
+        init = _sharding.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, finite_lse)
         d_q, dk_blk, dv_blk, d_bias = lax.fori_loop(lo, hi, query_block, init)
         start = (0, 0, j * cfg.block_k, 0)
         d_k = cb.add_slice(d_k, start, jnp.swapaxes(dk_blk, 2, 3) * scale)
@@ -231,7 +231,9 @@ def _backward(
     compute = cb.compute_dtype(cfg)
     d_q, d_k, d_v = (jnp.zeros(x.shape, compute) for x in (q, k, v))
     d_bias = None if bias is None else jnp.zeros(bias.shape, compute)
-    grads = _vma.match(Grads(d_q, d_k, d_v, d_bias), q, k, v, d_out, lse, sink, q_len, kv_len)
+    grads = _sharding.match(
+        Grads(d_q, d_k, d_v, d_bias), q, k, v, d_out, lse, sink, q_len, kv_len
+    )
     grads = accumulate_grads(cfg, inputs, d_out, rows, grads)
     d_q, d_k, d_v = (g.astype(x.dtype) for g, x in zip(grads[:3], (q, k, v), strict=True))
     d_bias = None if grads.d_bias is None else grads.d_bias.astype(bias.dtype)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers._float_arithmetic import two_sum_error
-from stablelayers._nonfinite import is_neginf, is_posinf
+from stablelayers._core.arithmetic import two_sum_error
+from stablelayers._core.nonfinite import is_neginf, is_posinf
 
 Axis = tuple[int, ...]
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from stablelayers import _checks
-from stablelayers._switches import forward_mode_enabled
+from stablelayers._core import checks
+from stablelayers._core.switches import forward_mode_enabled
 
 Shape = tuple[int, ...]
 
@@ -98,8 +98,8 @@ def local_window(size: int | Sequence[int]) -> tuple[int, int]:
     query ``q`` when ``q - left <= k <= q + right``, that is ``q - k < left + 1`` (the
     look-back ``window``) and ``k - q <= right``; an int is ``(size, size)``."""
     left, right = (size, size) if not isinstance(size, (tuple, list)) else size
-    left = _checks.positive_int(operator.index(left) + 1, "local_window_size") - 1
-    right = _checks.positive_int(operator.index(right) + 1, "local_window_size") - 1
+    left = checks.positive_int(operator.index(left) + 1, "local_window_size") - 1
+    right = checks.positive_int(operator.index(right) + 1, "local_window_size") - 1
     return left + 1, right
 
 
@@ -128,9 +128,9 @@ def block_sizes(chunk_size: int | Sequence[int] | None) -> tuple[int, int]:
                 "`chunk_size` must be an int or a pair (query block, key block), got "
                 f"{chunk_size!r}."
             )
-        block_q, block_k = (_checks.positive_int(n, "chunk_size") for n in chunk_size)
+        block_q, block_k = (checks.positive_int(n, "chunk_size") for n in chunk_size)
         return block_q, block_k
-    size = _checks.positive_int(chunk_size, "chunk_size")
+    size = checks.positive_int(chunk_size, "chunk_size")
     return size, size
 
 
@@ -183,7 +183,7 @@ def check_shapes(
 def check_broadcast(
     name: str, shape: Shape, target: Shape, layout: str = LOGITS_LAYOUT
 ) -> None:
-    if not _checks.broadcasts_to(tuple(shape), target):
+    if not checks.broadcasts_to(tuple(shape), target):
         raise ValueError(
             f"`{name}` of shape {tuple(shape)} does not broadcast to {target}, which is "
             f"{layout} for these inputs."

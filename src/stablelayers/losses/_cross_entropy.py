@@ -23,10 +23,11 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _target_weight
-from stablelayers._logsumexp import lse_rows
-from stablelayers._nonfinite import nan_where
-from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._core import checks
+from stablelayers._core.nonfinite import nan_where
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.losses import _target_weight
+from stablelayers.ops._logsumexp import lse_rows
 
 HyperParameter = float | jax.Array
 
@@ -34,7 +35,7 @@ HyperParameter = float | jax.Array
 def _hyper_parameter(value: ArrayLike, name: str) -> tuple[float | None, HyperParameter]:
     """``(concrete value or None, value to compute with)``: a traced scalar (jitted, or
     from a schedule) is taken as it is, since its value is not known until run time."""
-    number = _checks.concrete_number(value, name)
+    number = checks.concrete_number(value, name)
     if number is not None:
         return number, number
     traced = jnp.asarray(value)
@@ -111,7 +112,7 @@ def _class_axes(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...
     them in that order, as optax's)."""
     if axis is not None and not isinstance(axis, (int, tuple)):
         raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {axis!r}.")
-    _checks.canonical_axis(axis, ndim)
+    checks.canonical_axis(axis, ndim)
     if axis is None:
         return tuple(range(ndim))
     return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
@@ -127,9 +128,9 @@ def example_where(
         return None
     where_ = jnp.asarray(where)
     rows = tuple(n for i, n in enumerate(shape) if i not in axes)
-    if where_.ndim == len(rows) < len(shape) and _checks.broadcasts_to(where_.shape, rows):
+    if where_.ndim == len(rows) < len(shape) and checks.broadcasts_to(where_.shape, rows):
         where_ = jnp.expand_dims(where_, tuple(sorted(axes)))
-    checked = _checks.check_where(where_, shape)
+    checked = checks.check_where(where_, shape)
     assert checked is not None
     return jnp.broadcast_to(checked, shape)
 
@@ -192,7 +193,7 @@ def softmax_cross_entropy(
         ValueError: labels of the wrong shape, ``axis`` out of range, ``label_smoothing``
             outside ``[0, 1)``, negative ``z_loss``.
     """
-    x = _checks.as_float_array(logits, "logits")
+    x = checks.as_float_array(logits, "logits")
     axes = _class_axes(axis, x.ndim)
     eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
     where_ = example_where(where, x.shape, axes)
@@ -265,8 +266,8 @@ def mean_over_valid(loss: ArrayLike, valid: ArrayLike) -> jax.Array:
     Returns:
         A scalar in ``loss``'s dtype.
     """
-    loss = _checks.as_float_array(loss, "loss")
-    valid_ = _checks.check_where(valid, loss.shape)
+    loss = checks.as_float_array(loss, "loss")
+    valid_ = checks.check_where(valid, loss.shape)
     assert valid_ is not None
     valid_ = jnp.broadcast_to(valid_, loss.shape)
     total = jnp.sum(jnp.where(valid_, loss, 0.0))

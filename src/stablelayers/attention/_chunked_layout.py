@@ -1,7 +1,7 @@
 """``dot_product_attention``'s layout to the chunked path's and back.
 
 The public layout is ``(batch..., length, heads, head_dim)`` with grouped key/value heads;
-``_chunked_attention`` takes ``(B, kv_heads, groups, length, head_dim)`` queries and
+``_chunked_rule`` takes ``(B, kv_heads, groups, length, head_dim)`` queries and
 ``(B, kv_heads, length, head_dim)`` keys and values, lengths padded to whole blocks, and
 masks and biases with each dimension 1 or full.
 """
@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers import _chunked_attention
-from stablelayers._attention_checks import Inputs, Settings, block_sizes
-from stablelayers._float_arithmetic import compute_dtype
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers.attention import _chunked_rule
+from stablelayers.attention._arguments import Inputs, Settings, block_sizes
 
 
 def chunked(
@@ -69,7 +69,7 @@ def chunked(
     if settings.dropout is not None:
         rng, given_rate, broadcast = settings.dropout
         rate = jnp.asarray(lax.stop_gradient(given_rate), compute)
-    cfg = _chunked_attention.Config(
+    cfg = _chunked_rule.Config(
         block_q=block_q,
         block_k=block_k,
         scale=float(settings.scale),
@@ -81,7 +81,7 @@ def chunked(
         broadcast_dropout=bool(broadcast),
         dropout=settings.dropout is not None,
     )
-    out, lse = _chunked_attention.chunked_attention(
+    out, lse = _chunked_rule.chunked_attention(
         cfg, q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate
     )
     out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, v_dim)

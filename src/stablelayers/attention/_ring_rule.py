@@ -4,7 +4,7 @@ Inside ``shard_map``, each of the ``N`` devices on ``axis_name`` holds ``L / N``
 keys and values. Every local block is two equal *chunks* of the global sequence (``2N``
 chunks of ``C = L / 2N`` positions in all): chunks ``2d`` and ``2d + 1`` on device ``d``
 in the ``"contiguous"`` layout, chunks ``d`` and ``2N - 1 - d`` in the ``"zigzag"`` one.
-For ``N`` steps each device continues the chunked online softmax (``_chunked_attention``)
+For ``N`` steps each device continues the chunked online softmax (``_chunked_rule``)
 of its two query chunks over the two key chunks it holds, in place (which is the
 logsumexp merge of the partial results), then passes its keys and values to the next
 device with ``lax.ppermute``; after ``N`` moves they are home again.
@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers import _chunked_attention as ca
-from stablelayers import _chunked_blocks as cb
-from stablelayers import _vma
-from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.attention import _chunked_blocks as cb
+from stablelayers.attention import _chunked_rule as ca
+from stablelayers.attention import _sharding
 
 T = TypeVar("T")
 Pair = tuple[jax.Array, jax.Array]  # one array per chunk of the local block
@@ -110,7 +110,9 @@ def _rotate(cfg: RingConfig, tree: T, after: Any) -> T:
     leaves, treedef = jax.tree.flatten(tree)
     sent: list[jax.Array] = []
     for x in leaves:
-        sent.append(_vma.ppermute(_after(x, sent[-1] if sent else after), cfg.axis_name, perm))
+        sent.append(
+            _sharding.ppermute(_after(x, sent[-1] if sent else after), cfg.axis_name, perm)
+        )
     return cast(T, jax.tree.unflatten(treedef, sent))
 
 
@@ -143,13 +145,13 @@ def _forward(
         return k, v, (out[0], out[1])
 
     init = tuple(ca.initial_state(cfg.inner, x, v[0], sink) for x in q)
-    init = _vma.match((init[0], init[1]), q, k, v, sink, q_len, kv_len)
+    init = _sharding.match((init[0], init[1]), q, k, v, sink, q_len, kv_len)
     k, v, acc = cast(Carry, lax.fori_loop(0, cfg.size, step, (k, v, init)))
     return ((acc[0][0], acc[1][0]), (acc[0][1], acc[1][1])), (k, v)
 
 
 def _primal(cfg: RingConfig, *args: Any) -> tuple[Pair, Pair]:
-    """``(out, lse)`` of the local queries in ``_chunked_attention``'s canonical layout,
+    """``(out, lse)`` of the local queries in ``_chunked_rule``'s canonical layout,
     for ``args = (q, k, v, sink, q_len, kv_len)`` as :func:`_forward` takes them, each
     array a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k ``(B, Hkv, C, D)``, v
     ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths ``(B,)`` global. Empty
@@ -185,7 +187,7 @@ def _bwd(
     if sink is not None:
         # Summed over this device's rows, then over the devices that share the sink.
         d_sink = ca.sink_grad(sink, rows[0]) + ca.sink_grad(sink, rows[1])
-        d_sink = _vma.sum_to(d_sink, sink).astype(sink.dtype)
+        d_sink = _sharding.sum_to(d_sink, sink).astype(sink.dtype)
     Carry = tuple[Pair, Pair, Pair, Pair, Pair]
 
     def step(s: jax.Array, carry: Carry) -> Carry:
@@ -202,7 +204,7 @@ def _bwd(
 
     compute = cb.compute_dtype(cfg.inner)
     zeros = _after([_two([jnp.zeros(x.shape, compute) for x in xs]) for xs in (q, k, v)], rows)
-    init = _vma.match((zeros[0], k, v, zeros[1], zeros[2]), *residuals, *cotangents)
+    init = _sharding.match((zeros[0], k, v, zeros[1], zeros[2]), *residuals, *cotangents)
     d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
     grads = [
         _two([g.astype(x.dtype) for g, x in zip(*p, strict=True)])

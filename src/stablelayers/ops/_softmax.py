@@ -16,18 +16,18 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from stablelayers import _checks
-from stablelayers._cpu import calls, library
-from stablelayers._float_arithmetic import (
+from stablelayers._core import checks
+from stablelayers._core.arithmetic import (
     compute_dtype,
     exp_corrected,
     opaque_identity,
     reciprocal_pair,
 )
-from stablelayers._nonfinite import nan_where
-from stablelayers._rank_promotion import allow_rank_promotion
-from stablelayers._shift import exempt_from_nan, nan_rows, shifted_logits
-from stablelayers._switches import forward_mode_enabled
+from stablelayers._core.nonfinite import nan_where
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers._core.row_shift import exempt_from_nan, nan_rows, shifted_logits
+from stablelayers._core.switches import forward_mode_enabled
+from stablelayers._cpu import calls, library
 
 Axis = int | Sequence[int] | None
 Axes = tuple[int, ...]
@@ -74,7 +74,7 @@ def softmax(
         TypeError: ``where`` is not boolean, or ``axis`` is not an int or tuple of ints.
         ValueError: ``where`` does not broadcast to ``x``, or ``axis`` is out of range.
     """
-    x, axes, mask = _checks.prepare_rows(x, axis, where, initial)
+    x, axes, mask = checks.prepare_rows(x, axis, where, initial)
     return apply(x, mask, None, axes)
 
 
@@ -118,14 +118,14 @@ def masked_softmax(
         TypeError: ``where`` is not boolean.
         ValueError: ``where`` or ``sink`` does not broadcast, or ``axis`` is out of range.
     """
-    x, axes, mask = _checks.prepare_rows(x, axis, where, initial)
-    return apply(x, mask, _checks.check_sink(sink, x.shape, axes), axes)
+    x, axes, mask = checks.prepare_rows(x, axis, where, initial)
+    return apply(x, mask, checks.check_sink(sink, x.shape, axes), axes)
 
 
 def apply(
     x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes
 ) -> jax.Array:
-    """The softmax of checked arguments (``_checks.prepare_rows``, ``_checks.check_sink``),
+    """The softmax of checked arguments (``checks.prepare_rows``, ``checks.check_sink``),
     with the rules the switches ask for."""
     if x.size == 0:
         return jnp.zeros_like(x)

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from stablelayers import _checks, _float_arithmetic, _shift
-from stablelayers._logsumexp_complex import complex_logsumexp
-from stablelayers._nonfinite import nan_where, neg_inf_where
-from stablelayers._rank_promotion import allow_rank_promotion
+from stablelayers._core import arithmetic, checks, row_shift
+from stablelayers._core.nonfinite import nan_where, neg_inf_where
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.ops._logsumexp_complex import complex_logsumexp
 
 Axis = int | Sequence[int] | None
 Maybe = jax.Array | None
@@ -42,9 +42,9 @@ def _live_mask(where: Maybe, b: Maybe) -> Maybe:
 
 def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(e, dead)``: ``e_j = exp(x_j - shift)`` (TwoSum-corrected) with 0 at dead entries."""
-    shift, has_posinf = _shift.shift_of_row_max(top)
-    d, err, dead = _shift.shift(x, where, shift, has_posinf)
-    return _float_arithmetic.exp_corrected(d, err), dead
+    shift, has_posinf = row_shift.shift_of_row_max(top)
+    d, err, dead = row_shift.shift(x, where, shift, has_posinf)
+    return arithmetic.exp_corrected(d, err), dead
 
 
 def _primal(
@@ -56,11 +56,11 @@ def _primal(
     ``empty`` (``-inf`` for the public function, a finite value inside the losses, where the
     row is ignored and must not make an inf).
     """
-    dtype = _float_arithmetic.compute_dtype(x.dtype)
+    dtype = arithmetic.compute_dtype(x.dtype)
     x = x.astype(dtype)
     where = _live_mask(where, b)
-    top = _shift.row_max(x, where, None, axis)
-    shift, has_posinf = _shift.shift_of_row_max(top)
+    top = row_shift.row_max(x, where, None, axis)
+    shift, has_posinf = row_shift.shift_of_row_max(top)
     e, _ = _terms(x, where, b, top)
     if b is None:
         total = jnp.sum(e, axis=axis, keepdims=True)
@@ -82,7 +82,7 @@ def _primal(
     # NaN constant: jax.debug_nans under disable_jit checks every eager intermediate.
     live_nan = jnp.isnan(x) if where is None else jnp.isnan(x) & where
     nan_of_row = jnp.sum(jnp.where(live_nan, x, 0.0), axis=axis, keepdims=True)
-    lse = jnp.where(_shift.nan_rows(x, where, axis), nan_of_row, lse)
+    lse = jnp.where(row_shift.nan_rows(x, where, axis), nan_of_row, lse)
     return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
 
 
@@ -90,7 +90,7 @@ def _softmax_weights(
     x: jax.Array, where: Maybe, b: Maybe, top: jax.Array, total: jax.Array
 ) -> jax.Array:
     """``d lse / d b_j = e_j / total`` (0 at dead entries), rebuilt from ``x``."""
-    x = x.astype(_float_arithmetic.compute_dtype(x.dtype))
+    x = x.astype(arithmetic.compute_dtype(x.dtype))
     e, dead = _terms(x, _live_mask(where, b), b, top)
     return jnp.where(dead | (e == 0), 0.0, e / total)
 
@@ -131,7 +131,7 @@ def _lse_bwd(
     dx = jnp.where(w == 0, 0.0, dx).astype(x.dtype)
     if b is None:
         return dx, None, None
-    db = _checks.sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
+    db = checks.sum_to_shape(jnp.where(w == 0, 0.0, g * w), b.shape)
     return dx, None, db.astype(b.dtype)
 
 
@@ -175,7 +175,7 @@ def lse_rows(
     empty: float | None,
 ) -> tuple[jax.Array, jax.Array]:
     """The op for the current mode: ``(lse, sign)`` per row, keepdims, compute dtype."""
-    from stablelayers._switches import forward_mode_enabled
+    from stablelayers._core.switches import forward_mode_enabled
 
     op = lse_jvp_op if forward_mode_enabled() else lse_vjp_op
     return op(x, where, b, axis, empty)
@@ -229,18 +229,18 @@ def logsumexp(
     """
     if jnp.iscomplexobj(a) or (b is not None and jnp.iscomplexobj(b)):
         return _complex(a, axis, b, keepdims, return_sign, where)
-    x = _checks.as_float_array(a, "a")
+    x = checks.as_float_array(a, "a")
     b_ = None
     if b is not None:
-        b_ = _checks.as_float_array(b, "b")
+        b_ = checks.as_float_array(b, "b")
         shape = _broadcast_shape(x.shape, b_.shape)
         # As jax.nn.logsumexp and scipy: a and b broadcast together, then the reduction.
         # Explicit, so it holds under jax_numpy_rank_promotion="raise".
         x = jnp.broadcast_to(x, shape)
-    axes = _checks.canonical_axis(axis, x.ndim)
-    where_ = _checks.check_where(where, x.shape)
+    axes = checks.canonical_axis(axis, x.ndim)
+    where_ = checks.check_where(where, x.shape)
     if x.size == 0:
-        lse = jnp.full(_checks.reduced_shape(x.shape, axes), -jnp.inf, x.dtype)
+        lse = jnp.full(checks.reduced_shape(x.shape, axes), -jnp.inf, x.dtype)
         sign = jnp.zeros_like(lse)
     else:
         lse, sign = lse_rows(x, where_, b_, axes, None)
@@ -268,8 +268,8 @@ def _complex(
     shape = x.shape if b_ is None else _broadcast_shape(x.shape, b_.shape)
     x = jnp.broadcast_to(x.astype(dtype), shape)
     b_ = None if b_ is None else jnp.broadcast_to(b_, shape)
-    axes = _checks.canonical_axis(axis, x.ndim)
-    where_ = _checks.check_where(where, x.shape)
+    axes = checks.canonical_axis(axis, x.ndim)
+    where_ = checks.check_where(where, x.shape)
     lse, sign = complex_logsumexp(x, axes, b_, where_, return_sign)
     if not keepdims:
         lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)

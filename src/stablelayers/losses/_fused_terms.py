@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from stablelayers import _float_arithmetic
+from stablelayers._core import arithmetic
 
 Coefficients = tuple[jax.Array, jax.Array, jax.Array | None]
 # (h (tokens, hidden), weight (hidden, vocab), bias (vocab,) or None, labels (tokens,),
@@ -50,7 +50,7 @@ def acc_dtype(x: jax.Array) -> jnp.dtype:
     """The dtype products accumulate in and per-token values are computed in: float32
     (float64 for float64 inputs); half precision is read as it is and rounded only at
     the end."""
-    return _float_arithmetic.compute_dtype(x.dtype)
+    return arithmetic.compute_dtype(x.dtype)
 
 
 def block_start(c: jax.Array | int, size: int, length: int) -> tuple[jax.Array, jax.Array]:

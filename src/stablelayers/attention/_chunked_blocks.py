@@ -1,7 +1,7 @@
 """The chunked attention path's building blocks: its static configuration, the block
 loops' bounds, each block's masked logits and dropout mask.
 
-Arrays are in the canonical layout of ``_chunked_attention`` (see its docstring); a block
+Arrays are in the canonical layout of ``_chunked_rule`` (see its docstring); a block
 ``(i, j)`` is query rows ``[i block_q, (i + 1) block_q)`` against key columns
 ``[j block_k, (j + 1) block_k)``.
 """
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import DTypeLike
 
-from stablelayers._attention_masks import position_mask
-from stablelayers._nonfinite import is_neginf
+from stablelayers._core.nonfinite import is_neginf
+from stablelayers.attention._masks import position_mask
 
 # jnp.finfo is untyped; its fields are numpy scalars.
 _finfo = cast(Callable[[DTypeLike], Any], jnp.finfo)

@@ -7,7 +7,7 @@ scales it. The tokens are walked in chunks of ``size`` rows; each chunk's logits
 ``L = H_c W + b`` ``(size, vocab)`` are formed once, in float32:
 
 * ``lse`` per token exactly (``max + log sum e^{l - max}``), the chunk's summed loss, and
-  ``G = (1 + 2 z lse) softmax(L) - q`` (:mod:`stablelayers._lce_terms`);
+  ``G = (1 + 2 z lse) softmax(L) - q`` (:mod:`stablelayers.losses._fused_terms`);
 * ``dH_c = G W^T`` ``(size, hidden)``, ``dW += H_c^T G`` ``(hidden, vocab)``,
   ``db += sum_rows G``, a block of ``VOCAB_BLOCK`` columns at a time, so that no float32
   copy of the whole weight (half-precision inputs) and no second ``(hidden, vocab)``
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers._lce_terms import (
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.losses._fused_terms import (
     Inputs,
     acc_dtype,
     block_start,
@@ -37,7 +38,6 @@ from stablelayers._lce_terms import (
     options,
     take,
 )
-from stablelayers._rank_promotion import allow_rank_promotion
 
 # Columns of the weight per backward product: the float32 temporaries of a block (the
 # block of H_c^T G, and the upcast weight block of half-precision inputs) stay a few MiB;

@@ -1,0 +1,14 @@
+"""Cross-entropy losses: on logits (``softmax_cross_entropy``, ``sigmoid_binary_cross_entropy``)
+and fused with the output projection (``linear_softmax_cross_entropy``), which never forms
+the logits."""
+
+from stablelayers.losses._cross_entropy import mean_over_valid, softmax_cross_entropy
+from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.losses._sigmoid_cross_entropy import sigmoid_binary_cross_entropy
+
+__all__ = [
+    "linear_softmax_cross_entropy",
+    "mean_over_valid",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+]
