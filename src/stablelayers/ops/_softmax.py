@@ -8,7 +8,6 @@ stand in for the primal and the reverse-mode rule on the CPU.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import cast
 
@@ -23,10 +22,10 @@ from stablelayers._core.arithmetic import (
     opaque_identity,
     reciprocal_pair,
 )
+from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import nan_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.row_shift import exempt_from_nan, nan_rows, shifted_logits
-from stablelayers._core.switches import forward_mode_enabled
 from stablelayers._cpu import calls, library
 
 Axis = int | Sequence[int] | None
@@ -130,8 +129,7 @@ def apply(
     if x.size == 0:
         return jnp.zeros_like(x)
     kernels = library.available()
-    op = softmax_jvp_op if forward_mode_enabled() else softmax_vjp_op
-    return op(x, where, sink, axis, kernels)
+    return softmax_op(x, where, sink, axis, kernels)
 
 
 def _primal(
@@ -276,14 +274,12 @@ def _grad(
     return calls.on_cpu(kernel, pure_jax, kernels, y, g, dominant), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def softmax_vjp_op(
+def _op_primal(
     x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes, kernels: bool
 ) -> jax.Array:
     return _values(x, where, sink, axis, kernels)[0]
 
 
-@allow_rank_promotion
 def _fwd(
     x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes, kernels: bool
 ) -> tuple[jax.Array, Residuals]:
@@ -291,7 +287,6 @@ def _fwd(
     return residuals[0], residuals
 
 
-@allow_rank_promotion
 def _bwd(
     axis: Axes, kernels: bool, residuals: Residuals, g: jax.Array
 ) -> tuple[jax.Array, None, jax.Array | None]:
@@ -302,18 +297,6 @@ def _bwd(
     return grad_x.astype(y.dtype), None, grad_sink
 
 
-softmax_vjp_op.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def softmax_jvp_op(
-    x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes, kernels: bool
-) -> jax.Array:
-    return _values(x, where, sink, axis, kernels)[0]
-
-
-@softmax_jvp_op.defjvp
-@allow_rank_promotion
 def _jvp_rule(
     axis: Axes,
     kernels: bool,
@@ -324,3 +307,6 @@ def _jvp_rule(
     x_dot, _, sink_dot = tangents
     y, p_sink, _ = _values(x, where, sink, axis, kernels)
     return y, _jvp(axis, y, p_sink, x_dot, sink_dot).astype(y.dtype)
+
+
+softmax_op = define_op(_op_primal, fwd=_fwd, bwd=_bwd, jvp=_jvp_rule, nondiff_argnums=(3, 4))
