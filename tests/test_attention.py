@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _edge_inputs import attention_inputs
 from jax.test_util import check_grads
 
 import stablelayers as sl
@@ -444,3 +445,131 @@ def test_importing_stablelayers_imports_no_framework():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Padding, empty keys and argument kinds, on both implementations
+# ---------------------------------------------------------------------------------------
+
+
+# NaN or inf in keys, values or queries past the lengths (padding) once turned outputs and
+# gradients NaN on both paths (a zero weight times NaN).
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@pytest.mark.parametrize("padding", ["lengths", "mask"])
+def test_padding_contributes_nothing_whatever_it_holds(implementation, padding):
+    q, k, v = attention_inputs()
+    q_lengths, kv_lengths = jnp.array([6, 8]), jnp.array([5, 3])
+    if padding == "lengths":
+        options = {"query_lengths": q_lengths, "key_lengths": kv_lengths}
+    else:
+        rows = jnp.arange(8)[None, :] < q_lengths[:, None]
+        cols = jnp.arange(8)[None, :] < kv_lengths[:, None]
+        options = {"mask": rows[:, None, :, None] & cols[:, None, None, :]}
+
+    def attend(q, k, v):
+        out = sl.dot_product_attention(
+            q, k, v, implementation=implementation, chunk_size=4, **options
+        )
+        return jnp.sum(out * jnp.cos(out))
+
+    poisoned = (
+        q.at[0, 6:].set(jnp.nan),
+        k.at[0, 5:].set(jnp.nan).at[1, 3:].set(jnp.inf),
+        v.at[0, 5:].set(-jnp.inf).at[1, 3:].set(jnp.nan),
+    )
+    clean_value, clean_grads = jax.value_and_grad(attend, argnums=(0, 1, 2))(q, k, v)
+    value, grads = jax.value_and_grad(attend, argnums=(0, 1, 2))(*poisoned)
+    np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+    for grad, clean in zip(grads, clean_grads, strict=True):
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_allclose(grad, clean, rtol=1e-5, atol=1e-6)
+    # The padding's own gradients are exactly zero.
+    assert np.all(grads[0][0, 6:] == 0) and np.all(grads[1][0, 5:] == 0)
+    assert np.all(grads[2][1, 3:] == 0)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+def test_logsumexp_with_zero_keys_is_minus_inf(implementation):
+    q = jnp.ones((2, 3, 2, 4))
+    empty = jnp.ones((2, 0, 2, 4))
+    out, lse = sl.dot_product_attention(
+        q, empty, empty, return_logsumexp=True, implementation=implementation
+    )
+    assert out.shape == q.shape and np.all(out == 0)
+    assert lse.shape == (2, 2, 3) and np.all(lse == -np.inf)
+    _, with_sink = sl.dot_product_attention(
+        q, empty, empty, sink=jnp.array([0.5, 1.0]), return_logsumexp=True
+    )
+    np.testing.assert_array_equal(with_sink[0, :, 0], [0.5, 1.0])
+
+
+@pytest.mark.parametrize(
+    "rate", [1.0, np.float32(1.0), jnp.float32(1.0), -0.5, np.float64(-0.5), jnp.array(1.5)]
+)
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+def test_dropout_rate_is_checked_for_every_kind_of_number(rate, implementation):
+    q, k, v = attention_inputs()
+    with pytest.raises(ValueError, match=r"dropout_rate.*\[0, 1\)"):
+        sl.dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_rate=rate,
+            deterministic=False,
+            dropout_rng=jax.random.key(1),
+            implementation=implementation,
+        )
+
+
+@pytest.mark.parametrize("window", [np.int64(2), np.int32(2), jnp.int32(2), 2])
+def test_window_takes_any_integer_scalar(window):
+    q, k, v = attention_inputs()
+    reference = sl.dot_product_attention(q, k, v, window=2, is_causal=True)
+    np.testing.assert_array_equal(
+        sl.dot_product_attention(q, k, v, window=window, is_causal=True), reference
+    )
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "error"),
+    [
+        ((4,), ValueError),
+        ((4, 2, 1), ValueError),
+        ("64", TypeError),
+        ((4, 0), ValueError),
+        (2.5, TypeError),
+        (0, ValueError),
+    ],
+)
+def test_malformed_chunk_size_says_what_is_expected(chunk_size, error):
+    q, k, v = attention_inputs()
+    with pytest.raises(error, match="chunk_size"):
+        sl.dot_product_attention(q, k, v, implementation="chunked", chunk_size=chunk_size)
+
+
+# Under jax_numpy_rank_promotion="raise" (the peers' test setting) attention once raised on
+# the chunked path, with lengths, and with a 2-D bias; jax.nn does not.
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"is_causal": True, "window": 3},
+        {"query_lengths": jnp.array([3, 8]), "key_lengths": jnp.array([5, 2])},
+        {"bias": jnp.ones((8, 8))},
+        {"mask": jnp.ones((8, 8), bool), "sink": jnp.zeros(2)},
+    ],
+    ids=["plain", "causal-window", "lengths", "2d-bias", "2d-mask-sink"],
+)
+def test_every_option_runs_under_rank_promotion_raise(implementation, options):
+    q, k, v = attention_inputs()
+    with jax.numpy_rank_promotion("raise"):
+        grads = jax.grad(
+            lambda q, k, v: jnp.sum(
+                sl.dot_product_attention(
+                    q, k, v, implementation=implementation, chunk_size=4, **options
+                )
+            ),
+            argnums=(0, 1, 2),
+        )(q, k, v)
+    assert all(np.all(np.isfinite(g)) for g in grads)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _edge_inputs import nan_rows
 
 import stablelayers as sl
 from stablelayers._cpu import library as _cpu_library
@@ -356,3 +357,48 @@ def test_several_cpu_devices_take_the_pure_jax_path():
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_exporting_with_the_kernels_names_the_way_out():
+    with pytest.raises(ValueError, match="to_export_trace_inside_stablelayers_pure_jax"):
+        jax.export.export(jax.jit(sl.softmax))(jnp.zeros((2, 3)))
+    with sl.pure_jax():
+        jax.export.export(jax.jit(sl.softmax))(jnp.zeros((2, 3)))
+
+
+# The kernels and the pure-JAX path once disagreed on rows holding NaN (0 where exp
+# underflows in long rows; a one-hot where XLA's max dropped the NaN next to +inf) and on
+# log_softmax's backward with non-finite cotangents. The rule (docs/semantics.md): a NaN in
+# an unmasked place makes every entry of its row NaN except the -inf ones.
+@pytest.mark.parametrize("n", [4, 17, 1023, 1024, 1025, 4096])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_nan_rows_follow_one_rule_on_both_paths(name, n):
+    op = getattr(sl, name)
+    x = nan_rows(n)
+    kernels = np.asarray(jax.jit(op)(x))
+    with sl.pure_jax():
+        pure = np.asarray(jax.jit(op)(x))
+    gone = -np.inf if name == "log_softmax" else 0.0
+    expected = np.where(x == -np.inf, gone, np.nan)
+    np.testing.assert_array_equal(kernels, expected)
+    np.testing.assert_array_equal(pure, expected)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_log_softmax_backward_with_non_finite_cotangents_agrees(bad):
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 40)).astype(np.float32))
+    x = x.at[:, 5].set(-jnp.inf).at[2, 7].set(-200.0)
+    g = jnp.ones_like(x).at[:, 3].set(bad)
+
+    def vjp(x, g):
+        return jax.vjp(sl.log_softmax, x)[1](g)[0]
+
+    kernels = np.asarray(jax.jit(vjp)(x, g))
+    with sl.pure_jax():
+        pure = np.asarray(jax.jit(vjp)(x, g))
+    np.testing.assert_array_equal(np.isnan(kernels), np.isnan(pure))
+    np.testing.assert_array_equal(np.isinf(kernels), np.isinf(pure))
+    finite = np.isfinite(pure)
+    np.testing.assert_allclose(kernels[finite], pure[finite], rtol=1e-5, atol=1e-6)
+    # A -inf logit neither takes nor gives gradient, whatever the cotangent.
+    assert np.all(kernels[:, 5] == 0) and np.all(pure[:, 5] == 0)

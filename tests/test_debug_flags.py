@@ -3,8 +3,10 @@ intermediate checked, under ``jax.disable_jit()``) or jitted, value and gradient
 trip where the answer itself is NaN (an out-of-range label)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from _edge_inputs import attention_inputs
 
 import stablelayers as sl
 
@@ -55,3 +57,53 @@ def test_no_error_on_finite_input(name, flag):
 def test_nan_check_trips_on_the_nan_an_out_of_range_label_gives():
     with jax.debug_nans(True), pytest.raises(FloatingPointError):
         jax.jit(sl.softmax_cross_entropy)(X, np.array([0, 3]))
+
+
+# Masked attention and plain softmax on the pure-JAX path once raised FloatingPointError in
+# eager mode (masked logits became -inf inside).
+_ROW_CALLS = {
+    "softmax": lambda x, m: sl.softmax(x),
+    "softmax-where": lambda x, m: sl.softmax(x, where=m),
+    "log_softmax": lambda x, m: sl.log_softmax(x),
+    "masked_softmax-sink": lambda x, m: sl.masked_softmax(x, where=m, sink=jnp.zeros(2)),
+    "softmax-where-grad": lambda x, m: jax.grad(lambda x: jnp.sum(sl.softmax(x, where=m) * x))(
+        x
+    ),
+    "softplus": lambda x, m: sl.softplus(x, 2.0),
+}
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(_ROW_CALLS))
+def test_ops_with_empty_rows_run_under_debug_infs_and_debug_nans(name, mode):
+    x = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    m = jnp.array([[True, False, True], [False, False, False]])
+    call = _ROW_CALLS[name]
+    call = call if mode == "eager" else jax.jit(call)
+    with jax.debug_infs(True), jax.debug_nans(True):
+        assert np.all(np.isfinite(call(x, m)))
+
+
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_masked_attention_runs_under_debug_infs(implementation, mode):
+    q, k, v = attention_inputs()
+
+    def loss(q, k, v):
+        out = sl.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            key_lengths=jnp.array([5, 3]),
+            query_lengths=jnp.array([8, 6]),
+            implementation=implementation,
+            chunk_size=4,
+        )
+        return jnp.sum(out * out)
+
+    call = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    call = call if mode == "eager" else jax.jit(call)
+    with jax.debug_infs(True), jax.debug_nans(True):
+        value, grads = call(q, k, v)
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)

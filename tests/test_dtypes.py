@@ -69,3 +69,53 @@ def test_float64(x64):
 def test_python_lists_and_scalars():
     np.testing.assert_allclose(sl.softmax([0.0, 1.0, 2.0]), jax.nn.softmax(jnp.arange(3.0)))
     assert sl.softplus(0.0) == pytest.approx(np.log(2))
+
+
+X32 = jnp.linspace(-3.0, 3.0, 7, dtype=jnp.float32)
+
+
+# softplus once crashed under jax_enable_x64 with float32 or bfloat16 input on the pure-JAX
+# path (a shift by an int64 literal in the float32 exp).
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: sl.softplus(x, jnp.float32(2.0)),
+        lambda x: sl.softplus(x, jnp.full(x.shape, 0.5, jnp.float32)),
+        lambda x: jax.grad(lambda b: sl.softplus(x, b).astype(jnp.float32).sum())(
+            jnp.float32(1.5)
+        ),
+    ],
+    ids=["array-beta", "per-entry-beta", "learnable-beta-gradient"],
+)
+def test_softplus_keeps_float32_and_bfloat16_under_x64(dtype, call):
+    with jax.enable_x64(True):
+        x = X32.astype(dtype)
+        result = call(x)
+        with sl.pure_jax():
+            pure = sl.softplus(x)
+        with sl.forward_mode():
+            tangent = jax.jvp(sl.softplus, (x,), (jnp.ones_like(x),))[1]
+    assert np.all(np.isfinite(np.asarray(result, np.float32)))
+    expected = np.log1p(np.exp(np.asarray(x, np.float64)))
+    np.testing.assert_allclose(np.asarray(pure, np.float64), expected, rtol=1e-2)
+    assert pure.dtype == dtype and tangent.dtype == dtype
+
+
+# Under x64, integer inputs once came back float64 where jax.nn gives float32.
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.int32])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "softplus"])
+def test_integer_inputs_take_jax_nn_dtype_under_x64(name, dtype):
+    with jax.enable_x64(True):
+        x = jnp.arange(4).astype(dtype)
+        ours = getattr(sl, name)(x)
+        # Only its dtype; jax.nn warns while tracing integer log_softmax (-inf cast to int).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            theirs = jax.eval_shape(getattr(jax.nn, name), x)
+        wide = getattr(sl, name)(jnp.arange(4, dtype=jnp.int64))
+        boolean = getattr(sl, name)(jnp.array([True, False]))
+    assert ours.dtype == theirs.dtype == jnp.float32
+    assert wide.dtype == jnp.float64
+    # jax.dtypes' rule for booleans (jax.nn.softmax refuses them).
+    assert boolean.dtype == jnp.float32

@@ -324,3 +324,13 @@ def test_imports_without_flax():
         "assert 'flax' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_learnable_softplus_runs_under_x64():
+    x = jnp.linspace(-3.0, 3.0, 7, dtype=jnp.float32)
+    with jax.enable_x64(True):
+        layer = sleqx.Softplus(beta=2.0, learnable=True)
+        y = layer(x)
+        grads = jax.grad(lambda m: m(x).sum())(layer)
+    assert y.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(y)))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import stablelayers as sl
@@ -84,3 +85,12 @@ def test_transposed_weight_message_names_the_shapes_and_the_fix():
     message = str(info.value)
     assert "(hidden, vocab) = (8, vocab)" in message and "got (32, 8)" in message
     assert "weight.T" in message and "((8,)" not in message
+
+
+# An infinite beta was once accepted and gave NaN.
+@pytest.mark.parametrize(
+    "beta", [float("inf"), np.float32(np.inf), jnp.inf, np.float64(-1.0), jnp.float32(0.0)]
+)
+def test_non_finite_or_non_positive_beta_is_rejected(beta):
+    with pytest.raises(ValueError, match="positive and finite"):
+        sl.softplus(jnp.linspace(-3.0, 3.0, 7, dtype=jnp.float32), beta)

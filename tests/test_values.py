@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import mpmath
 import numpy as np
 import pytest
+from _edge_inputs import nan_rows
 from _ulp import ulp_error
 
 import stablelayers as sl
@@ -245,3 +246,34 @@ def test_nan_in_an_unmasked_place_stays_out_of_masked_places(op):
     assert y[0] == 0.0 and jnp.isnan(y[1]) and jnp.isnan(y[2])
     ly = sl.log_softmax(jnp.array([jnp.nan, jnp.nan]), where=jnp.array([False, True]))
     assert ly[0] == -jnp.inf and jnp.isnan(ly[1])
+
+
+# Where beta * x overflows, softplus is x (it once gave inf); the gradient is 1, or 0
+# where x is very negative.
+@pytest.mark.parametrize("beta", [2.0, jnp.float32(2.0)], ids=["python-beta", "array-beta"])
+def test_softplus_where_beta_times_x_overflows_is_x(beta):
+    x = jnp.array([2e38, 3.4e38, -3.4e38, 1e30], jnp.float32)
+    y = jax.jit(lambda x: sl.softplus(x, beta))(x)
+    g = jax.jit(jax.grad(lambda x: sl.softplus(x, beta).sum()))(x)
+    np.testing.assert_array_equal(y, np.float32([2e38, 3.4e38, 0.0, 1e30]))
+    np.testing.assert_array_equal(g, [1.0, 1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("n", [4, 1025])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "masked_softmax"])
+def test_nan_rows_keep_masked_entries_exact(name, n):
+    """In a row with an unmasked NaN, the masked entries stay exactly 0 (-inf for
+    log_softmax) and every other unmasked entry but the -inf ones is NaN; a masked NaN
+    changes nothing."""
+    op = getattr(sl, name)
+    x = nan_rows(n)
+    mask = np.ones_like(x, bool)
+    mask[:, 2 % n] = False
+    mask[0, n // 2] = False  # row 0's only NaN is masked: the row is finite
+    y = np.asarray(jax.jit(lambda x, m: op(x, where=m))(x, mask))
+    gone = -np.inf if name == "log_softmax" else 0.0
+    np.testing.assert_array_equal(y[~mask], gone)
+    assert np.all(np.isfinite(y[0][mask[0]]) | (y[0][mask[0]] == gone))
+    live = mask[1:] & (x[1:] != -np.inf)
+    assert np.all(np.isnan(y[1:][live]))
+    np.testing.assert_array_equal(y[1:][mask[1:] & (x[1:] == -np.inf)], gone)
