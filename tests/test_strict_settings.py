@@ -1,6 +1,7 @@
-"""Every public function and layer under the settings the peers test with: float64 on
-(``jax_enable_x64``), implicit rank promotion an error, and ``jax.debug_infs`` /
-``jax.debug_nans`` (eager and jit) for inputs whose math needs no inf or NaN. Hypothesis
+"""Every public function and layer under JAX's strictest settings, the ones the peers'
+suites test with: float64 on (``jax_enable_x64``), implicit rank promotion an error, and
+``jax.debug_infs`` / ``jax.debug_nans`` (eager and jit) for inputs whose math needs no inf
+or NaN. Hypothesis
 draws the inputs; each property also holds with every setting off (the rest of the suite).
 """
 
@@ -25,7 +26,7 @@ BATCH, Q_LEN, KV_LEN, HEADS, KV_HEADS, DIM = 2, 5, 4, 2, 1, 4
 
 
 @contextlib.contextmanager
-def peer_settings(x64, mode="eager"):
+def strict_settings(x64, mode="eager"):
     """x64 on or off, rank promotion 'raise', debug_infs and debug_nans on."""
     with (
         jax.enable_x64(x64),
@@ -87,8 +88,8 @@ ROW_CALLS = {
     x=hnp.arrays(np.float32, ROW_SHAPE, elements=finite),
     mask=hnp.arrays(np.bool_, ROW_SHAPE),
 )
-def test_row_ops_and_their_gradients_under_peer_settings(name, mode, x64, x, mask):
-    with peer_settings(x64):
+def test_row_ops_and_their_gradients_under_strict_settings(name, mode, x64, x, mask):
+    with strict_settings(x64):
         grad, y = ROW_CALLS[name, mode](x, mask)
     assert y.dtype == jnp.float32 and grad.dtype == jnp.float32
     if name == "softmax":
@@ -144,7 +145,7 @@ ATTENTION_INPUTS = {
 def _check_attention(implementation, mode, x64, q, k, v, q_lengths, kv_lengths, mask, causal):
     call = ATTENTION_CALLS[implementation, causal, mode]
     sink = np.zeros(HEADS, np.float32)
-    with peer_settings(x64):
+    with strict_settings(x64):
         (value, out), grads = call(q, k, v, sink, mask, q_lengths, kv_lengths)
     assert out.dtype == jnp.float32 and _finite((value, out, grads))
     # Queries past their length attend nothing: exactly 0.
@@ -156,7 +157,7 @@ def _check_attention(implementation, mode, x64, q, k, v, q_lengths, kv_lengths, 
 @pytest.mark.parametrize("implementation", ["dense", "chunked"])
 @SETTINGS
 @given(**ATTENTION_INPUTS)
-def test_attention_and_its_gradients_under_peer_settings(implementation, x64, **inputs):
+def test_attention_and_its_gradients_under_strict_settings(implementation, x64, **inputs):
     _check_attention(implementation, "jit", x64, **inputs)
 
 
@@ -165,7 +166,9 @@ def test_attention_and_its_gradients_under_peer_settings(implementation, x64, **
 @pytest.mark.parametrize("implementation", ["dense", "chunked"])
 @settings(deadline=None, max_examples=3)
 @given(**ATTENTION_INPUTS)
-def test_attention_and_its_gradients_eagerly_under_peer_settings(implementation, x64, **inputs):
+def test_attention_and_its_gradients_eagerly_under_strict_settings(
+    implementation, x64, **inputs
+):
     _check_attention(implementation, "eager", x64, **inputs)
 
 
@@ -212,8 +215,8 @@ def _takes_rngs(cls):
 
 
 @MODES
-def test_layers_under_peer_settings(mode, x64):
+def test_layers_under_strict_settings(mode, x64):
     for name, call in _layers():
-        with peer_settings(x64, mode) as transform:
+        with strict_settings(x64, mode) as transform:
             y = transform(call)()
         assert y.dtype == jnp.float32 and _finite(y), name
