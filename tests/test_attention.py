@@ -545,31 +545,3 @@ def test_malformed_chunk_size_says_what_is_expected(chunk_size, error):
     q, k, v = attention_inputs()
     with pytest.raises(error, match="chunk_size"):
         sl.dot_product_attention(q, k, v, implementation="chunked", chunk_size=chunk_size)
-
-
-# Under jax_numpy_rank_promotion="raise" (the peers' test setting) attention once raised on
-# the chunked path, with lengths, and with a 2-D bias; jax.nn does not.
-@pytest.mark.parametrize("implementation", ["dense", "chunked"])
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        {"is_causal": True, "window": 3},
-        {"query_lengths": jnp.array([3, 8]), "key_lengths": jnp.array([5, 2])},
-        {"bias": jnp.ones((8, 8))},
-        {"mask": jnp.ones((8, 8), bool), "sink": jnp.zeros(2)},
-    ],
-    ids=["plain", "causal-window", "lengths", "2d-bias", "2d-mask-sink"],
-)
-def test_every_option_runs_under_rank_promotion_raise(implementation, options):
-    q, k, v = attention_inputs()
-    with jax.numpy_rank_promotion("raise"):
-        grads = jax.grad(
-            lambda q, k, v: jnp.sum(
-                sl.dot_product_attention(
-                    q, k, v, implementation=implementation, chunk_size=4, **options
-                )
-            ),
-            argnums=(0, 1, 2),
-        )(q, k, v)
-    assert all(np.all(np.isfinite(g)) for g in grads)

@@ -1,8 +1,8 @@
 """Every public function and layer under JAX's strictest settings, the ones the peers'
 suites test with: float64 on (``jax_enable_x64``), implicit rank promotion an error, and
 ``jax.debug_infs`` / ``jax.debug_nans`` (eager and jit) for inputs whose math needs no inf
-or NaN. Hypothesis
-draws the inputs; each property also holds with every setting off (the rest of the suite).
+or NaN. Hypothesis draws the inputs; each property also holds with every setting off (the
+rest of the suite).
 """
 
 import contextlib
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _edge_inputs import attention_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -220,3 +221,31 @@ def test_layers_under_strict_settings(mode, x64):
         with strict_settings(x64, mode) as transform:
             y = transform(call)()
         assert y.dtype == jnp.float32 and _finite(y), name
+
+
+# Under jax_numpy_rank_promotion="raise" (the peers' test setting) attention once raised on
+# the chunked path, with lengths, and with a 2-D bias; jax.nn does not.
+@pytest.mark.parametrize("implementation", ["dense", "chunked"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"is_causal": True, "window": 3},
+        {"query_lengths": jnp.array([3, 8]), "key_lengths": jnp.array([5, 2])},
+        {"bias": jnp.ones((8, 8))},
+        {"mask": jnp.ones((8, 8), bool), "sink": jnp.zeros(2)},
+    ],
+    ids=["plain", "causal-window", "lengths", "2d-bias", "2d-mask-sink"],
+)
+def test_every_attention_option_runs_under_rank_promotion_raise(implementation, options):
+    q, k, v = attention_inputs()
+    with jax.numpy_rank_promotion("raise"):
+        grads = jax.grad(
+            lambda q, k, v: jnp.sum(
+                sl.dot_product_attention(
+                    q, k, v, implementation=implementation, chunk_size=4, **options
+                )
+            ),
+            argnums=(0, 1, 2),
+        )(q, k, v)
+    assert all(np.all(np.isfinite(g)) for g in grads)
