@@ -1,6 +1,9 @@
 """Compiles the CPU kernels into the wheel when the package is built.
 
-``src/stablelayers/_cpu/_cpu_kernels.cc`` is compiled once per instruction set a CPU of this
+First the kernels' constants: ``_cpu_coefficients.h`` is written from the one table,
+``src/stablelayers/_core/coefficients.py``, which is read as a file (the build environment
+has no JAX to import the package with). Then ``src/stablelayers/_cpu/_cpu_kernels.cc``,
+which includes that header, is compiled once per instruction set a CPU of this
 architecture may have (x86-64: AVX-512, AVX2 and baseline x86-64; other architectures:
 their baseline, which is NEON on arm64), plus a small probe that tells, at import, which of
 them the running CPU and OS support. The package loads only these files, from its own
@@ -20,6 +23,7 @@ import pathlib
 import platform
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -32,6 +36,11 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 PACKAGE = pathlib.Path("src", "stablelayers", "_cpu")
 KERNELS = PACKAGE / "_cpu_kernels.cc"
 PROBE = PACKAGE / "_cpu_features.cc"
+# The table the kernels' constants come from, and the header written from it next to the
+# libraries (a build output: git ignores it; the wheel carries it, as a record of the
+# constants its libraries were built with).
+TABLE = pathlib.Path("src", "stablelayers", "_core", "coefficients.py")
+HEADER = "_cpu_coefficients.h"
 
 # No -ffast-math: TwoSum and the NaN and infinity guards need IEEE arithmetic as written.
 COMMON_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-w")
@@ -95,13 +104,17 @@ class KernelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             out = root / PACKAGE
         else:
             out = pathlib.Path(tempfile.mkdtemp(prefix="stablelayers-build-"))
-        include = jaxlib_include()
+        header = write_header(read_table(root / TABLE), out / HEADER)
+        # -I puts the fresh header, not one an earlier build left next to the source, first:
+        # the .cc includes it with <>, which does not look in the source's own folder.
+        include = (out, jaxlib_include())
         variants = VARIANTS.get(architecture(), DEFAULT_VARIANTS)
-        built = [compile_library(compiler, root / PROBE, out / "_cpu_features.so", (), None)]
+        built = [compile_library(compiler, root / PROBE, out / "_cpu_features.so", (), ())]
         for variant, flags in variants.items():
             target = out / library_name(variant)
             built.append(compile_library(compiler, root / KERNELS, target, flags, include))
         built.append(write_manifest(built, out / MANIFEST))
+        built.append(header)
         self.app.display_info(f"stablelayers: CPU kernels for {', '.join(variants)}")
         build_data["pure_python"] = False
         # The libraries call no Python API: one wheel serves every Python 3 on the platform.
@@ -111,6 +124,52 @@ class KernelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         if version != "editable":
             for path in built:
                 build_data["force_include"][str(path)] = f"stablelayers/_cpu/{path.name}"
+
+
+def read_table(path: pathlib.Path) -> dict[str, tuple[float, ...] | float]:
+    """The table's ``CPP_NAMES``, from its file: executed on its own, not imported as part
+    of the package, whose ``__init__`` imports JAX."""
+    spec = importlib.util.spec_from_file_location("_stablelayers_coefficients", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"stablelayers: cannot read the coefficient table {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table: dict[str, tuple[float, ...] | float] = module.CPP_NAMES
+    return table
+
+
+def float32_literal(value: float) -> str:
+    """``value`` rounded to float32 (to nearest), as an exact C++ hex-float literal."""
+    rounded = struct.unpack("f", struct.pack("f", value))[0]
+    significand, exponent = rounded.hex().split("p")
+    return f"{significand.rstrip('0').rstrip('.')}p{exponent}f"
+
+
+def render_header(table: dict[str, tuple[float, ...] | float]) -> str:
+    """The kernels' constants as C++: a scalar or, for a polynomial, an array of its
+    coefficients in increasing degree, each with the table's decimal as a comment."""
+    lines = [
+        f"// Written by hatch_build.py at build time from CPP_NAMES in {TABLE.as_posix()}:",
+        "// edit the table there, not this file. Each hex float is exactly the float32 that",
+        "// the table's number (the comment) rounds to.",
+        "#pragma once",
+        "",
+    ]
+    for name, values in table.items():
+        if isinstance(values, tuple):
+            lines.append(f"constexpr float {name}[{len(values)}] = {{")
+            lines += [f"    {float32_literal(v)},  // {v!r}" for v in values]
+            lines.append("};")
+        else:
+            lines.append(f"constexpr float {name} = {float32_literal(values)};  // {values!r}")
+    return "\n".join(lines) + "\n"
+
+
+def write_header(
+    table: dict[str, tuple[float, ...] | float], target: pathlib.Path
+) -> pathlib.Path:
+    target.write_text(render_header(table))
+    return target
 
 
 def write_manifest(libraries: list[pathlib.Path], target: pathlib.Path) -> pathlib.Path:
@@ -150,11 +209,11 @@ def compile_library(
     source: pathlib.Path,
     target: pathlib.Path,
     flags: tuple[str, ...],
-    include: pathlib.Path | None,
+    include: tuple[pathlib.Path, ...],
 ) -> pathlib.Path:
     command = [*compiler, *COMMON_FLAGS, *flags]
-    if include is not None:
-        command += ["-I", str(include)]
+    for folder in include:
+        command += ["-I", str(folder)]
     command += [str(source), "-o", str(target)]
     result = subprocess.run(command, capture_output=True, text=True, errors="replace")
     if result.returncode != 0:

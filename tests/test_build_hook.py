@@ -27,7 +27,27 @@ def test_a_failing_compiler_says_how_to_build_without_the_kernels(tmp_path):
     if compiler is None:
         pytest.skip("no C++ compiler here")
     with pytest.raises(RuntimeError, match="STABLELAYERS_CPU_KERNELS=0"):
-        hatch_build.compile_library(compiler, source, tmp_path / "out.so", (), None)
+        hatch_build.compile_library(compiler, source, tmp_path / "out.so", (), ())
+
+
+def test_the_kernels_compile_with_the_header_just_written_not_a_stale_one(tmp_path):
+    # An editable install leaves a header next to the source; a later wheel build (other
+    # table) must compile against its own, from -I.
+    compiler = hatch_build.find_compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler here")
+    root = pathlib.Path(hatch_build.__file__).parent
+    source = tmp_path / "src" / hatch_build.KERNELS.name
+    source.parent.mkdir()
+    source.write_text((root / hatch_build.KERNELS).read_text())
+    (source.parent / hatch_build.HEADER).write_text('#error "the stale header was used"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    table = hatch_build.read_table(root / hatch_build.TABLE)
+    header = hatch_build.write_header(table, out / hatch_build.HEADER)
+    include = (out, hatch_build.jaxlib_include())
+    library = hatch_build.compile_library(compiler, source, out / "k.so", (), include)
+    assert library.stat().st_size > 0 and header.read_text().startswith("// Written by")
 
 
 def test_every_variant_the_loader_may_ask_for_is_built():

@@ -2,9 +2,9 @@
 
 Error-free transformations (Knuth's TwoSum, Dekker's split and product), correctly scaled
 exponentials and the polynomials the ops evaluate instead of XLA's ``exp``, ``log1p`` and
-``expm1`` where those round too coarsely. The CPU kernels (``_cpu/_cpu_kernels.cc``) hold
-the same coefficients under the C++ names in ``CPP_NAMES``; ``tests/test_coefficients.py``
-proves that the two copies are equal.
+``expm1`` where those round too coarsely. The coefficients are ``coefficients.py``'s table,
+re-exported here; the CPU kernels get the same table through the header the build writes
+from it (``hatch_build.py``).
 """
 
 from __future__ import annotations
@@ -18,57 +18,47 @@ import numpy as np
 from jax import lax
 from jax.typing import DTypeLike
 
-# The coefficients are Chebyshev interpolants at 300 nodes against mpmath, rounded to
-# float32; regenerate them with numpy.polynomial.chebyshev.chebfit and cheb2poly.
-#
-# (log1p(t) - t) / t^2 on [0, exp(-1)], degree 6 (max error 8.2e-9, against values near
-# -1/2).
-LOG1P_QUOTIENT_FLOAT32 = (
-    -0.5,
-    0.3333322,
-    -0.24994957,
-    0.19913994,
-    -0.15951239,
-    0.11082395,
-    -0.04537416,
+from stablelayers._core.coefficients import (
+    CPP_NAMES,
+    EXP_PAIR_FLOOR,
+    EXPM1_QUOTIENT_DEGREE6_FLOAT32,
+    EXPM1_QUOTIENT_FLOAT32,
+    LN2_HI16,
+    LN2_LO,
+    LOG1P_QUOTIENT_FLOAT32,
+    LOG2_E,
+    LOG2_HI,
+    LOG2_LO,
+    SOFTPLUS_NEAR_ZERO_FLOAT32,
 )
-# (softplus(u) - log(2) - u / 2) / u^2 as a polynomial in u^2 on [0, 1], degree 4 (max
-# error 7.1e-10, against values near 1/8).
-SOFTPLUS_NEAR_ZERO_FLOAT32 = (0.125, -0.005208319, 0.00034710768, -2.602335e-05, 1.7423902e-06)
-# log(2) = LOG2_HI + LOG2_LO to twice float32's precision.
-LOG2_HI = 0.6931472
-LOG2_LO = -1.9046542e-09
-# (expm1(r) - r) / r^2 on |r| <= log(2) / 2 (widened by 1%), degree 4 (max error 6.9e-8
-# against values near 1/2, so below 1e-8 relative in exp(r)).
-EXPM1_QUOTIENT_FLOAT32 = (0.5, 0.16666573, 0.041666456, 0.008363777, 0.0013934545)
-# The same quotient to degree 6 (max error 1.7e-9): the CPU kernel's sigmoid-from-output
-# needs expm1 to its own relative precision where it is small. The pure-JAX path gets
-# that from the Taylor polynomial of ``neg_expm1`` instead.
-EXPM1_QUOTIENT_DEGREE6_FLOAT32 = (
-    0.5,
-    0.16666667,
-    0.041666668,
-    0.008333297,
-    0.0013888837,
-    0.00019900444,
-    2.4869207e-05,
-)
-# log(2) = LN2_HI16 + LN2_LO, with LN2_HI16 on 16 bits so that k * LN2_HI16 is exact.
-LN2_HI16 = 0.693145751953125
-LN2_LO = 1.428606765330187e-06
-LOG2_E = 1.4426950216293335
 
-# The C++ constants that mirror the table, by name.
-CPP_NAMES: dict[str, tuple[float, ...]] = {
-    "kLog1pQ": LOG1P_QUOTIENT_FLOAT32,
-    "kNearZero": SOFTPLUS_NEAR_ZERO_FLOAT32,
-    "kLog2Hi": (LOG2_HI,),
-    "kLog2Lo": (LOG2_LO,),
-    **{f"kQ{i}": (c,) for i, c in enumerate(EXPM1_QUOTIENT_FLOAT32)},
-    "kExpm1Q": EXPM1_QUOTIENT_DEGREE6_FLOAT32,
-    "kLn2Hi": (LN2_HI16,),
-    "kLn2Lo": (LN2_LO,),
-}
+# The table's names are re-exported: the ops import the coefficients from here.
+__all__ = [
+    "CPP_NAMES",
+    "EXPM1_QUOTIENT_DEGREE6_FLOAT32",
+    "EXPM1_QUOTIENT_FLOAT32",
+    "EXP_PAIR_FLOOR",
+    "LN2_HI16",
+    "LN2_LO",
+    "LOG1P_QUOTIENT_FLOAT32",
+    "LOG1P_SERIES_DEGREE",
+    "LOG2_E",
+    "LOG2_HI",
+    "LOG2_LO",
+    "NEG_EXPM1_QUOTIENT",
+    "SOFTPLUS_NEAR_ZERO_FLOAT32",
+    "compute_dtype",
+    "exp_corrected",
+    "exp_pair_float32",
+    "format_bits",
+    "horner",
+    "log1p_unit",
+    "neg_expm1",
+    "opaque_identity",
+    "reciprocal_pair",
+    "two_sum_error",
+    "veltkamp_split",
+]
 
 # -expm1(-v) = v + v^2 * P(v) on [0, log 2], with the Taylor series P(v) = sum_{k >= 2}
 # (-v)^(k - 2) * (-1/k!), to degree 11 for float32 and 17 for float64 (truncation below
@@ -166,8 +156,8 @@ def exp_pair_float32(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     # Below -88, exp(a) is under float32's smallest normal (XLA on CPU flushes it to 0
     # anyway); clamping keeps k in the range of a normal power of two.
-    underflow = a < -88.0
-    a = jnp.maximum(a, -88.0)
+    underflow = a < EXP_PAIR_FLOOR
+    a = jnp.maximum(a, EXP_PAIR_FLOOR)
     k = jnp.floor(a * LOG2_E + 0.5)
     r = (a - k * LN2_HI16) - k * LN2_LO
     p = r + r * (r * horner(EXPM1_QUOTIENT_FLOAT32, r))

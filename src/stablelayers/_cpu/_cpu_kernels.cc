@@ -8,8 +8,15 @@
 // and spends the time it saves on TwoSum and double-precision sums.
 //
 // Every kernel works on a (rows, n) array row by row; rows are split across XLA's intra-op
-// thread pool. Vectors are GCC/Clang vector extensions, compiled for the host
-// (-march=native), so the same source is AVX-512, AVX2 or NEON code.
+// thread pool. Vectors are GCC/Clang vector extensions, so the same source is AVX-512, AVX2,
+// SSE2 or NEON code: hatch_build.py compiles it once per instruction set (-mavx512f ...,
+// -mavx2 -mfma, -march=x86-64 on x86-64; the compiler's default elsewhere), and the loader
+// picks the best build the CPU runs.
+//
+// Every constant of the arithmetic (polynomial coefficients, log(2) split in two, clamps
+// and thresholds) comes from _cpu_coefficients.h, which the build writes from the one
+// table, src/stablelayers/_core/coefficients.py; the kernels hold no number of their own
+// beyond exact ones (0, 1, 1/2) and float32's bit layout (bias 127, 23 mantissa bits).
 
 #include <algorithm>
 #include <atomic>
@@ -24,6 +31,10 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+
+// <>, not "": the build's -I names the folder of the header it has just written, which
+// must win over one that an earlier build may have left next to this file.
+#include <_cpu_coefficients.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -99,18 +110,15 @@ inline bool Any(Ints v) {
   return false;
 }
 
-// (exp(r) - 1 - r) / r^2 on |r| <= log(2) / 2 (widened 1%): a degree-4 Chebyshev
-// interpolant against mpmath, so exp(r) = 1 + (r + r^2 Q(r)) is within 1.1e-8 relative.
-constexpr float kQ0 = 0.5f, kQ1 = 0.16666573f, kQ2 = 0.041666456f, kQ3 = 0.008363777f,
-                kQ4 = 0.0013934545f;
-// log(2) = kLn2Hi + kLn2Lo with kLn2Hi on 16 bits, so that k * kLn2Hi is exact.
-constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+// kQ: (exp(r) - 1 - r) / r^2 on |r| <= log(2) / 2 (widened 1%), degree 4, so that
+// exp(r) = 1 + (r + r^2 Q(r)) is within 1.1e-8 relative. log(2) = kLn2Hi + kLn2Lo with
+// kLn2Hi on 16 bits, so that k * kLn2Hi is exact.
 
 // p * 2^k for integral k in [-200, 0]; 0 below float32's smallest normal, as XLA gives.
 inline Floats Scale(Floats p, Floats k) {
 #ifdef __AVX512F__
   Floats e = (Floats)_mm512_scalef_ps((__m512)p, (__m512)k);
-  return Select(e >= 0x1p-126f, e, Floats{});
+  return Select(e >= std::numeric_limits<float>::min(), e, Floats{});
 #else
   Ints biased = __builtin_convertvector(k, Ints) + 127;
   biased = biased > 0 ? biased : Ints{};
@@ -119,21 +127,21 @@ inline Floats Scale(Floats p, Floats k) {
 }
 
 // Cody-Waite reduction a = k log(2) + r with k integral and |r| <= log(2) / 2, exact up to
-// the rounding of r. Returns k + 0x1.8p23, the sum that rounds k, whose low mantissa bits
-// hold k (PowerOfTwo reads 2^k from them).
+// the rounding of r. Returns k + kRoundShift (1.5 * 2^23), the sum that rounds k, whose low
+// mantissa bits hold k (PowerOfTwo reads 2^k from them).
 inline Floats ReduceByLn2(Floats a, Floats& k, Floats& r) {
-  Floats rounded = a * 1.44269504f + 12582912.0f;
-  k = rounded - 12582912.0f;
+  Floats rounded = a * kLog2E + kRoundShift;
+  k = rounded - kRoundShift;
   r = (a - k * kLn2Hi) - k * kLn2Lo;
   return rounded;
 }
 
 // expm1(r) = r + r^2 Q(r) for a reduced r, so that exp(r) = 1 + Expm1Reduced(r) rounds once.
 inline Floats Expm1Reduced(Floats r) {
-  return r + r * (r * (kQ0 + r * (kQ1 + r * (kQ2 + r * (kQ3 + r * kQ4)))));
+  return r + r * (r * (kQ[0] + r * (kQ[1] + r * (kQ[2] + r * (kQ[3] + r * kQ[4])))));
 }
 
-// exp(t + err) for t in [-140, 0] and |err| <= ulp(t): the reduction of t, with err added to
+// exp(t + err) for t in [kExpFloor, 0] = [-140, 0] and |err| <= ulp(t): the reduction of t, with err added to
 // r, exp(r) rounded once, then the exact scaling by 2^k. Within about 0.6 ULP.
 inline Floats ExpReduced(Floats t, Floats err) {
   Floats k, r;
@@ -147,10 +155,9 @@ inline Floats DifferenceError(Floats a, Floats b, Floats difference) {
   return (a - (difference + b_virtual)) + (b_virtual - b);
 }
 
-// Below this row max, exp(x - max) carries the rounding of x - max (TwoSum); from it on,
-// every x that exp does not take to 0 lies within a factor of two of the max, so x - max
-// is exact (Sterbenz) and only needs clamping.
-constexpr float kWideShift = 1024.0f;
+// Below a row max of kWideShift, exp(x - max) carries the rounding of x - max (TwoSum);
+// from it on, every x that exp does not take to 0 lies within a factor of two of the max,
+// so x - max is exact (Sterbenz) and only needs clamping.
 
 // exp(x - shift) for x <= shift, within about 0.6 ULP: an error e in the exponent is a
 // relative error e in the result, so the rounding of x - shift (up to 2^-18 for a shift of
@@ -159,11 +166,11 @@ template <bool kWide>
 inline Floats ExpShifted(Floats x, Floats shift) {
   if (kWide) {
     Floats t = x - shift;
-    return ExpReduced(t > -140.0f ? t : Splat(-140.0f), Floats{});
+    return ExpReduced(t > kExpFloor ? t : Splat(kExpFloor), Floats{});
   }
-  // Raising x to shift - 128 keeps x - shift finite and exact for x = -inf and for x far
-  // below; exp is 0 there either way.
-  Floats floor = shift - 128.0f;
+  // Raising x to shift - kExpShiftMargin keeps x - shift finite and exact for x = -inf and
+  // for x far below; exp is 0 there either way.
+  Floats floor = shift - kExpShiftMargin;
   x = x > floor ? x : floor;
   Floats t = x - shift;
   return ExpReduced(t, DifferenceError(x, shift, t));
@@ -176,10 +183,10 @@ inline Floats ExpShifted2(Floats x, Floats shift, Floats rest) {
   Floats t, err;
   if (kWide) {
     t = x - shift;
-    t = t > -140.0f ? t : Splat(-140.0f);
+    t = t > kExpFloor ? t : Splat(kExpFloor);
     err = Floats{};
   } else {
-    Floats floor = shift - 128.0f;
+    Floats floor = shift - kExpShiftMargin;
     x = x > floor ? x : floor;
     t = x - shift;
     err = DifferenceError(x, shift, t);
@@ -519,8 +526,8 @@ void LogSoftmaxGradRow(const float* x, float shift, float rest, const float* g, 
 // Softplus is the pure-JAX path's float32 algorithm (_softplus_float32 in _softplus.py,
 // whose comments derive it). The derivative is not: -expm1(-v) takes one Cody-Waite
 // reduction here (NegExpm1), where the pure-JAX path switches between a Taylor polynomial
-// and 1 - exp(-v) at log(2) (neg_expm1 in _float_arithmetic.py). The coefficients are
-// _float_arithmetic.py's table (CPP_NAMES); tests/test_coefficients.py checks that they match.
+// and 1 - exp(-v) at log(2) (neg_expm1 in _core/arithmetic.py). The coefficients (kLog1pQ,
+// kNearZero, kLog2Hi, kLog2Lo, kExpm1Q: see _core/coefficients.py) come from the header.
 // ---------------------------------------------------------------------------------------
 
 template <int N>
@@ -530,16 +537,9 @@ inline Floats Horner(const float (&c)[N], Floats z) {
   return r;
 }
 
-constexpr float kLog1pQ[7] = {-0.5f,        0.3333322f,   -0.24994957f, 0.19913994f,
-                              -0.15951239f, 0.11082395f, -0.04537416f};
-constexpr float kNearZero[5] = {0.125f, -0.005208319f, 0.00034710768f, -2.602335e-05f,
-                                1.7423902e-06f};
-constexpr float kLog2Hi = 0.6931472f, kLog2Lo = -1.9046542e-09f;
-// (expm1(r) - r) / r^2 on |r| <= log(2) / 2 (widened 1%), degree 6 (max error 1.7e-9): the
-// derivative needs expm1 to its own relative precision where it is small, which kQ (made
-// for exp, 6.9e-8) does not give.
-constexpr float kExpm1Q[7] = {0.5f,          0.16666667f,   0.041666668f, 0.008333297f,
-                              0.0013888837f, 0.00019900444f, 2.4869207e-05f};
+// kExpm1Q is (expm1(r) - r) / r^2 again, to degree 6 (max error 1.7e-9): the derivative
+// needs expm1 to its own relative precision where it is small, which kQ (made for exp,
+// 6.9e-8) does not give.
 
 // 2^k for integral k in [-127, 127], from ReduceByLn2's k + 0x1.8p23: the shift moves k
 // from the low mantissa bits into the exponent field (the sum's own exponent bits fall off
@@ -552,7 +552,7 @@ inline Floats PowerOfTwo(Floats rounded_k) {
 // clamp, so it reaches both): Cody-Waite, then 1 + p split into its rounded sum and the
 // exact error (Fast2Sum), both scaled by 2^k.
 inline void ExpPair(Floats a, Floats& t, Floats& t_lo) {
-  a = a < -88.0f ? Splat(-88.0f) : a;
+  a = a < kExpPairFloor ? Splat(kExpPairFloor) : a;
   Floats k, r;
   Floats scale = PowerOfTwo(ReduceByLn2(a, k, r));  // 0 from k = -127 on
   Floats p = Expm1Reduced(r);
@@ -572,7 +572,7 @@ inline Floats Softplus(Floats u) {
   Floats far = (u > 0.0f ? u : Floats{}) + log1p_t;
   Floats s = u * u;
   Floats near = kLog2Hi + (0.5f * u + (s * Horner(kNearZero, s) + kLog2Lo));
-  return minus_abs > -1.0f ? near : far;
+  return minus_abs > -kNearZeroBound ? near : far;
 }
 
 // -expm1(-v) = sigmoid(u) for v = softplus(u) >= 0, in one Cody-Waite reduction:
@@ -583,7 +583,7 @@ inline Floats Softplus(Floats u) {
 // their relative accuracy.
 inline Floats NegExpm1(Floats v) {
   Floats a = -v;
-  a = a > -140.0f ? a : Splat(-140.0f);
+  a = a > kExpFloor ? a : Splat(kExpFloor);
   Floats k, r;
   ReduceByLn2(a, k, r);
   Floats q = Horner(kExpm1Q, r);
