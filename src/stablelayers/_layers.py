@@ -17,7 +17,7 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import compute_dtype
 from stablelayers.attention._api import dot_product_attention
-from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.ops._softmax import masked_softmax
 from stablelayers.ops._softplus import softplus
 
@@ -121,7 +121,7 @@ def loss_options(options: dict[str, Any]) -> LossOptions:
     taken = {
         name
         for name, p in inspect.signature(linear_softmax_cross_entropy).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("bias", "where")
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("bias", "vocab_mask")
     }
     unknown = sorted(set(options) - taken)
     if unknown:

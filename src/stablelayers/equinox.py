@@ -26,7 +26,7 @@ from jaxtyping import Array, PRNGKeyArray
 from stablelayers import _layers
 from stablelayers._core import checks
 from stablelayers._equinox_attention import MultiHeadAttention, MultiheadAttention
-from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.ops._log_softmax import log_softmax
 from stablelayers.ops._softmax import softmax
 from stablelayers.ops._softplus import softplus

@@ -25,7 +25,7 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers import _layers
 from stablelayers._core import checks
 from stablelayers.attention._api import dot_product_attention
-from stablelayers.losses._fused_api import Reduction, linear_softmax_cross_entropy
+from stablelayers.losses._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
 from stablelayers.ops._log_softmax import log_softmax
 from stablelayers.ops._softmax import softmax
 from stablelayers.ops._softplus import softplus

@@ -77,19 +77,22 @@ def prepare_rows(
     return x, axes, mask
 
 
-def check_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
-    """``where`` as a boolean array that broadcasts to ``shape``, or ``None``."""
+def check_where(
+    where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"
+) -> jax.Array | None:
+    """``where`` (the argument ``name``) as a boolean array that broadcasts to ``shape``,
+    or ``None``."""
     if where is None:
         return None
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(
-            f"`where` must be a boolean mask, got dtype {where.dtype}; pass a comparison "
+            f"`{name}` must be a boolean mask, got dtype {where.dtype}; pass a comparison "
             "such as `lengths[:, None] > jnp.arange(n)`, or `mask.astype(bool)`."
         )
     if not broadcasts_to(where.shape, shape):
         raise ValueError(
-            f"`where` of shape {where.shape} does not broadcast to the input's shape {shape}."
+            f"`{name}` of shape {where.shape} does not broadcast to the input's shape {shape}."
         )
     return where
 

@@ -3,7 +3,7 @@ and fused with the output projection (``linear_softmax_cross_entropy``), which n
 the logits."""
 
 from stablelayers.losses._cross_entropy import mean_over_valid, softmax_cross_entropy
-from stablelayers.losses._fused_api import linear_softmax_cross_entropy
+from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.losses._sigmoid_cross_entropy import sigmoid_binary_cross_entropy
 
 __all__ = [

@@ -9,11 +9,14 @@ With ``lse`` the log-sum-exp of a token's live logits ``l``, ``t`` its label's l
     \frac{\partial \ell}{\partial l_j} = (1 + 2 z\,\mathrm{lse}) p_j - q_j
 
 with ``p = softmax(l)`` and ``q = (1 - eps) onehot + eps / K`` over the live classes.
+Also the records both ops take (:class:`Inputs`, :class:`Flags`) and their one block
+walker (:func:`block`: a block of tokens, or of vocabulary columns, and its logits).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,27 +26,43 @@ from jax import lax
 from stablelayers._core import arithmetic
 
 Coefficients = tuple[jax.Array, jax.Array, jax.Array | None]
-# (h (tokens, hidden), weight (hidden, vocab), bias (vocab,) or None, labels (tokens,),
-# vocab_mask (vocab,), valid (tokens,), eps (), z ()): the array arguments of the fused ops.
-# The options are arrays (a traced or scheduled value is taken as it is, and the loss is
-# differentiable in it); a static flag leaves a concrete 0's term out of the graph.
-Inputs = tuple[
-    jax.Array,
-    jax.Array,
-    jax.Array | None,
-    jax.Array,
-    jax.Array,
-    jax.Array,
-    jax.Array,
-    jax.Array,
-]
-# (smoothing on, z-loss on): whether eps and z may be nonzero.
-Flags = tuple[bool, bool]
 
 
-def options(args: Inputs, flags: Flags) -> tuple[jax.Array | None, jax.Array | None]:
-    """``(eps, z)`` from ``args``, ``None`` for an option that is a concrete 0."""
-    return (args[6] if flags[0] else None), (args[7] if flags[1] else None)
+class Inputs(NamedTuple):
+    """The array arguments of the fused ops (a pytree: the differentiable ones get
+    cotangents and tangents of the same record).
+
+    The options are arrays: a traced or scheduled value is taken as it is, and the loss is
+    differentiable in it; a static :class:`Flags` leaves a concrete 0's term out of the
+    graph.
+    """
+
+    hidden: jax.Array  # (tokens, hidden)
+    weight: jax.Array  # (hidden, vocab), hidden's dtype
+    bias: jax.Array | None  # (vocab,)
+    labels: jax.Array  # (tokens,) integer
+    vocab_mask: jax.Array  # (vocab,) bool: the classes in the softmax
+    counted: jax.Array  # (tokens,) bool: not ignore_index (and some class unmasked)
+    label_smoothing: jax.Array  # ()
+    z_loss: jax.Array  # ()
+
+
+class Flags(NamedTuple):
+    """Whether ``label_smoothing`` and ``z_loss`` may be nonzero (static)."""
+
+    smoothing: bool
+    z_loss: bool
+
+
+def options(inputs: Inputs, flags: Flags) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(eps, z)`` from ``inputs``, ``None`` for an option that is a concrete 0."""
+    eps = inputs.label_smoothing if flags.smoothing else None
+    return eps, (inputs.z_loss if flags.z_loss else None)
+
+
+def class_count(inputs: Inputs) -> jax.Array:
+    """``K``, the number of live classes (at least 1), in the accumulation dtype."""
+    return jnp.maximum(jnp.sum(inputs.vocab_mask), 1).astype(acc_dtype(inputs.hidden))
 
 
 def acc_dtype(x: jax.Array) -> jnp.dtype:
@@ -53,13 +72,61 @@ def acc_dtype(x: jax.Array) -> jnp.dtype:
     return arithmetic.compute_dtype(x.dtype)
 
 
-def block_start(c: jax.Array | int, size: int, length: int) -> tuple[jax.Array, jax.Array]:
-    """Block ``c`` of ``size`` along an axis of ``length``: its first index, and ``fresh``
-    ``(size,)``, True where no earlier block held the index. The last block, when ``size``
+class Span(NamedTuple):
+    """Block ``c`` of ``size`` along an axis: its first index ``start``, and ``fresh``
+    ``(size,)``, True where no earlier block held the index."""
+
+    start: jax.Array
+    size: int
+    fresh: jax.Array
+
+
+def span(c: jax.Array | int, size: int, length: int) -> Span:
+    """Block ``c`` of ``size`` along an axis of ``length``. The last block, when ``size``
     does not divide ``length``, starts at ``length - size`` and overlaps the one before:
     nothing is padded or copied."""
     start = jnp.minimum(c * size, length - size)
-    return start, start + jnp.arange(size) >= c * size
+    return Span(start, size, start + jnp.arange(size) >= c * size)
+
+
+def block_count(length: int, size: int) -> int:
+    """How many blocks of ``size`` cover ``length``."""
+    return -(-length // size)
+
+
+class Block(NamedTuple):
+    """A block of the logits, in the accumulation dtype: some tokens (``rows``) against
+    some vocabulary columns (``cols``), or all of either."""
+
+    hidden: jax.Array  # (rows, hidden): the block's tokens
+    weight: jax.Array  # (hidden, cols): the block's columns
+    logits: jax.Array  # (rows, cols) = hidden @ weight + bias
+    live: jax.Array  # (1, cols): unmasked and, along a walked axis, fresh
+    hit: jax.Array  # (rows, cols): live and the label's column
+
+
+def block(inputs: Inputs, rows: Span | None, cols: Span | None) -> Block:
+    """The logits of ``rows`` of the tokens against ``cols`` of the vocabulary (``None``:
+    the whole axis, not sliced). The one walker of both fused ops: the per-token op walks
+    the columns, the summed op the tokens."""
+    h, w, b, labels = inputs.hidden, inputs.weight, inputs.bias, inputs.labels
+    if rows is not None:
+        h = take(h, rows.start, rows.size, 0)
+        labels = lax.dynamic_slice_in_dim(labels, rows.start, rows.size)
+    if cols is None:
+        ids = jnp.arange(w.shape[1])
+        live = inputs.vocab_mask[None, :]
+    else:
+        w = take(w, cols.start, cols.size, 1)
+        b = None if b is None else take(b, cols.start, cols.size, 0)
+        ids = cols.start + jnp.arange(cols.size)
+        live = (cols.fresh & inputs.vocab_mask[ids])[None, :]
+    acc = acc_dtype(h)
+    logits = jnp.matmul(h, w, preferred_element_type=acc)
+    if b is not None:
+        logits = logits + b.astype(acc)[None, :]
+    hit = live & (ids[None, :] == labels[:, None])
+    return Block(h, w, logits, live, hit)
 
 
 def take(x: jax.Array, start: jax.Array, size: int, axis: int) -> jax.Array:
@@ -107,43 +174,43 @@ def loss_terms(
     lse: jax.Array,
     target: jax.Array,
     total: jax.Array,
-    valid: jax.Array,
+    counted: jax.Array,
     count: jax.Array,
     smoothing: jax.Array | None,
     z_loss: jax.Array | None,
 ) -> jax.Array:
-    """``(rows,)`` loss ``lse - (1 - eps) t - eps S / K + z lse^2``, 0 where not ``valid``."""
+    """``(rows,)`` loss ``lse - (1 - eps) t - eps S / K + z lse^2``, 0 where not ``counted``."""
     if smoothing is None:
         loss = lse - target
     else:
         loss = lse - (1.0 - smoothing) * target - (smoothing / count) * total
     if z_loss is not None:
         loss = loss + z_loss * lse * lse
-    return jnp.where(valid, loss, 0.0)
+    return jnp.where(counted, loss, 0.0)
 
 
 def option_terms(
-    lse: jax.Array, target: jax.Array, total: jax.Array, valid: jax.Array, count: jax.Array
+    lse: jax.Array, target: jax.Array, total: jax.Array, counted: jax.Array, count: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``(d loss / d eps, d loss / d z)`` per row: ``t - S / K`` and ``lse^2`` (the loss is
-    linear in both), 0 where not ``valid``."""
+    linear in both), 0 where not ``counted``."""
     return (
-        jnp.where(valid, target - total / count, 0.0),
-        jnp.where(valid, lse * lse, 0.0),
+        jnp.where(counted, target - total / count, 0.0),
+        jnp.where(counted, lse * lse, 0.0),
     )
 
 
 def coefficients(
     g: jax.Array,
     lse: jax.Array,
-    valid: jax.Array,
+    counted: jax.Array,
     smoothing: jax.Array | None,
     z_loss: jax.Array | None,
 ) -> Coefficients:
     """Per-token weights of ``dloss/dlogits`` for cotangents ``g``:
-    ``(g (1 + 2 z lse), g (1 - eps), g eps)``, all 0 where not ``valid``; the last is
+    ``(g (1 + 2 z lse), g (1 - eps), g eps)``, all 0 where not ``counted``; the last is
     ``None`` without smoothing."""
-    g = jnp.where(valid, g.astype(lse.dtype), 0.0)
+    g = jnp.where(counted, g.astype(lse.dtype), 0.0)
     scale = g if z_loss is None else g * (1.0 + 2.0 * z_loss * lse)
     if smoothing is None:
         return scale, g, None

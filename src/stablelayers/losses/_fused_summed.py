@@ -1,0 +1,244 @@
+r"""The summed fused cross-entropy (``reduction='mean'`` or ``'sum'``): three
+``tokens x hidden x vocab`` products, as many as the materialised loss needs.
+
+The cotangent of a sum is one number, so the gradient can be formed in the forward pass
+(as Liger-Kernel and torch's ``F.linear_cross_entropy`` do) and the backward pass only
+scales it. The tokens are walked in chunks of ``size`` rows; each chunk's logits
+``L = H_c W + b`` ``(size, vocab)`` are formed once, in float32:
+
+* ``lse`` per token exactly (``max + log sum e^{l - max}``), the chunk's summed loss, and
+  ``G = (1 + 2 z lse) softmax(L) - q`` (:mod:`stablelayers.losses._fused_terms`);
+* ``dH_c = G W^T`` ``(size, hidden)``, ``dW += H_c^T G`` ``(hidden, vocab)``,
+  ``db += sum_rows G``, a block of ``VOCAB_BLOCK`` columns at a time, so that no float32
+  copy of the whole weight (half-precision inputs) and no second ``(hidden, vocab)``
+  product is formed besides the float32 ``dW``.
+
+Residuals: ``dH``, ``dW``, ``db`` in float32 (the sizes of the inputs), nothing of size
+``tokens x vocab``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from stablelayers._core.define_op import define_op
+from stablelayers.losses._fused_terms import (
+    Block,
+    Flags,
+    Inputs,
+    Span,
+    acc_dtype,
+    block,
+    block_count,
+    class_count,
+    coefficients,
+    dlogits,
+    exact_lse,
+    loss_terms,
+    option_terms,
+    options,
+    span,
+    take,
+)
+
+# Columns of the weight per backward product: the float32 temporaries of a block (the
+# block of H_c^T G, and the upcast weight block of half-precision inputs) stay a few MiB;
+# wider blocks make fewer, larger products.
+VOCAB_BLOCK = 8192
+VOCAB_BLOCK_HALF = 4096
+
+
+class Static(NamedTuple):
+    """The summed op's static arguments."""
+
+    size: int  # tokens per chunk
+    flags: Flags
+    dtype: jnp.dtype  # hidden's and weight's
+    bias_dtype: jnp.dtype | None
+
+
+class Grads(NamedTuple):
+    """The gradient of the summed loss in the accumulation dtype, kept by the forward
+    pass; the options' entries are the loss's derivatives in them."""
+
+    hidden: jax.Array
+    weight: jax.Array
+    bias: jax.Array | None
+    label_smoothing: jax.Array
+    z_loss: jax.Array
+
+
+class _Chunk(NamedTuple):
+    """One chunk of tokens: its block of logits ``(size, vocab)``, lse, the counted
+    tokens no earlier chunk held, summed loss and summed derivatives in the options."""
+
+    rows: Span
+    block: Block
+    lse: jax.Array
+    counted: jax.Array
+    loss: jax.Array
+    option_grads: jax.Array  # (2,): d eps, d z
+
+
+def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
+    rows = span(c, static.size, inputs.hidden.shape[0])
+    b = block(inputs, rows, None)
+    # A row an earlier chunk held counts once.
+    counted = rows.fresh & lax.dynamic_slice_in_dim(inputs.counted, rows.start, rows.size)
+    lse = exact_lse(b.logits, b.live)
+    target = jnp.sum(jnp.where(b.hit, b.logits, 0.0), axis=1)
+    total = jnp.zeros_like(lse)
+    if static.flags.smoothing:
+        total = jnp.sum(jnp.where(b.live, b.logits, 0.0), axis=1)
+    count = class_count(inputs)
+    loss = jnp.sum(
+        loss_terms(lse, target, total, counted, count, *options(inputs, static.flags))
+    )
+    # The loss is linear in eps and z: its derivatives in them, summed over the chunk.
+    option_grads = jnp.stack(
+        [jnp.sum(t) for t in option_terms(lse, target, total, counted, count)]
+    )
+    return _Chunk(rows, b, lse, counted, loss, option_grads)
+
+
+def _chunk_grad(inputs: Inputs, chunk: _Chunk, static: Static) -> jax.Array:
+    """``G`` ``(size, vocab)``: the chunk's rows of ``d(summed loss)/dlogits``."""
+    lse, b = chunk.lse, chunk.block
+    coef = coefficients(jnp.ones_like(lse), lse, chunk.counted, *options(inputs, static.flags))
+    return dlogits(b.logits, b.live, b.hit, lse, coef, class_count(inputs))
+
+
+def _chunks(inputs: Inputs, static: Static) -> int:
+    return block_count(inputs.hidden.shape[0], static.size)
+
+
+class _Products(NamedTuple):
+    hidden: jax.Array
+    weight: jax.Array
+    bias: jax.Array | None
+
+
+def _products(
+    h_c: jax.Array, weight: jax.Array, grad: jax.Array, dw: jax.Array, db: jax.Array | None
+) -> _Products:
+    """``(G W^T, dW + H_c^T G, db + sum_rows G)`` for ``G`` ``(size, vocab)``, one block
+    of ``VOCAB_BLOCK`` weight columns at a time."""
+    vocab, acc = weight.shape[1], dw.dtype
+    width = min(VOCAB_BLOCK if weight.dtype.itemsize >= 4 else VOCAB_BLOCK_HALF, vocab)
+
+    def body(j: jax.Array, carry: _Products) -> _Products:
+        cols = span(j, width, vocab)
+        # The overlapping last block adds zero for the columns already done.
+        g = lax.dynamic_slice_in_dim(grad, cols.start, width, 1)
+        g = jnp.where(cols.fresh[None, :], g, 0.0)
+        w = take(weight, cols.start, width, 1)
+        dh = carry.hidden + jnp.matmul(g.astype(w.dtype), w.T, preferred_element_type=acc)
+        dw_j = jnp.matmul(h_c.T, g.astype(h_c.dtype), preferred_element_type=acc)
+        dw_j = dw_j + lax.dynamic_slice_in_dim(carry.weight, cols.start, width, 1)
+        dw = lax.dynamic_update_slice_in_dim(carry.weight, dw_j, cols.start, 1)
+        db = carry.bias
+        if db is not None:
+            db_j = jnp.sum(g, axis=0) + lax.dynamic_slice_in_dim(db, cols.start, width)
+            db = lax.dynamic_update_slice_in_dim(db, db_j, cols.start, 0)
+        return _Products(dh, dw, db)
+
+    dh0 = jnp.zeros((h_c.shape[0], weight.shape[0]), acc)
+    out: _Products = lax.fori_loop(0, block_count(vocab, width), body, _Products(dh0, dw, db))
+    return out
+
+
+def summed_loss(inputs: Inputs, static: Static) -> jax.Array:
+    """The loss summed over the counted tokens (float32): one product, no gradient."""
+
+    def body(c: jax.Array, total: jax.Array) -> jax.Array:
+        return total + _chunk(inputs, c, static).loss
+
+    zero = jnp.zeros((), acc_dtype(inputs.hidden))
+    total: jax.Array = lax.fori_loop(0, _chunks(inputs, static), body, zero)
+    return total
+
+
+class _Carry(NamedTuple):
+    total: jax.Array
+    grads: Grads
+
+
+def value_and_grads(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
+    """The summed loss and its gradient in float32: three products."""
+    h, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    acc = acc_dtype(h)
+
+    def body(c: jax.Array, carry: _Carry) -> _Carry:
+        grads = carry.grads
+        chunk = _chunk(inputs, c, static)
+        dh_c, dw, db = _products(
+            chunk.block.hidden,
+            weight,
+            _chunk_grad(inputs, chunk, static),
+            grads.weight,
+            grads.bias,
+        )
+        rows = chunk.rows
+        old = lax.dynamic_slice_in_dim(grads.hidden, rows.start, rows.size)
+        dh_c = jnp.where(rows.fresh[:, None], dh_c, old)
+        dh = lax.dynamic_update_slice_in_dim(grads.hidden, dh_c, rows.start, 0)
+        d_eps = grads.label_smoothing + chunk.option_grads[0]
+        d_z = grads.z_loss + chunk.option_grads[1]
+        return _Carry(carry.total + chunk.loss, Grads(dh, dw, db, d_eps, d_z))
+
+    zero = jnp.zeros((), acc)
+    db0 = None if bias is None else jnp.zeros(bias.shape, acc)
+    grads0 = Grads(jnp.zeros(h.shape, acc), jnp.zeros(weight.shape, acc), db0, zero, zero)
+    out = lax.fori_loop(0, _chunks(inputs, static), body, _Carry(zero, grads0))
+    return out.total, out.grads
+
+
+def _fwd(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
+    return value_and_grads(inputs, static)
+
+
+def _bwd(static: Static, grads: Grads, g: jax.Array) -> tuple[Inputs]:
+    # The cotangent is one number: the gradient formed in the forward pass, scaled, and
+    # rounded to the inputs' dtypes once.
+    g = g.astype(grads.hidden.dtype)
+    cotangents = Inputs(
+        hidden=(g * grads.hidden).astype(static.dtype),
+        weight=(g * grads.weight).astype(static.dtype),
+        bias=None if grads.bias is None else (g * grads.bias).astype(static.bias_dtype),
+        labels=None,  # type: ignore[arg-type]
+        vocab_mask=None,  # type: ignore[arg-type]
+        counted=None,  # type: ignore[arg-type]
+        label_smoothing=g * grads.label_smoothing if static.flags.smoothing else None,  # type: ignore[arg-type]
+        z_loss=g * grads.z_loss if static.flags.z_loss else None,  # type: ignore[arg-type]
+    )
+    return (cotangents,)
+
+
+def _jvp(
+    static: Static, primals: tuple[Inputs], tangents: tuple[Inputs]
+) -> tuple[jax.Array, jax.Array]:
+    # loss_dot = <dH, H_dot> + <dW, W_dot> + <db, b_dot> (+ eps_dot d eps + z_dot d z):
+    # the gradient and three inner products, so forward mode costs the same three matmuls.
+    total, grads = value_and_grads(primals[0], static)
+    dots = tangents[0]
+    pairs = [
+        (grads.hidden, dots.hidden),
+        (grads.weight, dots.weight),
+        (grads.bias, dots.bias),
+        (grads.label_smoothing if static.flags.smoothing else None, dots.label_smoothing),
+        (grads.z_loss if static.flags.z_loss else None, dots.z_loss),
+    ]
+    dot = jnp.zeros_like(total)
+    for grad, tangent in pairs:
+        if grad is not None and tangent is not None:
+            dot = dot + jnp.sum(grad * tangent.astype(grad.dtype))
+    return total, dot
+
+
+# The loss of ``inputs`` (``hidden`` ``(tokens, hidden)`` and ``weight`` ``(hidden, vocab)``
+# of one dtype) summed over the counted tokens, exact to any order in both modes.
+summed_op = define_op(summed_loss, fwd=_fwd, bwd=_bwd, jvp=_jvp, nondiff_argnums=(1,))

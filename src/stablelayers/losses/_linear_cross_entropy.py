@@ -1,0 +1,209 @@
+r"""linear_softmax_cross_entropy: the loss of ``softmax(hidden @ weight + bias)`` without
+ever forming the ``(tokens, vocab)`` logits, forward or backward.
+
+After Wijmans et al. (ICLR 2025, "Cut Your Losses in Large-Vocabulary Language Models"),
+in pure JAX. With ``reduction='none'`` (the loss per token) the vocabulary is walked in
+blocks of ``chunk_size`` columns:
+
+* forward: each block's logits ``l = h W_c + b_c`` feed an online log-sum-exp
+  (``m' = max(m, max l)``, ``s' = s e^{m - m'} + sum e^{l - m'}``; Milakov & Gimelshein,
+  2018) and pick out the target logit; only ``lse`` per token is kept.
+* backward: each block's logits are recomputed, ``G = g ((1 + 2 z lse) e^{l - lse} - q)``
+  formed for the block alone, and ``dh += G W_c^T``, ``dW_c = h^T G``, ``db_c = sum G``.
+
+So the largest temporaries are ``(tokens, chunk_size)``, and the price is one more
+``tokens x hidden x vocab`` product than the materialised loss (four instead of three).
+With ``reduction='mean'`` or ``'sum'`` the cotangent is one number and the gradient is
+formed in the forward pass instead: three products.
+
+This module holds the public function and its checks; the parts are
+:mod:`~stablelayers.losses._fused_per_token` (``'none'``),
+:mod:`~stablelayers.losses._fused_summed` (``'mean'``, ``'sum'``) and
+:mod:`~stablelayers.losses._fused_terms` (their records, block walker and arithmetic).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from stablelayers._core import arithmetic, checks
+from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.losses._cross_entropy import (
+    check_integer_labels,
+    check_loss_options,
+    is_off,
+    out_of_range,
+    poison,
+)
+from stablelayers.losses._fused_per_token import Static as PerTokenStatic
+from stablelayers.losses._fused_per_token import per_token_op
+from stablelayers.losses._fused_summed import Static as SummedStatic
+from stablelayers.losses._fused_summed import summed_op
+from stablelayers.losses._fused_terms import Flags, Inputs
+
+Reduction = Literal["none", "mean", "sum"]
+
+
+# Chosen on docs/loss_benchmarks.md: at 8192 tokens x 32768 vocabulary the fused loss's XLA
+# temporaries are under 1/16 of optax's on materialised logits, with either reduction and
+# in float32 and half precision. reduction='none': vocabulary columns per block (the
+# block's float32 logits and gradient dominate; half precision also keeps a half-precision
+# copy of the gradient). 'mean'/'sum': logits elements per chunk of tokens (a chunk's
+# float32 logits and gradient, next to the float32 dW every chunk adds to, which half
+# precision keeps besides its output); larger chunks make fewer, larger products.
+DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE_HALF = 512
+DEFAULT_CHUNK_ELEMENTS = 2**23
+DEFAULT_CHUNK_ELEMENTS_HALF = 2**22
+
+
+def _chunk(
+    chunk_size: int | None, dtype: jnp.dtype, shape: tuple[int, int], whole: bool
+) -> int:
+    """The block size along the walked axis: vocabulary columns per block, or with
+    ``whole`` rows (tokens) per chunk; ``shape`` is ``(tokens, vocab)``."""
+    tokens, vocab = shape
+    half = dtype.itemsize < 4
+    if chunk_size is not None:
+        size = checks.positive_int(chunk_size, "chunk_size")
+    elif whole:
+        elements = DEFAULT_CHUNK_ELEMENTS_HALF if half else DEFAULT_CHUNK_ELEMENTS
+        size = max(1, elements // vocab)
+    else:
+        size = DEFAULT_CHUNK_SIZE_HALF if half else DEFAULT_CHUNK_SIZE
+    return max(1, min(size, tokens if whole else vocab))
+
+
+def _check_arrays(
+    hidden: ArrayLike, weight: ArrayLike, bias: ArrayLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    h = checks.as_float_array(hidden, "hidden")
+    w = checks.as_float_array(weight, "weight")
+    if h.ndim < 1 or w.ndim != 2 or w.shape[0] != h.shape[-1]:
+        raise ValueError(
+            f"`weight` must have shape (hidden, vocab) = ({h.shape[-1] if h.ndim else '?'}, "
+            f"vocab) for `hidden` of shape {h.shape}, got {w.shape}; pass `weight.T` if "
+            "it is stored (vocab, hidden), as a tied embedding is."
+        )
+    if bias is None:
+        return h, w, None
+    b = checks.as_float_array(bias, "bias")
+    if b.shape != (w.shape[1],):
+        raise ValueError(f"`bias` must have shape ({w.shape[1]},), got {b.shape}.")
+    return h, w, b
+
+
+@allow_rank_promotion
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    vocab_mask: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    ignore_index: int | None = None,
+    chunk_size: int | None = None,
+    reduction: Reduction = "none",
+) -> jax.Array:
+    r"""Cross-entropy of ``softmax(hidden @ weight + bias)``, never forming the
+    ``(tokens, vocab)`` logits (Wijmans et al., ICLR 2025, "Cut Your Losses in
+    Large-Vocabulary Language Models").
+
+    Equal, to float32 rounding, to
+    ``softmax_cross_entropy(hidden @ weight + bias, labels, ...)`` (then reduced): the same
+    loss, options and gradient, ``dlogits = (1 + 2 z lse) softmax - q``, applied a block at
+    a time. Peak memory is ``O(tokens x chunk_size)`` (``'none'``) or
+    ``O(chunk_size x vocab + hidden x vocab)`` (``'mean'``, ``'sum'``) instead of
+    ``O(tokens x vocab)``. A reduced loss costs the three ``tokens x hidden x vocab``
+    products of the materialised loss (its gradient is formed in the forward pass, and the
+    backward pass scales it); the per-token loss costs four (the backward pass recomputes
+    the logits), so reduce here when the loss is a mean or a sum.
+
+    Args:
+        hidden: ``(..., hidden)`` features, e.g. ``(batch, length, d_model)``.
+        weight: ``(hidden, vocab)`` output projection, the layout of ``hidden @ weight``
+            (Flax's ``Dense`` kernel; transpose a tied ``(vocab, hidden)`` embedding).
+        labels: integer targets of ``hidden``'s shape without its last axis.
+        bias: optional ``(vocab,)`` bias.
+        vocab_mask: optional boolean ``(vocab,)`` mask of the classes: ``False`` tokens of
+            the vocabulary are left out of the softmax and of the smoothing (a label on one
+            counts as no target mass, as a class masked by :func:`softmax_cross_entropy`'s
+            ``where``). Not called ``where``: it masks classes, the same for every token,
+            not entries of the (never formed) logits.
+        label_smoothing: ``eps`` in ``[0, 1)``, spread over the unmasked vocabulary;
+            checked when concrete, taken as it is when traced (under ``jit``, or from a
+            schedule), and the loss is differentiable in it.
+        z_loss: coefficient ``>= 0`` of PaLM's ``lse^2`` term; as ``label_smoothing``.
+        ignore_index: labels equal to it give loss 0 and gradient 0, whatever their hidden
+            state holds (NaN and inf included).
+        chunk_size: the block size along the walked axis, which need not divide it. With
+            ``'none'``: vocabulary columns per block (default 1024, 512 for
+            half-precision inputs). With ``'mean'``/``'sum'``: tokens per chunk (default
+            ``2**23 // vocab``, ``2**22 // vocab`` for half precision, at least 1).
+        reduction: ``'none'`` (the loss per token), ``'mean'`` (over the tokens not
+            ignored; 0, with gradient 0, when every token is) or ``'sum'``.
+
+    Returns:
+        The loss per token, of ``labels``' shape (``'none'``), or a scalar, in the dtype
+        of the logits it forms: float32 (float64 under x64 for float64 inputs), also for
+        half-precision inputs, whose products accumulate in float32 and are never rounded
+        to half precision (:func:`softmax_cross_entropy` likewise returns its logits'
+        dtype; cast the result to round it). A label outside ``[0, vocab)`` that is
+        not ``ignore_index`` gives NaN, with NaN gradient, for its token (and so for a
+        ``'mean'`` or ``'sum'``), never a number; under
+        ``jax.experimental.checkify.checkify`` it raises.
+
+    Raises:
+        TypeError: non-integer labels, non-boolean ``vocab_mask``, non-float inputs.
+        ValueError: shapes that do not fit together, options out of range, an unknown
+            ``reduction``.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"`reduction` must be 'none', 'mean' or 'sum', got {reduction!r}.")
+    h, w, b = _check_arrays(hidden, weight, bias)
+    vocab = w.shape[1]
+    eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
+    labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
+    dtype = jnp.result_type(h.dtype, w.dtype)
+    mask = checks.check_where(vocab_mask, (vocab,), "vocab_mask")
+    mask = jnp.ones((vocab,), bool) if mask is None else jnp.broadcast_to(mask, (vocab,))
+    rows = h.shape[:-1]
+    h = h.reshape(-1, h.shape[-1]).astype(dtype)
+    counted = jnp.ones_like(labels_, bool)
+    if ignore_index is not None:
+        counted = labels_ != ignore_index
+    # An ignored token's features are replaced before any product reads them; with the
+    # whole vocabulary masked no token has a loss.
+    h = jnp.where(counted[:, None], h, 0.0)
+    counted = counted & jnp.any(mask)
+    bad = out_of_range(labels_, vocab, counted, "linear_softmax_cross_entropy")
+    out_dtype = arithmetic.compute_dtype(dtype)
+    flags = Flags(smoothing=not is_off(eps), z_loss=not is_off(z))
+    inputs = Inputs(
+        hidden=h,
+        weight=w.astype(dtype),
+        bias=b,
+        labels=labels_,
+        vocab_mask=mask,
+        counted=counted,
+        label_smoothing=jnp.asarray(eps, out_dtype),
+        z_loss=jnp.asarray(z, out_dtype),
+    )
+    size = _chunk(chunk_size, dtype, (h.shape[0], vocab), reduction != "none")
+    if reduction == "none":
+        loss = poison(per_token_op(inputs, PerTokenStatic(size, flags)), bad)
+        return loss.astype(out_dtype).reshape(rows)
+    if h.shape[0] == 0:
+        return jnp.zeros((), out_dtype)
+    bias_dtype = None if b is None else b.dtype
+    total = summed_op(inputs, SummedStatic(size, flags, dtype, bias_dtype))
+    total = poison(total, jnp.any(bad))
+    if reduction == "mean":
+        total = total / jnp.maximum(jnp.sum(counted), 1).astype(total.dtype)
+    return total.astype(out_dtype)
