@@ -29,6 +29,7 @@ from stablelayers._core.coefficients import (
     LOG2_E,
     LOG2_HI,
     LOG2_LO,
+    SOFTPLUS_NEAR_ZERO_BOUND,
     SOFTPLUS_NEAR_ZERO_FLOAT32,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "LOG2_HI",
     "LOG2_LO",
     "NEG_EXPM1_QUOTIENT",
+    "SOFTPLUS_NEAR_ZERO_BOUND",
     "SOFTPLUS_NEAR_ZERO_FLOAT32",
     "compute_dtype",
     "exp_corrected",

@@ -20,6 +20,7 @@ from stablelayers._core.arithmetic import (
     LOG1P_QUOTIENT_FLOAT32,
     LOG2_HI,
     LOG2_LO,
+    SOFTPLUS_NEAR_ZERO_BOUND,
     SOFTPLUS_NEAR_ZERO_FLOAT32,
     compute_dtype,
     exp_pair_float32,
@@ -91,7 +92,7 @@ def _softplus_float32(u: jax.Array) -> jax.Array:
     # two additions round. Each form is evaluated where it is chosen or at a harmless point,
     # so both stay finite under differentiation.
     positive = u > 0
-    near_zero = jnp.abs(u) < 1
+    near_zero = jnp.abs(u) < SOFTPLUS_NEAR_ZERO_BOUND
     t, t_lo = exp_pair_float32(jnp.where(positive, -u, u))
     # log1p(t + t_lo) = log1p(t) + t_lo / (1 + t) to first order, and 1 / (1 + t) is
     # 1 - t to within 14% here, on a term below an ulp of the result.
