@@ -30,7 +30,8 @@ def hard_inputs():
 # The numerical claims hold on both paths an op can take: the CPU kernels (the default
 # here) and the pure-JAX code that runs everywhere else (GPU, TPU) and wherever the kernels
 # cannot be built. These modules run once on each; test_cpu_kernels.py checks the two
-# against each other under every transform.
+# against each other under every transform. A test that must hold on both paths goes in
+# one of these modules rather than taking a kernels/pure_jax parameter of its own.
 BOTH_PATHS = {
     "test_values",
     "test_accuracy",
