@@ -8,7 +8,6 @@ stand in for the primal and the input-based rule on the CPU.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +16,7 @@ from jax.typing import ArrayLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import compute_dtype, exp_corrected, opaque_identity
+from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import is_neginf, nan_where, neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.row_shift import (
@@ -26,7 +26,6 @@ from stablelayers._core.row_shift import (
     shift,
     shift_of_row_max,
 )
-from stablelayers._core.switches import forward_mode_enabled
 from stablelayers._cpu import calls, library
 
 Axis = int | Sequence[int] | None
@@ -75,8 +74,7 @@ def log_softmax(
     if x.size == 0:
         return jnp.zeros_like(x)
     kernels = library.available()
-    op = log_softmax_jvp_op if forward_mode_enabled() else log_softmax_vjp_op
-    return op(x, mask, axes, kernels)
+    return log_softmax_op(x, mask, axes, kernels)
 
 
 def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Array, Rows]:
@@ -207,14 +205,10 @@ def _grad_from_input(
     return calls.on_cpu(kernel, pure_jax, kernels, x, *rows, g)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def log_softmax_vjp_op(
-    x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
-) -> jax.Array:
+def _op_primal(x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool) -> jax.Array:
     return _values(x, where, axis, kernels)[0]
 
 
-@allow_rank_promotion
 def _fwd(
     x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
 ) -> tuple[jax.Array, Residuals]:
@@ -227,7 +221,6 @@ def _fwd(
     return y, (y, None, None)
 
 
-@allow_rank_promotion
 def _bwd(
     axis: Axes, kernels: bool, residuals: Residuals, g: jax.Array
 ) -> tuple[jax.Array, None]:
@@ -238,18 +231,6 @@ def _bwd(
     return _vjp_from_output(axis, y, g).astype(y.dtype), None
 
 
-log_softmax_vjp_op.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def log_softmax_jvp_op(
-    x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
-) -> jax.Array:
-    return _values(x, where, axis, kernels)[0]
-
-
-@log_softmax_jvp_op.defjvp
-@allow_rank_promotion
 def _jvp_rule(
     axis: Axes,
     kernels: bool,
@@ -260,3 +241,8 @@ def _jvp_rule(
     x_dot, _ = tangents
     y = _values(x, where, axis, kernels)[0]
     return y, _jvp(axis, y, x_dot).astype(y.dtype)
+
+
+log_softmax_op = define_op(
+    _op_primal, fwd=_fwd, bwd=_bwd, jvp=_jvp_rule, nondiff_argnums=(2, 3)
+)

@@ -14,7 +14,6 @@ rebuilds from ``x`` (the one array it keeps) and two numbers per row.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -23,6 +22,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers._core import arithmetic, checks, row_shift
+from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import nan_where, neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.ops._logsumexp_complex import complex_logsumexp
@@ -95,15 +95,13 @@ def _softmax_weights(
     return jnp.where(dead | (e == 0), 0.0, e / total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def lse_vjp_op(
+def _lse_value(
     x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
 ) -> tuple[jax.Array, jax.Array]:
     """``(lse, sign)`` per row in keepdims shape, compute dtype."""
     return _primal(x, where, b, axis, empty)[:2]
 
 
-@allow_rank_promotion
 def _lse_fwd(
     x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array | None, ...]]:
@@ -112,7 +110,6 @@ def _lse_fwd(
     return (lse, sign), (x, where, b, top, total)
 
 
-@allow_rank_promotion
 def _lse_bwd(
     axis: Rows,
     empty: float | None,
@@ -135,24 +132,13 @@ def _lse_bwd(
     return dx, None, db.astype(b.dtype)
 
 
-lse_vjp_op.defvjp(_lse_fwd, _lse_bwd)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def lse_jvp_op(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
-) -> tuple[jax.Array, jax.Array]:
-    return _primal(x, where, b, axis, empty)[:2]
-
-
-@lse_jvp_op.defjvp
-@allow_rank_promotion
 def _lse_jvp_rule(
     axis: Rows,
     empty: float | None,
     primals: tuple[jax.Array, Maybe, Maybe],
     tangents: tuple[jax.Array, Maybe, Maybe],
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    # The same weights applied to a tangent: lse_dot = sum(b w x_dot) + sum(w b_dot).
     x, where, b = primals
     x_dot, _, b_dot = tangents
     lse, sign, top, total = _primal(x, where, b, axis, empty)
@@ -167,18 +153,12 @@ def _lse_jvp_rule(
     return (lse, sign), (lse_dot, jnp.zeros_like(sign))
 
 
-def lse_rows(
-    x: jax.Array,
-    where: jax.Array | None,
-    b: jax.Array | None,
-    axis: tuple[int, ...],
-    empty: float | None,
-) -> tuple[jax.Array, jax.Array]:
-    """The op for the current mode: ``(lse, sign)`` per row, keepdims, compute dtype."""
-    from stablelayers._core.switches import forward_mode_enabled
-
-    op = lse_jvp_op if forward_mode_enabled() else lse_vjp_op
-    return op(x, where, b, axis, empty)
+# The op, traced with the rule the current mode asks for: ``lse_rows(x, where, b, axis,
+# empty) -> (lse, sign)`` per row, keepdims, compute dtype. The losses and dense attention
+# call it on checked arguments.
+lse_rows = define_op(
+    _lse_value, fwd=_lse_fwd, bwd=_lse_bwd, jvp=_lse_jvp_rule, nondiff_argnums=(3, 4)
+)
 
 
 @allow_rank_promotion

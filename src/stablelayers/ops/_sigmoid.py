@@ -14,16 +14,16 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from stablelayers._core import arithmetic, checks
+from stablelayers._core.define_op import define_op
 from stablelayers._core.rank_promotion import allow_rank_promotion
-from stablelayers._core.switches import forward_mode_enabled
 from stablelayers.ops._softplus import softplus
 
 
-def _sigmoid_primal(x: jax.Array) -> jax.Array:
+def _primal(x: jax.Array) -> jax.Array:
     dtype = arithmetic.compute_dtype(x.dtype)
-    x = x.astype(dtype)
-    z = jnp.exp(-jnp.abs(x))
-    return jnp.where(x >= 0, 1 / (1 + z), z / (1 + z))
+    z = jnp.exp(-jnp.abs(x.astype(dtype)))
+    y = jnp.where(x >= 0, 1 / (1 + z), z / (1 + z))
+    return y.astype(x.dtype)
 
 
 def _sigmoid_slope(x: jax.Array) -> jax.Array:
@@ -34,41 +34,25 @@ def _sigmoid_slope(x: jax.Array) -> jax.Array:
     return z / ((1 + z) * (1 + z))
 
 
-@jax.custom_vjp
-def _sigmoid_vjp_op(x: jax.Array) -> jax.Array:
-    return _sigmoid_primal(x).astype(x.dtype)
-
-
-@allow_rank_promotion
-def _sigmoid_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Kept: x, from which the slope is exact (1 - y would lose it where y ~ 1).
-    return _sigmoid_primal(x).astype(x.dtype), x
+    return _primal(x), x
 
 
-@allow_rank_promotion
-def _sigmoid_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+def _bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     slope = _sigmoid_slope(x)
     return ((g.astype(slope.dtype) * slope).astype(x.dtype),)
 
 
-_sigmoid_vjp_op.defvjp(_sigmoid_fwd, _sigmoid_bwd)
-
-
-@jax.custom_jvp
-def _sigmoid_jvp_op(x: jax.Array) -> jax.Array:
-    return _sigmoid_primal(x).astype(x.dtype)
-
-
-@_sigmoid_jvp_op.defjvp
-@allow_rank_promotion
-def _sigmoid_jvp_rule(
+def _jvp_rule(
     primals: tuple[jax.Array], tangents: tuple[jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
     (x,), (x_dot,) = primals, tangents
     slope = _sigmoid_slope(x)
-    return _sigmoid_primal(x).astype(x.dtype), (slope * x_dot.astype(slope.dtype)).astype(
-        x.dtype
-    )
+    return _primal(x), (slope * x_dot.astype(slope.dtype)).astype(x.dtype)
+
+
+sigmoid_op = define_op(_primal, fwd=_fwd, bwd=_bwd, jvp=_jvp_rule)
 
 
 @allow_rank_promotion
@@ -89,7 +73,7 @@ def sigmoid(x: ArrayLike) -> jax.Array:
         An array of ``x``'s shape and dtype.
     """
     x = checks.as_float_array(x)
-    return (_sigmoid_jvp_op if forward_mode_enabled() else _sigmoid_vjp_op)(x)
+    return sigmoid_op(x)
 
 
 @allow_rank_promotion

@@ -9,8 +9,6 @@ the CPU kernels that stand in for the constant-``beta`` rules on the CPU.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -28,6 +26,7 @@ from stablelayers._core.arithmetic import (
     log1p_unit,
     neg_expm1,
 )
+from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import is_posinf
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.switches import forward_mode_enabled
@@ -62,14 +61,14 @@ def softplus(x: ArrayLike, beta: ArrayLike = 1.0) -> jax.Array:
     x = checks.as_float_array(x)
     checks.check_beta(beta)
     if isinstance(beta, (int, float)) and not forward_mode_enabled():
-        return softplus_fixed_beta_vjp_op(x, float(beta), library.available())
+        # A forward-mode trace takes the array path below: this op has no JVP rule.
+        return softplus_fixed_beta_op(x, float(beta), library.available())
     beta = checks.as_float_array(beta, "beta")
     if not checks.broadcasts_to(beta.shape, x.shape):
         raise ValueError(
             f"`beta` of shape {beta.shape} does not broadcast to the input's shape {x.shape}."
         )
-    op = softplus_jvp_op if forward_mode_enabled() else softplus_vjp_op
-    return op(x, beta)
+    return softplus_op(x, beta)
 
 
 def _primal(x: jax.Array, beta: jax.Array) -> jax.Array:
@@ -143,18 +142,11 @@ def _beta_slope(y: jax.Array, beta: jax.Array) -> jax.Array:
     return (sig * log_sig - v_safe * exp_neg_v) / (beta * beta)
 
 
-@jax.custom_vjp
-def softplus_vjp_op(x: jax.Array, beta: jax.Array) -> jax.Array:
-    return _primal(x, beta)
-
-
-@allow_rank_promotion
 def _fwd(x: jax.Array, beta: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     y = _primal(x, beta)
     return y, (y, beta)
 
 
-@allow_rank_promotion
 def _bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     # softplus'(u) = sigmoid(u), read from the output: g * -expm1(-beta * y).
     y, beta = residuals
@@ -164,16 +156,6 @@ def _bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Arra
     return (g * sig).astype(y.dtype), grad_beta.astype(beta.dtype)
 
 
-softplus_vjp_op.defvjp(_fwd, _bwd)
-
-
-@jax.custom_jvp
-def softplus_jvp_op(x: jax.Array, beta: jax.Array) -> jax.Array:
-    return _primal(x, beta)
-
-
-@softplus_jvp_op.defjvp
-@allow_rank_promotion
 def _jvp_rule(
     primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
@@ -184,6 +166,9 @@ def _jvp_rule(
     d_beta = _beta_slope(y, beta)
     y_dot = sig * x_dot.astype(sig.dtype) + d_beta * beta_dot.astype(sig.dtype)
     return y, y_dot.astype(y.dtype)
+
+
+softplus_op = define_op(_primal, fwd=_fwd, bwd=_bwd, jvp=_jvp_rule)
 
 
 # A constant Python beta: no beta gradient to compute or keep, and float32 softplus and
@@ -215,18 +200,11 @@ def _fixed_beta_values(x: jax.Array, beta: float, kernels: bool) -> jax.Array:
     return calls.on_cpu(kernel, lambda x: _primal(x, jnp.asarray(beta)), kernels, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def softplus_fixed_beta_vjp_op(x: jax.Array, beta: float, kernels: bool) -> jax.Array:
-    return _fixed_beta_values(x, beta, kernels)
-
-
-@allow_rank_promotion
 def _fixed_beta_fwd(x: jax.Array, beta: float, kernels: bool) -> tuple[jax.Array, jax.Array]:
     y = _fixed_beta_values(x, beta, kernels)
     return y, y
 
 
-@allow_rank_promotion
 def _fixed_beta_bwd(beta: float, kernels: bool, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     def pure_jax(y: jax.Array, g: jax.Array) -> jax.Array:
         sig = sigmoid_from_output(y, jnp.asarray(beta))
@@ -242,4 +220,11 @@ def _fixed_beta_bwd(beta: float, kernels: bool, y: jax.Array, g: jax.Array) -> t
     return (calls.on_cpu(kernel, pure_jax, kernels, y, g),)
 
 
-softplus_fixed_beta_vjp_op.defvjp(_fixed_beta_fwd, _fixed_beta_bwd)
+# Reverse mode only: under forward_mode(), softplus calls softplus_op instead.
+softplus_fixed_beta_op = define_op(
+    _fixed_beta_values,
+    fwd=_fixed_beta_fwd,
+    bwd=_fixed_beta_bwd,
+    jvp=None,
+    nondiff_argnums=(1, 2),
+)
