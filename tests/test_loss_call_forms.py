@@ -166,3 +166,64 @@ def test_checkify_reports_an_out_of_range_label():
     err, _ = fused(x, BAD)
     with pytest.raises(checkify.JaxRuntimeError, match="linear_softmax_cross_entropy"):
         err.throw()
+
+
+# --- one argument vocabulary: axis and where in optax's places, reduction everywhere ---
+
+
+def test_axis_and_where_positional_as_optax():
+    x = _logits((3, 5, 4))
+    labels = np.array([[0, 3, 1, 4], [2, 2, 0, 1], [4, 1, 3, 0]])
+    where = np.array([[True, False, True, True]] * 3)
+    got = sl.softmax_cross_entropy(x, labels, 1, where)
+    np.testing.assert_array_equal(got, sl.softmax_cross_entropy(x, labels, axis=1, where=where))
+    expected = optax.softmax_cross_entropy_with_integer_labels(x, labels, 1, where)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    loss = sl.sigmoid_binary_cross_entropy(x, x > 0, x < 1)
+    np.testing.assert_allclose(
+        sl.mean_over_valid(loss, where=x < 1), sl.mean_over_valid(loss, x < 1)
+    )
+
+
+def test_reduction_means_the_same_in_every_loss():
+    x = _logits((6, 5))
+    labels = np.array([0, -1, 4, 2, -1, 3])
+    rows = np.array([True, True, True, False, True, True])
+    kw = {"ignore_index": -1, "label_smoothing": 0.1, "z_loss": 1e-2}
+    per_example = sl.softmax_cross_entropy(x, labels, where=rows, **kw)
+    counted = (labels != -1) & rows
+    mean = sl.softmax_cross_entropy(x, labels, where=rows, reduction="mean", **kw)
+    np.testing.assert_allclose(mean, sl.mean_over_valid(per_example, counted), rtol=1e-6)
+    total = sl.softmax_cross_entropy(x, labels, where=rows, reduction="sum", **kw)
+    np.testing.assert_allclose(total, jnp.sum(per_example), rtol=1e-6)
+    t, keep = x > 0, x < 1
+    entries = sl.sigmoid_binary_cross_entropy(x, t, keep)
+    got = sl.sigmoid_binary_cross_entropy(x, t, keep, reduction="mean")
+    np.testing.assert_allclose(got, sl.mean_over_valid(entries, keep), rtol=1e-6)
+    got = sl.sigmoid_binary_cross_entropy(x, t, reduction="sum")
+    np.testing.assert_allclose(got, jnp.sum(sl.sigmoid_binary_cross_entropy(x, t)), rtol=1e-6)
+    # A batch of padding only: mean 0 with gradient 0 (as the fused loss's).
+    ignored = np.full(6, -1)
+    value, grad = jax.value_and_grad(
+        lambda x: sl.softmax_cross_entropy(x, ignored, ignore_index=-1, reduction="mean")
+    )(x)
+    assert value == 0.0 and not np.any(grad)
+    for loss in (
+        lambda r: sl.softmax_cross_entropy(x, labels, reduction=r),
+        lambda r: sl.sigmoid_binary_cross_entropy(x, t, reduction=r),
+        lambda r: sl.linear_softmax_cross_entropy(x, x.T, labels[:5].clip(0), reduction=r),
+    ):
+        with pytest.raises(ValueError, match="'none', 'mean' or 'sum'"):
+            loss("max")
+
+
+def test_the_fused_class_mask_is_vocab_mask_not_where():
+    h, w, labels = _logits((4, 3)), _logits((3, 5), seed=1), np.array([0, 4, 1, 3])
+    mask = np.array([True, True, False, True, True])
+    got = sl.linear_softmax_cross_entropy(h, w, labels, vocab_mask=mask)
+    want = sl.softmax_cross_entropy(h @ w, labels, where=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="`vocab_mask` must be a boolean"):
+        sl.linear_softmax_cross_entropy(h, w, labels, vocab_mask=mask.astype(int))
+    with pytest.raises(TypeError, match="where"):
+        sl.linear_softmax_cross_entropy(h, w, labels, where=mask)

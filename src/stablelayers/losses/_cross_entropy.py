@@ -17,6 +17,7 @@ go through the same arithmetic and give the same gradient (optax #1335).
 from __future__ import annotations
 
 import operator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from stablelayers.losses import _target_weight
 from stablelayers.ops._logsumexp import lse_rows
 
 HyperParameter = float | jax.Array
+Reduction = Literal["none", "mean", "sum"]
 
 
 def _hyper_parameter(value: ArrayLike, name: str) -> tuple[float | None, HyperParameter]:
@@ -95,6 +97,28 @@ def poison(loss: jax.Array, bad: jax.Array) -> jax.Array:
     return loss * (1.0 + nan_where(bad, loss.dtype))
 
 
+def check_reduction(reduction: str) -> None:
+    """``reduction`` is one of the losses' three: ``'none'``, ``'mean'``, ``'sum'``."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"`reduction` must be 'none', 'mean' or 'sum', got {reduction!r}.")
+
+
+def mean_where(loss: jax.Array, where: jax.Array) -> jax.Array:
+    """The mean of ``loss`` over ``where`` (both of one shape); 0, with gradient 0, where
+    no entry counts."""
+    total = jnp.sum(jnp.where(where, loss, 0.0))
+    return total / jnp.maximum(jnp.sum(where), 1).astype(loss.dtype)
+
+
+def reduce_loss(loss: jax.Array, counted: jax.Array, reduction: Reduction) -> jax.Array:
+    """``loss`` (0 where not ``counted``) as it is, its mean over ``counted``, or its sum."""
+    if reduction == "mean":
+        return mean_where(loss, counted)
+    if reduction == "sum":
+        return jnp.sum(loss)
+    return loss
+
+
 def check_integer_labels(labels: ArrayLike, rows: tuple[int, ...]) -> jax.Array:
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -139,14 +163,16 @@ def example_where(
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
+    *,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     ignore_index: int | None = None,
+    reduction: Reduction = "none",
 ) -> jax.Array:
-    r"""Per-example softmax cross-entropy, for integer or probability labels.
+    r"""Softmax cross-entropy per example (or its mean or sum), for integer or probability
+    labels; ``axis`` and ``where`` in optax's places.
 
     .. math::
         \ell = -\sum_j q_j \log p_j + z\,\mathrm{lse}(x)^2,
@@ -178,10 +204,14 @@ def softmax_cross_entropy(
             when concrete, taken as it is when traced, as ``label_smoothing``.
         ignore_index: integer labels equal to it give loss 0 and gradient 0, whatever their
             logits hold (NaN and inf included).
+        reduction: ``'none'`` (the loss per example, the default), ``'mean'`` (over the
+            examples that count: not ignored, not masked, with a class left; 0, with
+            gradient 0, when none does) or ``'sum'``, as
+            :func:`linear_softmax_cross_entropy`'s.
 
     Returns:
-        The loss per example, of the logits' shape without ``axis``, in the logits' dtype.
-        Reduce it yourself; :func:`mean_over_valid` gives the mean over counted examples.
+        The loss per example, of the logits' shape without ``axis``, or a scalar; in the
+        logits' dtype.
         A ``-inf`` logit off the target gives a finite loss and gradient 0 there; a ``-inf``
         logit on the target gives ``+inf``, as the math says. An integer label outside
         ``[0, classes)`` that is not ``ignore_index`` gives NaN, with NaN gradient, for
@@ -191,8 +221,9 @@ def softmax_cross_entropy(
     Raises:
         TypeError: labels of the wrong dtype, non-boolean ``where``, bad ``axis``.
         ValueError: labels of the wrong shape, ``axis`` out of range, ``label_smoothing``
-            outside ``[0, 1)``, negative ``z_loss``.
+            outside ``[0, 1)``, negative ``z_loss``, an unknown ``reduction``.
     """
+    check_reduction(reduction)
     x = checks.as_float_array(logits, "logits")
     axes = _class_axes(axis, x.ndim)
     eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
@@ -251,24 +282,22 @@ def softmax_cross_entropy(
     if integer:
         bad = out_of_range(labels_, classes, counted, "softmax_cross_entropy")
         loss = poison(loss, bad)
-    return jnp.where(counted, loss, 0.0).astype(x.dtype)
+    return reduce_loss(jnp.where(counted, loss, 0.0).astype(x.dtype), counted, reduction)
 
 
 @allow_rank_promotion
-def mean_over_valid(loss: ArrayLike, valid: ArrayLike) -> jax.Array:
-    """The mean of ``loss`` over the entries where ``valid`` is true; 0, not NaN, when none
+def mean_over_valid(loss: ArrayLike, where: ArrayLike) -> jax.Array:
+    """The mean of ``loss`` over the entries where ``where`` is true; 0, not NaN, when none
     is (a batch of padding only), with gradient 0.
 
     Args:
         loss: per-example losses, e.g. from :func:`softmax_cross_entropy`.
-        valid: boolean array broadcastable to ``loss``, e.g. ``labels != ignore_index``.
+        where: boolean array broadcastable to ``loss``, e.g. ``labels != ignore_index``.
 
     Returns:
         A scalar in ``loss``'s dtype.
     """
     loss = checks.as_float_array(loss, "loss")
-    valid_ = checks.check_where(valid, loss.shape)
-    assert valid_ is not None
-    valid_ = jnp.broadcast_to(valid_, loss.shape)
-    total = jnp.sum(jnp.where(valid_, loss, 0.0))
-    return total / jnp.maximum(jnp.sum(valid_), 1).astype(loss.dtype)
+    where_ = checks.check_where(where, loss.shape)
+    assert where_ is not None
+    return mean_where(loss, jnp.broadcast_to(where_, loss.shape))

@@ -26,24 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from stablelayers._core.define_op import define_op
-from stablelayers.losses._fused_terms import (
-    Block,
-    Flags,
-    Inputs,
-    Span,
-    acc_dtype,
-    block,
-    block_count,
-    class_count,
-    coefficients,
-    dlogits,
-    exact_lse,
-    loss_terms,
-    option_terms,
-    options,
-    span,
-    take,
-)
+from stablelayers.losses import _fused_terms as terms
+from stablelayers.losses._fused_terms import Block, Flags, Inputs, Span
 
 # Columns of the weight per backward product: the float32 temporaries of a block (the
 # block of H_c^T G, and the upcast weight block of half-precision inputs) stay a few MiB;
@@ -85,22 +69,24 @@ class _Chunk(NamedTuple):
 
 
 def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
-    rows = span(c, static.size, inputs.hidden.shape[0])
-    b = block(inputs, rows, None)
+    rows = terms.span(c, static.size, inputs.hidden.shape[0])
+    b = terms.block(inputs, rows, None)
     # A row an earlier chunk held counts once.
     counted = rows.fresh & lax.dynamic_slice_in_dim(inputs.counted, rows.start, rows.size)
-    lse = exact_lse(b.logits, b.live)
+    lse = terms.exact_lse(b.logits, b.live)
     target = jnp.sum(jnp.where(b.hit, b.logits, 0.0), axis=1)
     total = jnp.zeros_like(lse)
     if static.flags.smoothing:
         total = jnp.sum(jnp.where(b.live, b.logits, 0.0), axis=1)
-    count = class_count(inputs)
+    count = terms.class_count(inputs)
     loss = jnp.sum(
-        loss_terms(lse, target, total, counted, count, *options(inputs, static.flags))
+        terms.loss_terms(
+            lse, target, total, counted, count, *terms.options(inputs, static.flags)
+        )
     )
     # The loss is linear in eps and z: its derivatives in them, summed over the chunk.
     option_grads = jnp.stack(
-        [jnp.sum(t) for t in option_terms(lse, target, total, counted, count)]
+        [jnp.sum(t) for t in terms.option_terms(lse, target, total, counted, count)]
     )
     return _Chunk(rows, b, lse, counted, loss, option_grads)
 
@@ -108,12 +94,14 @@ def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
 def _chunk_grad(inputs: Inputs, chunk: _Chunk, static: Static) -> jax.Array:
     """``G`` ``(size, vocab)``: the chunk's rows of ``d(summed loss)/dlogits``."""
     lse, b = chunk.lse, chunk.block
-    coef = coefficients(jnp.ones_like(lse), lse, chunk.counted, *options(inputs, static.flags))
-    return dlogits(b.logits, b.live, b.hit, lse, coef, class_count(inputs))
+    coef = terms.coefficients(
+        jnp.ones_like(lse), lse, chunk.counted, *terms.options(inputs, static.flags)
+    )
+    return terms.dlogits(b.logits, b.live, b.hit, lse, coef, terms.class_count(inputs))
 
 
 def _chunks(inputs: Inputs, static: Static) -> int:
-    return block_count(inputs.hidden.shape[0], static.size)
+    return terms.block_count(inputs.hidden.shape[0], static.size)
 
 
 class _Products(NamedTuple):
@@ -131,11 +119,11 @@ def _products(
     width = min(VOCAB_BLOCK if weight.dtype.itemsize >= 4 else VOCAB_BLOCK_HALF, vocab)
 
     def body(j: jax.Array, carry: _Products) -> _Products:
-        cols = span(j, width, vocab)
+        cols = terms.span(j, width, vocab)
         # The overlapping last block adds zero for the columns already done.
         g = lax.dynamic_slice_in_dim(grad, cols.start, width, 1)
         g = jnp.where(cols.fresh[None, :], g, 0.0)
-        w = take(weight, cols.start, width, 1)
+        w = terms.take(weight, cols.start, width, 1)
         dh = carry.hidden + jnp.matmul(g.astype(w.dtype), w.T, preferred_element_type=acc)
         dw_j = jnp.matmul(h_c.T, g.astype(h_c.dtype), preferred_element_type=acc)
         dw_j = dw_j + lax.dynamic_slice_in_dim(carry.weight, cols.start, width, 1)
@@ -147,7 +135,9 @@ def _products(
         return _Products(dh, dw, db)
 
     dh0 = jnp.zeros((h_c.shape[0], weight.shape[0]), acc)
-    out: _Products = lax.fori_loop(0, block_count(vocab, width), body, _Products(dh0, dw, db))
+    out: _Products = lax.fori_loop(
+        0, terms.block_count(vocab, width), body, _Products(dh0, dw, db)
+    )
     return out
 
 
@@ -157,7 +147,7 @@ def summed_loss(inputs: Inputs, static: Static) -> jax.Array:
     def body(c: jax.Array, total: jax.Array) -> jax.Array:
         return total + _chunk(inputs, c, static).loss
 
-    zero = jnp.zeros((), acc_dtype(inputs.hidden))
+    zero = jnp.zeros((), terms.acc_dtype(inputs.hidden))
     total: jax.Array = lax.fori_loop(0, _chunks(inputs, static), body, zero)
     return total
 
@@ -170,7 +160,7 @@ class _Carry(NamedTuple):
 def value_and_grads(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
     """The summed loss and its gradient in float32: three products."""
     h, weight, bias = inputs.hidden, inputs.weight, inputs.bias
-    acc = acc_dtype(h)
+    acc = terms.acc_dtype(h)
 
     def body(c: jax.Array, carry: _Carry) -> _Carry:
         grads = carry.grads

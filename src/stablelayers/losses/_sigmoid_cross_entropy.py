@@ -14,12 +14,17 @@ from jax.typing import ArrayLike
 from stablelayers._core import checks
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.losses import _target_weight
+from stablelayers.losses._cross_entropy import Reduction, check_reduction, reduce_loss
 from stablelayers.ops._softplus import softplus
 
 
 @allow_rank_promotion
 def sigmoid_binary_cross_entropy(
-    logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None = None
+    logits: ArrayLike,
+    labels: ArrayLike,
+    where: ArrayLike | None = None,
+    *,
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Elementwise binary cross-entropy on logits, finite wherever the math is.
 
@@ -37,15 +42,19 @@ def sigmoid_binary_cross_entropy(
             booleans and integers are accepted.
         where: optional boolean mask broadcastable to ``logits``; ``False`` entries give
             loss 0 and gradient 0 whatever the logit (NaN and inf included).
+        reduction: ``'none'`` (the loss per entry, the default), ``'mean'`` (over the
+            entries ``where`` keeps; 0, with gradient 0, when it keeps none) or ``'sum'``,
+            as the other losses'. There is no ``axis``: the loss is elementwise.
 
     Returns:
-        The per-entry loss, of the broadcast shape and ``logits``' dtype. Reduce it
-        yourself, e.g. with :func:`mean_over_valid`.
+        The per-entry loss, of the broadcast shape, or a scalar; in ``logits``' dtype.
 
     Raises:
         TypeError: ``where`` is not boolean.
-        ValueError: ``labels`` or ``where`` does not broadcast to ``logits``.
+        ValueError: ``labels`` or ``where`` does not broadcast to ``logits``, an unknown
+            ``reduction``.
     """
+    check_reduction(reduction)
     x = checks.as_float_array(logits, "logits")
     t = jnp.asarray(labels)
     if not checks.broadcasts_to(t.shape, x.shape):
@@ -62,4 +71,8 @@ def sigmoid_binary_cross_entropy(
     positive = _target_weight.target_weight(t, softplus(-x))
     negative = _target_weight.target_weight(1 - t, softplus(x))
     loss = positive + negative
-    return loss if where_ is None else jnp.where(where_, loss, 0.0)
+    if where_ is None:
+        return reduce_loss(loss, jnp.ones(loss.shape, bool), reduction)
+    return reduce_loss(
+        jnp.where(where_, loss, 0.0), jnp.broadcast_to(where_, x.shape), reduction
+    )
