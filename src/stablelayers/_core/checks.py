@@ -12,6 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+# An axis argument as the public functions take it, and the form the ops and the row shift
+# take: sorted, distinct and non-negative (what canonical_axis returns).
+Axis = int | Sequence[int] | None
+Axes = tuple[int, ...]
+
 
 def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
     """``x`` as a JAX array of a float dtype, promoted as ``jax.nn`` promotes: booleans and
@@ -43,7 +48,7 @@ def check_axis(axis: int | Sequence[int] | None) -> int | tuple[int, ...] | None
     return axes
 
 
-def canonical_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+def canonical_axis(axis: Axis, ndim: int) -> Axes:
     """``axis`` as a sorted tuple of non-negative ints, checked against ``ndim``; ``None``
     means every axis, as in ``jax.nn.softmax``."""
     checked = check_axis(axis)
@@ -64,10 +69,10 @@ def canonical_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ..
 
 def prepare_rows(
     x: ArrayLike,
-    axis: int | Sequence[int] | None,
+    axis: Axis,
     where: ArrayLike | None,
     initial: ArrayLike | None,
-) -> tuple[jax.Array, tuple[int, ...], jax.Array | None]:
+) -> tuple[jax.Array, Axes, jax.Array | None]:
     """The softmax family's arguments checked: ``(x, axis, where)`` as the ops take them,
     ``initial`` validated and dropped (the ops always shift by the row max)."""
     x = as_float_array(x)
@@ -97,14 +102,12 @@ def check_where(
     return where
 
 
-def reduced_shape(shape: tuple[int, ...], axis: tuple[int, ...]) -> tuple[int, ...]:
+def reduced_shape(shape: tuple[int, ...], axis: Axes) -> tuple[int, ...]:
     """``shape`` with the reduced axes kept as size 1 (``keepdims=True``)."""
     return tuple(1 if i in axis else n for i, n in enumerate(shape))
 
 
-def check_sink(
-    sink: ArrayLike | None, shape: tuple[int, ...], axis: tuple[int, ...]
-) -> jax.Array | None:
+def check_sink(sink: ArrayLike | None, shape: tuple[int, ...], axis: Axes) -> jax.Array | None:
     """``sink`` broadcast to one logit per row, with the softmax axes kept as size 1."""
     if sink is None:
         return None

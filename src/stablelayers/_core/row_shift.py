@@ -15,13 +15,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from stablelayers._core.arithmetic import two_sum_error
+from stablelayers._core.checks import Axes
 from stablelayers._core.nonfinite import is_neginf, is_posinf
-
-Axis = tuple[int, ...]
 
 
 def row_max(
-    x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axis
+    x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes
 ) -> jax.Array:
     """The row max over unmasked entries (and the sink), under stop_gradient. A row with
     nothing unmasked gets the lowest finite float, and no entry of it has mass."""
@@ -66,7 +65,7 @@ def shift(
 
 
 def shifted_logits(
-    x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axis
+    x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
     """``(d, err, d_sink, err_sink)`` with ``x - shift = d + err`` exactly, the shift being
     the row max over unmasked entries and the sink (see ``shift``)."""
@@ -81,7 +80,7 @@ def shifted_logits(
     return d, err, jnp.where(sink_dead, jnp.finfo(d.dtype).min, d_sink), err_sink
 
 
-def nan_rows(x: jax.Array, where: jax.Array | None, axis: Axis) -> jax.Array:
+def nan_rows(x: jax.Array, where: jax.Array | None, axis: Axes) -> jax.Array:
     """Whether each row holds a NaN in an unmasked place. Such a row is NaN at every
     unmasked entry but its ``-inf`` ones, on both CPU paths and whatever the row length
     (XLA's max may drop a NaN, so the rule is applied, not left to the arithmetic)."""

@@ -8,14 +8,13 @@ stand in for the primal and the input-based rule on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import compute_dtype, exp_corrected, opaque_identity
+from stablelayers._core.checks import Axes, Axis
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import is_neginf, nan_where, neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
@@ -28,13 +27,11 @@ from stablelayers._core.row_shift import (
 )
 from stablelayers._cpu import calls, library
 
-Axis = int | Sequence[int] | None
-Axes = tuple[int, ...]
 # Per row, what the backward pass reads besides x: (max, total) from the pure-JAX code,
 # (shift, rest), the log-sum-exp as a float pair, from the row kernel.
-Rows = tuple[jax.Array, jax.Array]
-# (y, None, None) with a mask; (None, x, rows) without one.
-Residuals = tuple[jax.Array | None, jax.Array | None, Rows | None]
+RowStats = tuple[jax.Array, jax.Array]
+# (y, None, None) with a mask; (None, x, stats) without one.
+Residuals = tuple[jax.Array | None, jax.Array | None, RowStats | None]
 
 
 @allow_rank_promotion
@@ -77,7 +74,7 @@ def log_softmax(
     return log_softmax_op(x, mask, axes, kernels)
 
 
-def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Array, Rows]:
+def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Array, RowStats]:
     """``(y, (max, total))``: the log-softmax in ``x.dtype``, and per row the max and the
     total ``sum(exp(x - shift))``."""
     out_dtype = x.dtype
@@ -121,12 +118,12 @@ def _vjp_from_output(axis: Axes, y: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.where(live, g - jnp.exp(y) * total, 0.0)
 
 
-def _vjp_from_input(axis: Axes, x: jax.Array, rows: Rows, g: jax.Array) -> jax.Array:
+def _vjp_from_input(axis: Axes, x: jax.Array, stats: RowStats, g: jax.Array) -> jax.Array:
     # The same g - softmax(x) * sum(g), with softmax(x) = exp(x - shift) / total rebuilt
     # from x the way the forward pass built it (the shift's rounding carried by TwoSum).
     # exp(y) would be worse: y = (x - shift) - lse is larger in magnitude than x - shift,
     # so its rounding is a larger absolute error in the exponent.
-    top, total = rows
+    top, total = stats
     x = x.astype(compute_dtype(x.dtype))
     d, err, dead = shift(x, None, *shift_of_row_max(top))
     live = ~dead & ~is_neginf(d)
@@ -168,31 +165,31 @@ _grad_kernel = calls.differentiable_as(_grad_rows_reference)(calls.log_softmax_g
 
 
 def _kernels_take(x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool) -> bool:
-    """Whether the row kernels make the forward pass, and so the rows its backward reads."""
+    """Whether the row kernels make the forward pass, and so the stats its backward reads."""
     return kernels and where is None and calls.rows_apply(x, axis)
 
 
 def _values(
     x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
-) -> tuple[jax.Array, Rows]:
+) -> tuple[jax.Array, RowStats]:
     """``_primal``, from the row kernel where it applies and the program runs on the CPU."""
     if not _kernels_take(x, where, axis, kernels):
         return _primal(x, where, axis)
 
-    def kernel(x: jax.Array) -> tuple[jax.Array, Rows]:
+    def kernel(x: jax.Array) -> tuple[jax.Array, RowStats]:
         y, amount, rest = _kernel(calls.as_rows(x, axis))
-        rows = (calls.from_rows(amount, x, axis), calls.from_rows(rest, x, axis))
-        return y.reshape(x.shape).astype(x.dtype), rows
+        stats = (calls.from_rows(amount, x, axis), calls.from_rows(rest, x, axis))
+        return y.reshape(x.shape).astype(x.dtype), stats
 
     return calls.on_cpu(kernel, lambda x: _primal(x, None, axis), kernels, x)
 
 
 def _grad_from_input(
-    axis: Axes, kernels: bool, x: jax.Array, rows: Rows, g: jax.Array
+    axis: Axes, kernels: bool, x: jax.Array, stats: RowStats, g: jax.Array
 ) -> jax.Array:
     """``_vjp_from_input``, from the row kernel where the forward pass used it."""
     if not _kernels_take(x, None, axis, kernels):
-        return _vjp_from_input(axis, x, rows, g)
+        return _vjp_from_input(axis, x, stats, g)
 
     def kernel(x: jax.Array, amount: jax.Array, rest: jax.Array, g: jax.Array) -> jax.Array:
         per_row = (amount.reshape(-1), rest.reshape(-1))
@@ -202,7 +199,7 @@ def _grad_from_input(
     def pure_jax(x: jax.Array, top: jax.Array, total: jax.Array, g: jax.Array) -> jax.Array:
         return _vjp_from_input(axis, x, (top, total), g)
 
-    return calls.on_cpu(kernel, pure_jax, kernels, x, *rows, g)
+    return calls.on_cpu(kernel, pure_jax, kernels, x, *stats, g)
 
 
 def _op_primal(x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool) -> jax.Array:
@@ -212,21 +209,21 @@ def _op_primal(x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool)
 def _fwd(
     x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
 ) -> tuple[jax.Array, Residuals]:
-    y, rows = _values(x, where, axis, kernels)
-    # Without a mask the backward pass keeps x, the rows' values and nothing else; with one
+    y, stats = _values(x, where, axis, kernels)
+    # Without a mask the backward pass keeps x, two numbers per row and nothing else; with one
     # it keeps y, whose -inf entries mark the masked places (keeping x would mean keeping
     # the mask too).
     if where is None:
-        return y, (None, x, rows)
+        return y, (None, x, stats)
     return y, (y, None, None)
 
 
 def _bwd(
     axis: Axes, kernels: bool, residuals: Residuals, g: jax.Array
 ) -> tuple[jax.Array, None]:
-    y, x, rows = residuals
-    if x is not None and rows is not None:
-        return _grad_from_input(axis, kernels, x, rows, g).astype(x.dtype), None
+    y, x, stats = residuals
+    if x is not None and stats is not None:
+        return _grad_from_input(axis, kernels, x, stats, g).astype(x.dtype), None
     assert y is not None
     return _vjp_from_output(axis, y, g).astype(y.dtype), None
 

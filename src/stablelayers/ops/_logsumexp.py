@@ -14,22 +14,19 @@ rebuilds from ``x`` (the one array it keeps) and two numbers per row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers._core import arithmetic, checks, row_shift
+from stablelayers._core.checks import Axes, Axis
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import nan_where, neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.ops._logsumexp_complex import complex_logsumexp
 
-Axis = int | Sequence[int] | None
 Maybe = jax.Array | None
-Rows = tuple[int, ...]
 
 
 def _live_mask(where: Maybe, b: Maybe) -> Maybe:
@@ -48,7 +45,7 @@ def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Ar
 
 
 def _primal(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
+    x: jax.Array, where: Maybe, b: Maybe, axis: Axes, empty: float | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Return ``(lse, sign, top, total)`` per row (keepdims), in the compute dtype.
 
@@ -96,14 +93,14 @@ def _softmax_weights(
 
 
 def _lse_value(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
+    x: jax.Array, where: Maybe, b: Maybe, axis: Axes, empty: float | None
 ) -> tuple[jax.Array, jax.Array]:
     """``(lse, sign)`` per row in keepdims shape, compute dtype."""
     return _primal(x, where, b, axis, empty)[:2]
 
 
 def _lse_fwd(
-    x: jax.Array, where: Maybe, b: Maybe, axis: Rows, empty: float | None
+    x: jax.Array, where: Maybe, b: Maybe, axis: Axes, empty: float | None
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array | None, ...]]:
     lse, sign, top, total = _primal(x, where, b, axis, empty)
     # Kept: x (an input), b (an input, when given) and two numbers per row.
@@ -111,7 +108,7 @@ def _lse_fwd(
 
 
 def _lse_bwd(
-    axis: Rows,
+    axis: Axes,
     empty: float | None,
     residuals: tuple[jax.Array, Maybe, Maybe, jax.Array, jax.Array],
     cotangents: tuple[jax.Array, jax.Array],
@@ -133,7 +130,7 @@ def _lse_bwd(
 
 
 def _lse_jvp_rule(
-    axis: Rows,
+    axis: Axes,
     empty: float | None,
     primals: tuple[jax.Array, Maybe, Maybe],
     tangents: tuple[jax.Array, Maybe, Maybe],
@@ -256,7 +253,7 @@ def _complex(
     return (lse, sign) if return_sign else lse
 
 
-def _broadcast_shape(a: Rows, b: Rows) -> Rows:
+def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     try:
         return tuple(jnp.broadcast_shapes(a, b))
     except ValueError:

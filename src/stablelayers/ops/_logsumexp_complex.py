@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers._core.checks import Axes
+
 
 def complex_logsumexp(
     a: jax.Array,
-    axes: tuple[int, ...],
+    axes: Axes,
     b: jax.Array | None,
     where: jax.Array | None,
     return_sign: bool,

@@ -8,7 +8,6 @@ stand in for the primal and the reverse-mode rule on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import cast
 
 import jax
@@ -22,14 +21,13 @@ from stablelayers._core.arithmetic import (
     opaque_identity,
     reciprocal_pair,
 )
+from stablelayers._core.checks import Axes, Axis
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import nan_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.row_shift import exempt_from_nan, nan_rows, shifted_logits
 from stablelayers._cpu import calls, library
 
-Axis = int | Sequence[int] | None
-Axes = tuple[int, ...]
 # (y, the sink's share per row or None, whether the row's largest share exceeds 1/2)
 Residuals = tuple[jax.Array, jax.Array | None, jax.Array | None]
 
