@@ -21,11 +21,11 @@ from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.row_shift import (
     exempt_from_nan,
     nan_rows,
-    row_max,
     shift,
     shift_of_row_max,
 )
 from stablelayers._cpu import calls, library
+from stablelayers.ops._logsumexp import row_log_total
 
 # Per row, what the backward pass reads besides x: (max, total) from the pure-JAX code,
 # (shift, rest), the log-sum-exp as a float pair, from the row kernel.
@@ -79,21 +79,9 @@ def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Arra
     total ``sum(exp(x - shift))``."""
     out_dtype = x.dtype
     x = x.astype(compute_dtype(out_dtype))
-    top = row_max(x, where, None, axis)
+    # lse is the log-sum-exp less the shift, in the accurate log1p form.
+    top, total, lse = row_log_total(x, where, axis)
     amount, has_posinf = shift_of_row_max(top)
-    d, err, _ = shift(x, where, amount, has_posinf)
-    e = exp_corrected(d, err)
-    # log(sum_j exp(d_j)) = log1p(sum_j exp(d_j) - 1). A row with one dominant entry has
-    # e == 1 there and a tiny rest, which float addition to 1 would lose (jax.nn returns
-    # exactly 0.0 at the arg-max where the truth is -7.1e-12). So the "- 1" is taken before
-    # summing: rest sums e - floor(e), which is e below the max and exactly 0 where e == 1
-    # (e <= 1 always). While total < 2, exactly one entry has e == 1, so total - 1 = rest;
-    # from 2 on, total - 1 is exact and loses nothing that matters. floor has derivative 0,
-    # so both sums differentiate like the plain sum. Both reductions read e and nothing
-    # else, with no select, which lets XLA run them as fused reductions.
-    total = jnp.sum(e, axis=axis, keepdims=True)
-    rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
-    lse = jnp.log1p(jnp.where(total < 2, rest, total - 1))
     # The output pass recomputes its per-entry work from x in registers instead of sharing
     # it with the reductions, which would make XLA write it to memory.
     x = opaque_identity(x)

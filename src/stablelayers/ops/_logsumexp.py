@@ -44,6 +44,29 @@ def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Ar
     return arithmetic.exp_corrected(d, err), dead
 
 
+def row_log_total(
+    x: jax.Array, where: Maybe, axis: Axes
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The unweighted row sum, shared with log_softmax: ``(top, total, log_total)`` per row
+    (keepdims) of ``x`` in the compute dtype, with ``top`` the row max,
+    ``total = sum_j exp(x_j - shift)`` over the live entries (0 for a row with none) and
+    ``log_total = log(total)``, so that ``lse = shift + log_total``."""
+    top = row_shift.row_max(x, where, None, axis)
+    e, _ = _terms(x, where, None, top)
+    # log(sum_j e_j) = log1p(sum_j e_j - 1) (Blanchard-Higham-Higham). A row with one
+    # dominant entry has e == 1 there and a tiny rest, which float addition to 1 would lose
+    # (jax.nn's log_softmax returns exactly 0.0 at the arg-max where the truth is -7.1e-12).
+    # So the "- 1" is taken before summing: rest sums e - floor(e), which is e below the max
+    # and exactly 0 where e == 1 (e <= 1 always). While total < 2, exactly one entry has
+    # e == 1, so total - 1 = rest; from 2 on, total - 1 is exact and loses nothing that
+    # matters. floor has derivative 0, so both sums differentiate like the plain sum. Both
+    # reductions read e and nothing else, with no select, which lets XLA run them as fused
+    # reductions.
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
+    return top, total, jnp.log1p(jnp.where(total < 2, rest, total - 1))
+
+
 def _primal(
     x: jax.Array, where: Maybe, b: Maybe, axis: Axes, empty: float | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -56,21 +79,17 @@ def _primal(
     dtype = arithmetic.compute_dtype(x.dtype)
     x = x.astype(dtype)
     where = _live_mask(where, b)
-    top = row_shift.row_max(x, where, None, axis)
-    shift, has_posinf = row_shift.shift_of_row_max(top)
-    e, _ = _terms(x, where, b, top)
     if b is None:
-        total = jnp.sum(e, axis=axis, keepdims=True)
-        # Blanchard-Higham-Higham: the arg-max's term (exactly 1) is left out of the sum and
-        # added by log1p. e - floor(e) is e below the max and 0 where e == 1 (e <= 1), and
-        # floor has derivative 0, so this differentiates as the plain sum (see log_softmax).
-        rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
-        log_total = jnp.log1p(jnp.where(total < 2, rest, total - 1))
+        top, total, log_total = row_log_total(x, where, axis)
         sign = jnp.where(total > 0, 1.0, 0.0).astype(dtype)
     else:
+        # A signed, weighted total has no dominant term of exactly 1 to split off.
+        top = row_shift.row_max(x, where, None, axis)
+        e, _ = _terms(x, where, b, top)
         total = jnp.sum(jnp.where(e == 0, 0.0, e * b.astype(dtype)), axis=axis, keepdims=True)
         sign = jnp.sign(total)
         log_total = jnp.log(jnp.where(total == 0, 1.0, jnp.abs(total)))
+    shift, has_posinf = row_shift.shift_of_row_max(top)
     empty_row = total == 0
     lse = jnp.where(has_posinf, top, shift + log_total)
     fill = neg_inf_where(empty_row, lse.dtype) if empty is None else empty
