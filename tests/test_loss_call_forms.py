@@ -177,6 +177,8 @@ def test_axis_and_where_positional_as_optax():
     where = np.array([[True, False, True, True]] * 3)
     got = sl.softmax_cross_entropy(x, labels, 1, where)
     np.testing.assert_array_equal(got, sl.softmax_cross_entropy(x, labels, axis=1, where=where))
+    for axis in ([1], (1,), np.int64(1), -2):  # as the softmax family takes it
+        np.testing.assert_array_equal(got, sl.softmax_cross_entropy(x, labels, axis, where))
     expected = optax.softmax_cross_entropy_with_integer_labels(x, labels, 1, where)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     loss = sl.sigmoid_binary_cross_entropy(x, x > 0, x < 1)

@@ -131,15 +131,14 @@ def check_integer_labels(labels: ArrayLike, rows: tuple[int, ...]) -> jax.Array:
     return labels
 
 
-def _class_axes(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+def _class_axes(axis: checks.Axis, ndim: int) -> checks.Axes:
     """The class axes, non-negative, in the order given (a flat integer label indexes
-    them in that order, as optax's)."""
-    if axis is not None and not isinstance(axis, (int, tuple)):
-        raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {axis!r}.")
-    checks.canonical_axis(axis, ndim)
-    if axis is None:
+    them in that order, as optax's); ``axis`` is taken as the ops take it."""
+    checked = checks.check_axis(axis)
+    checks.canonical_axis(checked, ndim)
+    if checked is None:
         return tuple(range(ndim))
-    return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    return tuple(a % ndim for a in ((checked,) if isinstance(checked, int) else checked))
 
 
 def example_where(
@@ -163,7 +162,7 @@ def example_where(
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int | tuple[int, ...] | None = -1,
+    axis: checks.Axis = -1,
     where: ArrayLike | None = None,
     *,
     label_smoothing: ArrayLike = 0.0,

@@ -106,7 +106,8 @@ def _per_token(inputs: Inputs, static: Static) -> tuple[jax.Array, jax.Array, Te
 
 
 def _primal(inputs: Inputs, static: Static) -> jax.Array:
-    return _per_token(inputs, static)[0]
+    loss, _, _ = _per_token(inputs, static)
+    return loss
 
 
 class _Residuals(NamedTuple):

@@ -65,7 +65,8 @@ class _Chunk(NamedTuple):
     lse: jax.Array
     counted: jax.Array
     loss: jax.Array
-    option_grads: jax.Array  # (2,): d eps, d z
+    d_smoothing: jax.Array  # d loss / d eps
+    d_z_loss: jax.Array  # d loss / d z
 
 
 def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
@@ -85,10 +86,8 @@ def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
         )
     )
     # The loss is linear in eps and z: its derivatives in them, summed over the chunk.
-    option_grads = jnp.stack(
-        [jnp.sum(t) for t in terms.option_terms(lse, target, total, counted, count)]
-    )
-    return _Chunk(rows, b, lse, counted, loss, option_grads)
+    d_eps, d_z = terms.option_terms(lse, target, total, counted, count)
+    return _Chunk(rows, b, lse, counted, loss, jnp.sum(d_eps), jnp.sum(d_z))
 
 
 def _chunk_grad(inputs: Inputs, chunk: _Chunk, static: Static) -> jax.Array:
@@ -176,8 +175,8 @@ def value_and_grads(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
         old = lax.dynamic_slice_in_dim(grads.hidden, rows.start, rows.size)
         dh_c = jnp.where(rows.fresh[:, None], dh_c, old)
         dh = lax.dynamic_update_slice_in_dim(grads.hidden, dh_c, rows.start, 0)
-        d_eps = grads.label_smoothing + chunk.option_grads[0]
-        d_z = grads.z_loss + chunk.option_grads[1]
+        d_eps = grads.label_smoothing + chunk.d_smoothing
+        d_z = grads.z_loss + chunk.d_z_loss
         return _Carry(carry.total + chunk.loss, Grads(dh, dw, db, d_eps, d_z))
 
     zero = jnp.zeros((), acc)
@@ -213,8 +212,8 @@ def _jvp(
 ) -> tuple[jax.Array, jax.Array]:
     # loss_dot = <dH, H_dot> + <dW, W_dot> + <db, b_dot> (+ eps_dot d eps + z_dot d z):
     # the gradient and three inner products, so forward mode costs the same three matmuls.
-    total, grads = value_and_grads(primals[0], static)
-    dots = tangents[0]
+    (inputs,), (dots,) = primals, tangents
+    total, grads = value_and_grads(inputs, static)
     pairs = [
         (grads.hidden, dots.hidden),
         (grads.weight, dots.weight),

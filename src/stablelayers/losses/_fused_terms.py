@@ -152,9 +152,9 @@ def _take_bits_jvp(
     size: int, axis: int, primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, ...]
 ) -> tuple[jax.Array, jax.Array]:
     # A slice is linear: its tangent is the tangent's slice (bit casts have no derivative).
-    x, start = primals
+    (x, start), (x_dot, _) = primals, tangents
     out = _take_bits(x, start, size, axis)
-    return out, lax.dynamic_slice_in_dim(tangents[0], start, size, axis)
+    return out, lax.dynamic_slice_in_dim(x_dot, start, size, axis)
 
 
 def exact_lse(logits: jax.Array, live: jax.Array) -> jax.Array:
