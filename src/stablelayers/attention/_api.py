@@ -33,7 +33,6 @@ from stablelayers.attention._arguments import (
 )
 from stablelayers.attention._chunked_layout import chunked
 from stablelayers.attention._dense import dense
-from stablelayers.attention._masks import silence_dead_rows
 
 Einsum = Callable[..., jax.Array]
 
@@ -282,7 +281,7 @@ def dot_product_attention(
     if dropout_on:
         assert dropout_rng is not None  # checked above whenever dropout is on
         dropout = (dropout_rng, dropout_rate, broadcast_dropout)
-    inputs = silence_dead_rows(Inputs(query, key, value, bias, mask, sink, *lengths))
+    inputs = Inputs(query, key, value, bias, mask, sink, *lengths)
     settings = Settings(scale, is_causal, window, lookahead, precision, dropout)
     if use_chunks:
         out, lse = chunked(inputs, settings, chunk_size)

@@ -19,10 +19,14 @@ Shape = tuple[int, ...]
 
 
 class Inputs(NamedTuple):
-    """The arrays both paths read, checked: ``query`` ``(batch..., q_len, heads, qk_dim)``,
+    """The arrays of one attention call, checked; the one record of the dense, chunked
+    and ring paths. In the public layout: ``query`` ``(batch..., q_len, heads, qk_dim)``,
     ``key`` and ``value`` ``(batch..., kv_len, kv_heads, dim)`` in one dtype, ``bias`` and
     a boolean ``mask`` broadcastable to ``(batch..., heads, q_len, kv_len)``, ``sink``
-    ``(batch..., heads)`` in the compute dtype, and int32 lengths of shape ``batch``."""
+    ``(batch..., heads)`` in the compute dtype, and int32 lengths of shape ``batch``. The
+    chunked path's layout (``_chunked_layout``) holds the same fields laid out for blocks,
+    the lengths always given, and the dropout key and rate; the ring's chunk pairs also
+    place query 0 at key position ``offset``."""
 
     query: jax.Array
     key: jax.Array
@@ -32,6 +36,9 @@ class Inputs(NamedTuple):
     sink: jax.Array | None
     q_lengths: jax.Array | None
     kv_lengths: jax.Array | None
+    rng: jax.Array | None = None
+    rate: jax.Array | None = None
+    offset: jax.Array | None = None
 
 
 class Settings(NamedTuple):

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import DTypeLike
 
+from stablelayers._core.arithmetic import compute_dtype
 from stablelayers._core.nonfinite import is_neginf
+from stablelayers.attention._arguments import Inputs
 from stablelayers.attention._masks import position_mask
 
 # jnp.finfo is untyped; its fields are numpy scalars.
@@ -45,23 +47,6 @@ class Config(NamedTuple):
     dropout: bool = False
 
 
-class Inputs(NamedTuple):
-    """A call's arrays, in the canonical layout (see the module docstring)."""
-
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    bias: jax.Array | None
-    mask: jax.Array | None
-    q_len: jax.Array
-    kv_len: jax.Array
-    rng: jax.Array | None
-    rate: jax.Array | None
-    # Where query 0 sits in key positions, for the causal mask and the window (the ring's
-    # chunk pairs); 0 on one device.
-    offset: jax.Array | int = 0
-
-
 class Grads(NamedTuple):
     """Gradients being summed, in the compute dtype: shapes of q, k, v and bias."""
 
@@ -71,15 +56,21 @@ class Grads(NamedTuple):
     d_bias: jax.Array | None
 
 
-def compute_dtype(cfg: Config) -> jnp.dtype:
-    """The dtype of logits, softmax and sums: float32, or the input dtype if wider."""
-    return jnp.dtype(jnp.float32) if _finfo(cfg.dtype).bits <= 32 else jnp.dtype(cfg.dtype)
+def lengths(x: Inputs) -> tuple[jax.Array, jax.Array]:
+    """``(q_lengths, kv_lengths)``, ``(B,)`` int32, which the chunked layout always gives."""
+    assert x.q_lengths is not None and x.kv_lengths is not None
+    return x.q_lengths, x.kv_lengths
+
+
+def offset(x: Inputs) -> jax.Array | int:
+    """Where query 0 sits in key positions: 0 but in the ring's chunk pairs."""
+    return 0 if x.offset is None else x.offset
 
 
 def mm(cfg: Config, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """``einsum(spec, a, b)`` at ``cfg.precision``, summed in the compute dtype."""
     return jnp.einsum(
-        spec, a, b, precision=cfg.precision, preferred_element_type=compute_dtype(cfg)
+        spec, a, b, precision=cfg.precision, preferred_element_type=compute_dtype(cfg.dtype)
     )
 
 
@@ -106,7 +97,7 @@ def kv_range(
     cfg: Config, x: Inputs, i: jax.Array, n_k: int, kv_max: jax.Array, q_max: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Key blocks ``[lo, hi)`` that query block ``i`` can see."""
-    first = i * cfg.block_q + x.offset  # the block's first query, in key positions
+    first = i * cfg.block_q + offset(x)  # the block's first query, in key positions
     last = first + cfg.block_q - 1
     hi = (jnp.minimum(kv_max, last + 1) if cfg.is_causal else kv_max) + cfg.block_k - 1
     hi = jnp.minimum(hi // cfg.block_k, n_k)
@@ -121,7 +112,7 @@ def q_range(
     cfg: Config, x: Inputs, j: jax.Array, n_q: int, q_max: jax.Array, kv_max: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Query blocks ``[lo, hi)`` that see key block ``j``."""
-    first = j * cfg.block_k - x.offset  # the block's first key, in query positions
+    first = j * cfg.block_k - offset(x)  # the block's first key, in query positions
     lo = jnp.maximum(first, 0) // cfg.block_q if cfg.is_causal else jnp.int32(0)
     hi = (q_max + cfg.block_q - 1) // cfg.block_q
     if cfg.window is not None:
@@ -138,7 +129,7 @@ def block_logits(
     every valid one above it: nothing here is infinite unless the input is
     (``jax.debug_infs`` checks every intermediate in eager mode), and ``s > lowest`` tells
     the valid places. Query ``q`` and key ``k`` are compared at ``q + offset`` and ``k``."""
-    compute = compute_dtype(cfg)
+    compute = compute_dtype(cfg.dtype)
     s = mm(cfg, "bhgqd,bhkd->bhgqk", q_blk, k_blk) * jnp.asarray(cfg.scale, compute)
     q0, k0 = i * cfg.block_q, j * cfg.block_k
     if x.bias is not None:
@@ -146,11 +137,12 @@ def block_logits(
 
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-    valid = (k_pos < x.kv_len[:, None, None, None, None]) & (
-        q_pos < x.q_len[:, None, None, None, None]
+    q_lengths, kv_lengths = lengths(x)
+    valid = (k_pos < kv_lengths[:, None, None, None, None]) & (
+        q_pos < q_lengths[:, None, None, None, None]
     )
-    # The dense path's rule (_attention_masks), at this block's positions.
-    visible = position_mask(q_pos + x.offset, k_pos, cfg.is_causal, cfg.window, cfg.lookahead)
+    # The dense path's rule (_masks), at this block's positions.
+    visible = position_mask(q_pos + offset(x), k_pos, cfg.is_causal, cfg.window, cfg.lookahead)
     if visible is not None:
         valid = valid & visible
     if x.mask is not None:
@@ -174,10 +166,4 @@ def keep_mask(
         shape = (1, 1, 1, *shape[-2:])
     block_rng = jax.random.fold_in(jax.random.fold_in(x.rng, i), j)
     keep = jax.random.bernoulli(block_rng, keep_prob, shape)
-    return jnp.where(keep, 1.0 / keep_prob, 0.0).astype(compute_dtype(cfg))
-
-
-def sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``t`` summed over the axes where ``shape`` is 1 (a broadcast input's gradient)."""
-    axes = tuple(a for a, n in enumerate(shape) if n == 1 and t.shape[a] != 1)
-    return jnp.sum(t, axis=axes, keepdims=True) if axes else t
+    return jnp.where(keep, 1.0 / keep_prob, 0.0).astype(compute_dtype(cfg.dtype))

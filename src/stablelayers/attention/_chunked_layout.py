@@ -17,6 +17,7 @@ from jax import lax
 from stablelayers._core.arithmetic import compute_dtype
 from stablelayers.attention import _chunked_rule
 from stablelayers.attention._arguments import Inputs, Settings, block_sizes
+from stablelayers.attention._masks import silence_dead_rows
 
 
 def chunked(
@@ -25,7 +26,9 @@ def chunked(
     """The chunked path on ``dot_product_attention``'s checked arguments: ``(out, lse)``,
     ``out`` as ``(batch..., q_len, heads, v_dim)`` and ``lse`` as ``(batch..., heads,
     q_len)``, with the lowest float marking a row that attends nothing."""
-    query, key, value, bias, mask, sink, *lengths = inputs
+    inputs = silence_dead_rows(inputs)
+    query, key, value = inputs.query, inputs.key, inputs.value
+    bias, mask, sink = inputs.bias, inputs.mask, inputs.sink
     batch = query.shape[:-3]
     q_len, heads, qk_dim = query.shape[-3:]
     kv_len, kv_heads, v_dim = value.shape[-3:]
@@ -62,7 +65,7 @@ def chunked(
         jnp.full((n_batch,), n, jnp.int32)
         if given is None
         else jnp.clip(given.reshape(n_batch), 0, n)
-        for given, n in zip(lengths, (q_len, kv_len), strict=True)
+        for given, n in ((inputs.q_lengths, q_len), (inputs.kv_lengths, kv_len))
     )
     rng = rate = None
     broadcast = False
@@ -81,9 +84,8 @@ def chunked(
         broadcast_dropout=bool(broadcast),
         dropout=settings.dropout is not None,
     )
-    out, lse = _chunked_rule.chunked_attention(
-        cfg, q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate
-    )
+    blocks = Inputs(q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate)
+    out, lse = _chunked_rule.chunked_attention(cfg, blocks)
     out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, v_dim)
     lse = lse[:, :, :, :q_len].reshape(*batch, heads, q_len)
     return out.astype(dtype), lse

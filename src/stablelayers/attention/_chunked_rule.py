@@ -24,26 +24,36 @@ gradient exactly 0; masked places never reach a sum, so NaN or inf there does no
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stablelayers._core import online_softmax
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers._core.checks import sum_to_shape
+from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import is_neginf
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.attention import _chunked_blocks as cb
 from stablelayers.attention import _sharding
+from stablelayers.attention._arguments import Inputs
 from stablelayers.attention._chunked_blocks import Config as Config
 from stablelayers.attention._chunked_blocks import Grads as Grads
-from stablelayers.attention._chunked_blocks import Inputs as Inputs
 
 # (dq, dk, dv, d_bias) of one key block, dk and dv transposed: (B, Hkv, D, block_k).
 _BlockGrads = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
 # The online softmax's running (max, normaliser, unnormalised output) of a query block.
 _Online = tuple[jax.Array, jax.Array, jax.Array]
-# (q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse)
-Residuals = tuple[Any, ...]
+
+
+class Residuals(NamedTuple):
+    """What the backward pass keeps: the inputs, the output and the row logsumexps."""
+
+    inputs: Inputs
+    out: jax.Array
+    lse: jax.Array
 
 
 def initial_state(
@@ -52,7 +62,7 @@ def initial_state(
     """``(out, lse)`` of rows that have seen no key yet: output 0 and logsumexp at the
     lowest float (empty), or with a sink, the sink's logit: the sink is one more entry of
     each row, with value 0. Shapes ``(B, Hkv, G, Lq, Dv)`` and ``(B, Hkv, G, Lq)``."""
-    compute = cb.compute_dtype(cfg)
+    compute = compute_dtype(cfg.dtype)
     rows = q.shape[:-1]
     lowest = cb.lowest(compute)
     if sink is None:
@@ -64,22 +74,20 @@ def initial_state(
 
 
 def forward(
-    cfg: Config,
-    x: Inputs,
-    sink: jax.Array | None,
-    state: tuple[jax.Array, jax.Array] | None = None,
+    cfg: Config, x: Inputs, state: tuple[jax.Array, jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """``(out, lse)`` of the rows against these keys, continuing the online softmax from
-    ``state`` (default :func:`initial_state`): per row, running max ``m = lse``, normaliser
+    """``(out, lse)`` of the rows against these keys, continuing the online softmax
+    (:mod:`stablelayers._core.online_softmax`) from ``state`` (default
+    :func:`initial_state`, from ``x.sink``): per row, running max ``m = lse``, normaliser
     ``l = 1`` (0 if empty) and ``acc = out``; for each key block ``m' = max(m, max_k s)``,
     ``l' = e^{m - m'} l + sum_k e^{s - m'}``, ``acc' = e^{m - m'} acc + e^{s - m'} v``; at
     the end ``out = acc / l``, ``lse = m + log l``. Continuing from a state is the
     logsumexp merge of two partial softmaxes, written over the state in place."""
-    q, k, v = x.q, x.k, x.v
-    compute = cb.compute_dtype(cfg)
+    q, k, v = x.query, x.key, x.value
     n_q, n_k = q.shape[3] // cfg.block_q, k.shape[2] // cfg.block_k
-    q_max, kv_max = jnp.max(x.q_len), jnp.max(x.kv_len)
-    lowest = cb.lowest(compute)
+    q_lengths, kv_lengths = cb.lengths(x)
+    q_max, kv_max = jnp.max(q_lengths), jnp.max(kv_lengths)
+    lowest = cb.lowest(compute_dtype(cfg.dtype))
 
     def query_block(
         i: jax.Array, carry: tuple[jax.Array, jax.Array]
@@ -93,34 +101,27 @@ def forward(
             k_blk = lax.dynamic_slice_in_dim(k, j * cfg.block_k, cfg.block_k, 2)
             v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
             s = cb.block_logits(cfg, x, i, j, q_blk, k_blk)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            shift = jnp.where(is_neginf(m_new), 0.0, m_new)
-            p = jnp.where(s > lowest, jnp.exp(s - shift[..., None]), 0.0)
-            alpha = jnp.exp(m - shift)
-            l = alpha * l + jnp.sum(p, axis=-1)
+            m, l, p, alpha = online_softmax.step(m, l, s, lowest)
             if cfg.dropout:
                 p = p * cb.keep_mask(cfg, x, i, j, p.shape)
             pv = cb.mm(cfg, "bhgqk,bhkd->bhgqd", p.astype(cfg.dtype), v_blk)
-            return m_new, l, alpha[..., None] * acc + pv
+            return m, l, alpha[..., None] * acc + pv
 
         lo, hi = (b.astype(jnp.int32) for b in cb.kv_range(cfg, x, i, n_k, kv_max, q_max))
-        m0 = lax.dynamic_slice_in_dim(lse, q0, cfg.block_q, 3)
-        l0 = jnp.where(m0 == lowest, 0.0, 1.0).astype(compute)
+        m0, l0 = online_softmax.start(lax.dynamic_slice_in_dim(lse, q0, cfg.block_q, 3), lowest)
         acc0 = lax.dynamic_slice_in_dim(out, q0, cfg.block_q, 3)
-        init = _sharding.match((m0, l0, acc0), x, sink)
+        init = _sharding.match((m0, l0, acc0), x)
         m, l, acc = lax.fori_loop(lo, hi, key_block, init)
-        empty = l == 0
-        o_blk = acc / jnp.where(empty, 1.0, l)[..., None]
         # An empty row's logsumexp is -inf; it is kept as the lowest float (nothing inside
         # is infinite), and the caller turns it into -inf where it returns it.
-        lse_blk = jnp.where(empty, lowest, m + jnp.log(jnp.where(empty, 1.0, l)))
+        o_blk, lse_blk = online_softmax.finish(m, l, acc, lowest)
         out = lax.dynamic_update_slice_in_dim(out, o_blk, q0, 3)
         lse = lax.dynamic_update_slice_in_dim(lse, lse_blk, q0, 3)
         return out, lse
 
     if state is None:
-        state = initial_state(cfg, q, v, sink)
-    state = _sharding.match(state, x, sink)
+        state = initial_state(cfg, q, v, x.sink)
+    state = _sharding.match(state, x)
     return cast(tuple[jax.Array, jax.Array], lax.fori_loop(0, n_q, query_block, state))
 
 
@@ -131,7 +132,7 @@ def row_terms(
     empty row's (the lowest float) made 0, and ``D = rowsum(dO * O) - d_lse``, the softmax
     backward's row term (a logsumexp cotangent enters as ``d s_qk += p_qk d_lse_q``, with
     the opposite sign). Computed once, so that ``out`` is not needed afterwards."""
-    compute = cb.compute_dtype(cfg)
+    compute = compute_dtype(cfg.dtype)
     delta = jnp.sum(d_out.astype(compute) * out, axis=-1) - d_lse.astype(compute)
     return jnp.where(lse == cb.lowest(compute), 0.0, lse), delta
 
@@ -150,11 +151,12 @@ def accumulate_grads(
     ``dq += scale dS k``, ``dk += scale dS^T q``, ``dv += p^T dO``. The sums are added
     into ``grads`` in place, so a caller that calls it for several key blocks (the ring)
     holds one set of gradients, not one per call."""
-    q, k, v = inputs[:3]
+    q, k, v = inputs.query, inputs.key, inputs.value
     finite_lse, delta = rows
-    compute = cb.compute_dtype(cfg)
+    compute = compute_dtype(cfg.dtype)
     n_q, n_k = q.shape[3] // cfg.block_q, k.shape[2] // cfg.block_k
-    q_max, kv_max = jnp.max(inputs.q_len), jnp.max(inputs.kv_len)
+    q_lengths, kv_lengths = cb.lengths(inputs)
+    q_max, kv_max = jnp.max(q_lengths), jnp.max(kv_lengths)
     d_out_mm = d_out.astype(cfg.dtype)
     scale = jnp.asarray(cfg.scale, compute)
 
@@ -186,7 +188,7 @@ def accumulate_grads(
             # Exactly 0 where p is: a masked place or an empty row passes nothing on.
             ds = jnp.where(p == 0, 0.0, p * (dp - delta_blk[..., None]))
             if d_bias is not None:
-                part = cb.sum_to(ds, d_bias.shape)
+                part = sum_to_shape(ds, d_bias.shape)
                 d_bias = cb.add_slice(d_bias, (0, 0, 0, q0, j * cfg.block_k), part)
             ds_mm = ds.astype(cfg.dtype)
             dq_part = cb.mm(cfg, "bhgqk,bhkd->bhgqd", ds_mm, k_blk)
@@ -215,56 +217,50 @@ def sink_grad(sink: jax.Array, rows: tuple[jax.Array, jax.Array]) -> jax.Array:
     finite_lse, delta = rows
     sink_c = sink.astype(delta.dtype)[..., None]
     p_sink = jnp.where(is_neginf(sink_c), 0.0, jnp.exp(sink_c - finite_lse))
-    return cb.sum_to(-p_sink * delta, (*sink.shape, 1))[..., 0]
+    return sum_to_shape(-p_sink * delta, (*sink.shape, 1))[..., 0]
 
 
-@allow_rank_promotion
 def _backward(
     cfg: Config, residuals: Residuals, cotangents: tuple[jax.Array, jax.Array]
-) -> tuple[jax.Array | None, ...]:
+) -> tuple[Inputs]:
     """The backward rule: the gradients of q, k, v, bias and sink (None for the other
-    arguments) in their dtypes, from ``_fwd``'s residuals and ``(d_out, d_lse)``."""
-    q, k, v, bias, mask, sink, q_len, kv_len, rng, rate, out, lse = residuals
+    inputs) in their dtypes, from ``_fwd``'s residuals and ``(d_out, d_lse)``."""
+    x, out, lse = residuals
     d_out, d_lse = cotangents
     rows = row_terms(cfg, out, lse, d_out, d_lse)
-    inputs = Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate)
-    compute = cb.compute_dtype(cfg)
-    d_q, d_k, d_v = (jnp.zeros(x.shape, compute) for x in (q, k, v))
+    compute = compute_dtype(cfg.dtype)
+    q, k, v, bias, sink = x.query, x.key, x.value, x.bias, x.sink
+    d_q, d_k, d_v = (jnp.zeros(a.shape, compute) for a in (q, k, v))
     d_bias = None if bias is None else jnp.zeros(bias.shape, compute)
-    grads = _sharding.match(
-        Grads(d_q, d_k, d_v, d_bias), q, k, v, d_out, lse, sink, q_len, kv_len
-    )
-    grads = accumulate_grads(cfg, inputs, d_out, rows, grads)
-    d_q, d_k, d_v = (g.astype(x.dtype) for g, x in zip(grads[:3], (q, k, v), strict=True))
-    d_bias = None if grads.d_bias is None else grads.d_bias.astype(bias.dtype)
+    refs = (q, k, v, d_out, lse, sink, x.q_lengths, x.kv_lengths)
+    grads = _sharding.match(Grads(d_q, d_k, d_v, d_bias), *refs)
+    grads = accumulate_grads(cfg, x, d_out, rows, grads)
+    d_bias = None if grads.d_bias is None or bias is None else grads.d_bias.astype(bias.dtype)
     d_sink = None if sink is None else sink_grad(sink, rows).astype(sink.dtype)
-    return d_q, d_k, d_v, d_bias, None, d_sink, None, None, None, None
+    d_x = Inputs(
+        grads.d_q.astype(q.dtype),
+        grads.d_k.astype(k.dtype),
+        grads.d_v.astype(v.dtype),
+        d_bias,
+        None,
+        d_sink,
+        None,
+        None,
+    )
+    return (d_x,)
 
 
-def _primal(
-    cfg: Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-    rng: jax.Array | None,
-    rate: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
+def _primal(cfg: Config, x: Inputs) -> tuple[jax.Array, jax.Array]:
     """Return ``(out, lse)`` in the canonical layout: out ``(B, Hkv, G, Lq, Dv)`` in the
     compute dtype, lse ``(B, Hkv, G, Lq)``; see the module docstring."""
-    return forward(cfg, Inputs(q, k, v, bias, mask, q_len, kv_len, rng, rate), sink)
+    return forward(cfg, x)
 
 
-@allow_rank_promotion
-def _fwd(cfg: Config, *args: Any) -> tuple[tuple[jax.Array, jax.Array], Residuals]:
-    """The forward rule: ``_primal(cfg, *args)``, with ``args`` and the result kept."""
-    out, lse = _primal(cfg, *args)
-    return (out, lse), (*args, out, lse)
+def _fwd(cfg: Config, x: Inputs) -> tuple[tuple[jax.Array, jax.Array], Residuals]:
+    """The forward rule: ``_primal(cfg, x)``, with ``x`` and the result kept."""
+    out, lse = _primal(cfg, x)
+    return (out, lse), Residuals(x, out, lse)
 
 
-chunked_attention = jax.custom_vjp(_primal, nondiff_argnums=(0,))
-chunked_attention.defvjp(_fwd, _backward)
+# Reverse mode only: forward mode takes the dense path (``_arguments.use_chunked``).
+chunked_attention = define_op(_primal, fwd=_fwd, bwd=_backward, nondiff_argnums=(0,))

@@ -34,14 +34,16 @@ def dense(
     """``(out, lse)`` on ``dot_product_attention``'s checked arguments: ``out`` as
     ``(batch..., q_len, heads, v_dim)``, and with ``want_lse`` the logsumexp of each row's
     logits (sink included) as ``(batch..., heads, q_len)``, ``-inf`` for an empty row."""
-    query, key, value, bias, mask, sink, q_lengths, kv_lengths = inputs
-    scale, is_causal, window, lookahead, precision, dropout = settings
-    batch = query.shape[:-3]
-    q_len, heads, _ = query.shape[-3:]
-    kv_len, kv_heads, _ = key.shape[-3:]
+    batch = inputs.query.shape[:-3]
+    q_len, heads, _ = inputs.query.shape[-3:]
+    kv_len, kv_heads, _ = inputs.key.shape[-3:]
+    logits_shape = (*batch, heads, q_len, kv_len)
+    inputs, where = dense_mask(inputs, settings, logits_shape)
+    query, key, value = inputs.query, inputs.key, inputs.value
+    bias, sink = inputs.bias, inputs.sink
+    scale, precision, dropout = settings.scale, settings.precision, settings.dropout
     dtype = query.dtype
     compute = compute_dtype(dtype)
-    logits_shape = (*batch, heads, q_len, kv_len)
     groups = heads // kv_heads
     if qk_einsum is not None and groups > 1:
         # A custom einsum only promises Flax's two subscripts, so expand the kv heads.
@@ -64,8 +66,6 @@ def dense(
     if bias is not None:
         logits = logits + bias.astype(compute)
 
-    lengths = (q_lengths, kv_lengths)
-    where = dense_mask(mask, is_causal, window, lookahead, lengths, logits_shape)
     # One sink per (batch, head), broadcast to each query row as the softmax keeps it.
     row_sink = (
         None

@@ -2,6 +2,7 @@
 
 One rule for both paths: the dense path applies ``position_mask`` to the whole
 ``(q_len, kv_len)`` grid (``dense_mask``), the chunked path to each block's positions.
+Each path silences the rows no pair uses (``silence_dead_rows``) as it starts.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers.attention._arguments import Inputs
+from stablelayers.attention._arguments import Inputs, Settings
 
 
 def both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
@@ -41,25 +42,24 @@ def position_mask(
 
 
 def dense_mask(
-    mask: jax.Array | None,
-    is_causal: bool,
-    window: int | None,
-    lookahead: int | None,
-    lengths: tuple[jax.Array | None, jax.Array | None],
-    logits_shape: tuple[int, ...],
-) -> jax.Array | None:
-    """The boolean mask of the dense path's ``(batch..., heads, q_len, kv_len)`` logits:
-    ``mask``, the structure and the per-batch lengths together; ``None`` for no mask."""
+    inputs: Inputs, settings: Settings, logits_shape: tuple[int, ...]
+) -> tuple[Inputs, jax.Array | None]:
+    """The dense path's masking, in one place: ``inputs`` with the rows no pair uses
+    silenced (:func:`silence_dead_rows`), and the boolean mask of its ``(batch..., heads,
+    q_len, kv_len)`` logits: ``mask``, the structure and the per-batch lengths together;
+    ``None`` for no mask."""
     q_len, kv_len = logits_shape[-2:]
     q_pos = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
     k_pos = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
-    where = both(mask, position_mask(q_pos, k_pos, is_causal, window, lookahead))
-    q_lengths, kv_lengths = lengths
-    if q_lengths is not None:
-        where = both(where, q_pos < q_lengths[..., None, None, None])
-    if kv_lengths is not None:
-        where = both(where, k_pos < kv_lengths[..., None, None, None])
-    return where
+    structure = position_mask(
+        q_pos, k_pos, settings.is_causal, settings.window, settings.lookahead
+    )
+    where = both(inputs.mask, structure)
+    if inputs.q_lengths is not None:
+        where = both(where, q_pos < inputs.q_lengths[..., None, None, None])
+    if inputs.kv_lengths is not None:
+        where = both(where, k_pos < inputs.kv_lengths[..., None, None, None])
+    return silence_dead_rows(inputs), where
 
 
 def silence_dead_rows(inputs: Inputs) -> Inputs:
@@ -71,7 +71,8 @@ def silence_dead_rows(inputs: Inputs) -> Inputs:
     logits. Likewise a query that attends nothing, in the gradient of the keys. Zeroed,
     they contribute exactly nothing, and their own gradients are exactly 0.
     """
-    query, key, value, _, mask, _, q_lengths, kv_lengths = inputs
+    query, key, value = inputs.query, inputs.key, inputs.value
+    mask, q_lengths, kv_lengths = inputs.mask, inputs.q_lengths, inputs.kv_lengths
     if mask is None and q_lengths is None and kv_lengths is None:
         return inputs
     batch, q_len = query.shape[:-3], query.shape[-3]

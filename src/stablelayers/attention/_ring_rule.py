@@ -39,15 +39,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stablelayers._core.rank_promotion import allow_rank_promotion
-from stablelayers.attention import _chunked_blocks as cb
+from stablelayers._core.arithmetic import compute_dtype
+from stablelayers._core.define_op import define_op
 from stablelayers.attention import _chunked_rule as ca
 from stablelayers.attention import _sharding
+from stablelayers.attention._arguments import Inputs
 
 T = TypeVar("T")
 Pair = tuple[jax.Array, jax.Array]  # one array per chunk of the local block
-# (q, k, v, sink, q_len, kv_len, out, lse)
-Residuals = tuple[Any, ...]
+
+
+class Residuals(NamedTuple):
+    """What the backward pass keeps: the queries, the keys and values that came home
+    round the ring, the sink, the global lengths, and each chunk's output and lse."""
+
+    q: Pair
+    k: Pair
+    v: Pair
+    sink: jax.Array | None
+    q_len: jax.Array
+    kv_len: jax.Array
+    out: Pair
+    lse: Pair
 
 
 class RingConfig(NamedTuple):
@@ -79,7 +92,7 @@ def _pair(
     k: jax.Array,
     v: jax.Array,
     lengths: tuple[jax.Array, jax.Array],
-) -> ca.Inputs:
+) -> Inputs:
     """The chunked path's inputs for query chunk ``qc`` against key chunk ``kc``
     (``chunks``): the global ``lengths`` made local, and query 0 placed at key position
     ``(qc - kc) C``. The causal mask then skips a pair whose keys all follow its queries
@@ -87,7 +100,7 @@ def _pair(
     leaves whole a pair whose keys all precede its queries, with no branch."""
     (qc, kc), (q_len, kv_len) = chunks, lengths
     local = (_lens(q_len, qc, cfg.chunk), _lens(kv_len, kc, cfg.chunk))
-    return ca.Inputs(q, k, v, None, None, *local, None, None, (qc - kc) * cfg.chunk)
+    return Inputs(q, k, v, None, None, None, *local, offset=(qc - kc) * cfg.chunk)
 
 
 def _after(tree: T, after: Any) -> T:
@@ -140,7 +153,7 @@ def _forward(
         for qi, ki in itertools.product(range(2), repeat=2):
             chunks = (q_ids[qi], k_ids[ki])
             x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
-            out[qi] = ca.forward(cfg.inner, x, None, state=out[qi])
+            out[qi] = ca.forward(cfg.inner, x, state=out[qi])
         k, v = _rotate(cfg, (k, v), out)
         return k, v, (out[0], out[1])
 
@@ -150,26 +163,38 @@ def _forward(
     return ((acc[0][0], acc[1][0]), (acc[0][1], acc[1][1])), (k, v)
 
 
-def _primal(cfg: RingConfig, *args: Any) -> tuple[Pair, Pair]:
-    """``(out, lse)`` of the local queries in ``_chunked_rule``'s canonical layout,
-    for ``args = (q, k, v, sink, q_len, kv_len)`` as :func:`_forward` takes them, each
+def _primal(
+    cfg: RingConfig,
+    q: Pair,
+    k: Pair,
+    v: Pair,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+) -> tuple[Pair, Pair]:
+    """``(out, lse)`` of the local queries in ``_chunked_rule``'s canonical layout, each
     array a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k ``(B, Hkv, C, D)``, v
     ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths ``(B,)`` global. Empty
     rows have output 0 and logsumexp at the lowest float. Chunks are kept apart (never
     concatenated) so that no copy of the local block is made."""
-    return _forward(cfg, *args)[0]
+    return _forward(cfg, q, k, v, sink, q_len, kv_len)[0]
 
 
-@allow_rank_promotion
-def _fwd(cfg: RingConfig, *args: Any) -> tuple[tuple[Pair, Pair], Residuals]:
-    """The forward rule: ``_primal(cfg, *args)``, keeping ``args`` and the result, but
+def _fwd(
+    cfg: RingConfig,
+    q: Pair,
+    k: Pair,
+    v: Pair,
+    sink: jax.Array | None,
+    q_len: jax.Array,
+    kv_len: jax.Array,
+) -> tuple[tuple[Pair, Pair], Residuals]:
+    """The forward rule: ``_primal``'s result, keeping the arguments and the result, but
     with the keys and values that came home round the ring in place of the inputs'."""
-    (out, lse), (k, v) = _forward(cfg, *args)
-    q, _, _, sink, q_len, kv_len = args
-    return (out, lse), (q, k, v, sink, q_len, kv_len, out, lse)
+    (out, lse), (k, v) = _forward(cfg, q, k, v, sink, q_len, kv_len)
+    return (out, lse), Residuals(q, k, v, sink, q_len, kv_len, out, lse)
 
 
-@allow_rank_promotion
 def _bwd(
     cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]
 ) -> tuple[Pair, Pair, Pair, jax.Array | None, None, None]:
@@ -177,7 +202,7 @@ def _bwd(
     FlashAttention-2's backward of that pair alone (``p = exp(s - lse)`` is the global
     probability, ``D = rowsum(dO * O) - d_lse`` the global row term); the shares add up.
     dq stays; dk and dv travel with their keys and values, home after ``N`` moves."""
-    q, k, v, sink, q_len, kv_len, out, lse = residuals
+    q, k, v, sink, q_len, kv_len, out, lse = residuals  # a NamedTuple, unpacked whole
     d_out, d_lse = cotangents
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
@@ -187,7 +212,7 @@ def _bwd(
     if sink is not None:
         # Summed over this device's rows, then over the devices that share the sink.
         d_sink = ca.sink_grad(sink, rows[0]) + ca.sink_grad(sink, rows[1])
-        d_sink = _sharding.sum_to(d_sink, sink).astype(sink.dtype)
+        d_sink = _sharding.sum_over_devices(d_sink, sink).astype(sink.dtype)
     Carry = tuple[Pair, Pair, Pair, Pair, Pair]
 
     def step(s: jax.Array, carry: Carry) -> Carry:
@@ -198,11 +223,11 @@ def _bwd(
             x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
             grads = ca.Grads(d_q[qi], d_k[ki], d_v[ki], None)
             grads = ca.accumulate_grads(cfg.inner, x, d_out[qi], rows[qi], grads)
-            d_q[qi], d_k[ki], d_v[ki] = grads[:3]
+            d_q[qi], d_k[ki], d_v[ki] = grads.d_q, grads.d_k, grads.d_v
         moving = _rotate(cfg, (_two(k), _two(v), _two(d_k), _two(d_v)), d_q)
         return (_two(d_q), *moving)
 
-    compute = cb.compute_dtype(cfg.inner)
+    compute = compute_dtype(cfg.inner.dtype)
     zeros = _after([_two([jnp.zeros(x.shape, compute) for x in xs]) for xs in (q, k, v)], rows)
     init = _sharding.match((zeros[0], k, v, zeros[1], zeros[2]), *residuals, *cotangents)
     d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
@@ -218,5 +243,5 @@ def _two(xs: list[jax.Array] | Pair) -> Pair:
     return xs[0], xs[1]
 
 
-ring = jax.custom_vjp(_primal, nondiff_argnums=(0,))
-ring.defvjp(_fwd, _bwd)
+# Reverse mode only, as the chunked path.
+ring = define_op(_primal, fwd=_fwd, bwd=_bwd, nondiff_argnums=(0,))

@@ -44,7 +44,7 @@ def match(tree: T, *refs: Any) -> T:
     return cast(T, jax.tree.map(to_varying, tree))
 
 
-def sum_to(x: jax.Array, like: Any) -> jax.Array:
+def sum_over_devices(x: jax.Array, like: Any) -> jax.Array:
     """``x`` summed over the mesh axes it varies along and ``like`` does not: the gradient
     of an input that every device shares is the sum of the devices' shares."""
     extra = tuple(sorted(_axes(x) - _axes(like), key=str))
