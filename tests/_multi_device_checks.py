@@ -40,7 +40,7 @@ def ring_vs_dense(n: int, causal: bool) -> float:
     sink = jax.random.normal(ks[3], (H,))
     # Entry 1: 5 queries and 9 keys, so most devices' query blocks are empty.
     ql, kl = jnp.array([L, 5]), jnp.array([L - 7, 9])
-    kw = dict(sink=None, is_causal=causal, query_lengths=ql, key_lengths=kl)
+    kw = dict(sink=None, is_causal=causal, query_seq_lengths=ql, key_value_seq_lengths=kl)
 
     def dense(q, k, v, s):
         kw["sink"] = s

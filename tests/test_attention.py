@@ -460,7 +460,7 @@ def test_padding_contributes_nothing_whatever_it_holds(implementation, padding):
     q, k, v = attention_inputs()
     q_lengths, kv_lengths = jnp.array([6, 8]), jnp.array([5, 3])
     if padding == "lengths":
-        options = {"query_lengths": q_lengths, "key_lengths": kv_lengths}
+        options = {"query_seq_lengths": q_lengths, "key_value_seq_lengths": kv_lengths}
     else:
         rows = jnp.arange(8)[None, :] < q_lengths[:, None]
         cols = jnp.arange(8)[None, :] < kv_lengths[:, None]
@@ -521,13 +521,33 @@ def test_dropout_rate_is_checked_for_every_kind_of_number(rate, implementation):
         )
 
 
-@pytest.mark.parametrize("window", [np.int64(2), np.int32(2), jnp.int32(2), 2])
-def test_window_takes_any_integer_scalar(window):
+@pytest.mark.parametrize("left", [np.int64(1), np.int32(1), jnp.int32(1), 1])
+def test_local_window_size_takes_any_integer_scalar(left):
     q, k, v = attention_inputs()
-    reference = sl.dot_product_attention(q, k, v, window=2, is_causal=True)
+    reference = sl.dot_product_attention(q, k, v, local_window_size=(1, 0), is_causal=True)
     np.testing.assert_array_equal(
-        sl.dot_product_attention(q, k, v, window=window, is_causal=True), reference
+        sl.dot_product_attention(q, k, v, local_window_size=(left, 0), is_causal=True),
+        reference,
     )
+
+
+# Issue 22: one spelling per argument, jax.nn's; the others are gone, not aliased.
+@pytest.mark.parametrize(
+    "removed", ["query_lengths", "key_lengths", "window"], ids=lambda name: name
+)
+def test_removed_argument_spellings_raise_type_error(removed):
+    q, k, v = attention_inputs()
+    value = 2 if removed == "window" else jnp.array([3, 5])
+    unexpected = f"unexpected keyword argument '{removed}'"
+    with pytest.raises(TypeError, match=unexpected):
+        sl.dot_product_attention(q, k, v, **{removed: value})
+    if removed == "window":
+        return
+    with pytest.raises(TypeError, match=unexpected):
+        sl.ring_attention(q, k, v, axis_name="sp", **{removed: value})
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("sp",))
+    with pytest.raises(TypeError, match=unexpected):
+        sl.ring_attention_sharded(q, k, v, mesh=mesh, axis_name="sp", **{removed: value})
 
 
 @pytest.mark.parametrize(

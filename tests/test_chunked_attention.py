@@ -15,7 +15,10 @@ import stablelayers as sl
 BATCH, Q_LEN, KV_LEN, HEADS, DIM = 2, 13, 11, 4, 8
 # Small odd blocks, so that every case has several blocks and a ragged last one.
 CHUNK = (4, 3)
-STATIC = ("is_causal", "window", "implementation", "chunk_size", "dtype", "return_logsumexp")
+STATIC = (
+    "is_causal", "local_window_size", "implementation", "chunk_size", "dtype",
+    "return_logsumexp",
+)  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
@@ -23,8 +26,8 @@ def _attend(
     query, key, value, bias=None, mask=None, sink=None, q_lens=None, kv_lens=None, **kwargs
 ):
     return sl.dot_product_attention(
-        query, key, value, bias, mask, sink=sink, query_lengths=q_lens, key_lengths=kv_lens,
-        return_logsumexp=True, **kwargs,
+        query, key, value, bias, mask, sink=sink, query_seq_lengths=q_lens,
+        key_value_seq_lengths=kv_lens, return_logsumexp=True, **kwargs,
     )  # fmt: skip
 
 
@@ -44,7 +47,8 @@ def _case(name, kv_heads=2, dtype=jnp.float32):
     if "causal" in name:
         kwargs["is_causal"] = True
     if "window" in name:
-        kwargs["window"] = 4
+        # A look-back of 4 keys, itself included; no bound ahead.
+        kwargs["local_window_size"] = (3, KV_LEN)
     if "mask" in name:
         args["mask"] = jnp.asarray(mask_np)
     if "bias" in name:
@@ -85,7 +89,7 @@ def _values_and_grads(qkv, args, kwargs, implementation):
     def loss(qkv, diff):
         out, lse = sl.dot_product_attention(
             *qkv, diff.get("bias"), rest.get("mask"), sink=diff.get("sink"),
-            query_lengths=rest.get("q_lens"), key_lengths=rest.get("kv_lens"),
+            query_seq_lengths=rest.get("q_lens"), key_value_seq_lengths=rest.get("kv_lens"),
             implementation=implementation, chunk_size=CHUNK, return_logsumexp=True, **kwargs,
         )  # fmt: skip
         finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
@@ -236,8 +240,8 @@ def test_automatic_choice_and_errors():
         sl.dot_product_attention(q, k, k, implementation="flash")
     with pytest.raises(ValueError, match="sow"):
         sl.dot_product_attention(q, k, k, implementation="chunked", module=object())
-    with pytest.raises(TypeError, match="query_lengths"):
-        sl.dot_product_attention(q, k, k, query_lengths=jnp.ones(1))
+    with pytest.raises(TypeError, match="query_seq_lengths"):
+        sl.dot_product_attention(q, k, k, query_seq_lengths=jnp.ones(1))
     # forward_mode() needs jvp rules, which only the dense path has.
     with sl.forward_mode():
         lowered = jax.jit(lambda q, k: sl.dot_product_attention(q, k, k)).lower(q, k)

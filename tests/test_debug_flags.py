@@ -95,8 +95,8 @@ def test_masked_attention_runs_under_debug_infs(implementation, mode):
             k,
             v,
             is_causal=True,
-            key_lengths=jnp.array([5, 3]),
-            query_lengths=jnp.array([8, 6]),
+            key_value_seq_lengths=jnp.array([5, 3]),
+            query_seq_lengths=jnp.array([8, 6]),
             implementation=implementation,
             chunk_size=4,
         )

@@ -110,8 +110,8 @@ def _attention_value_and_grad(implementation, causal):
             mask=mask,
             sink=sink,
             is_causal=causal,
-            query_lengths=q_lengths,
-            key_lengths=kv_lengths,
+            query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths,
             implementation=implementation,
             chunk_size=2,
         )
@@ -230,8 +230,8 @@ def test_layers_under_strict_settings(mode, x64):
     "options",
     [
         {},
-        {"is_causal": True, "window": 3},
-        {"query_lengths": jnp.array([3, 8]), "key_lengths": jnp.array([5, 2])},
+        {"is_causal": True, "local_window_size": (2, 0)},
+        {"query_seq_lengths": jnp.array([3, 8]), "key_value_seq_lengths": jnp.array([5, 2])},
         {"bias": jnp.ones((8, 8))},
         {"mask": jnp.ones((8, 8), bool), "sink": jnp.zeros(2)},
     ],

@@ -326,10 +326,10 @@ def test_einsum_dot_general_keyword():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(window=2),
+        dict(local_window_size=(1, 0)),
         dict(chunk_size=2),
         dict(implementation="dense"),
-        dict(query_lengths=jnp.array([2]), key_lengths=jnp.array([3])),
+        dict(query_seq_lengths=jnp.array([2]), key_value_seq_lengths=jnp.array([3])),
     ],
     ids=["window", "chunk_size", "implementation", "lengths"],
 )

@@ -224,12 +224,12 @@ def _mask_inputs(mode):
         q_len = jnp.array([T // 2, T // 4], jnp.int32)
         kv_len = jnp.array([S // 4, S // 2], jnp.int32)
         kwargs.update(query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
-        ours_kwargs.update(query_lengths=q_len, key_lengths=kv_len)
+        ours_kwargs.update(query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
     if "sliding_window" in mode:
-        # Causal, so the right side of jax's (left, right) window has no effect: a
-        # look-back of left keys is stablelayers' window=left + 1.
+        # Causal, so the right side of jax's (left, right) window has no effect: (3, 0),
+        # a look-back only, is the same window.
         kwargs["local_window_size"] = (3, 2)
-        ours_kwargs["window"] = 4
+        ours_kwargs["local_window_size"] = (3, 0)
     return (q, k, v, bias, mask), grad, kwargs, ours_kwargs
 
 
@@ -255,9 +255,9 @@ def _compare_vjp(ours, ref, args, grad, atol=2e-5):
 
 
 @pytest.mark.parametrize("mode", MASK_MODES, ids="+".join)
-def test_dot_product_attention_mask_stablelayers_keywords(mode):
-    # origin: jax tests/nn_test.py testDotProductAttentionMask, with the masks spelled in
-    # stablelayers' current keywords (query_lengths, key_lengths, window)
+def test_dot_product_attention_mask_look_back_window(mode):
+    # origin: jax tests/nn_test.py testDotProductAttentionMask, with a causal window spelled
+    # as a look-back only ((left, 0)) and the default implementation
     args, grad, kwargs, ours_kwargs = _mask_inputs(mode)
     ref = functools.partial(jax.nn.dot_product_attention, **kwargs)
     ours = functools.partial(sl.dot_product_attention, **ours_kwargs)

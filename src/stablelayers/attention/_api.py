@@ -26,7 +26,6 @@ from stablelayers.attention._arguments import (
     check_broadcast,
     check_lengths,
     check_shapes,
-    either,
     implementation_name,
     local_window,
     use_chunked,
@@ -76,9 +75,6 @@ def dot_product_attention(
     module: Any = None,
     qk_attn_weights_einsum: Einsum | None = None,
     attn_weights_value_einsum: Einsum | None = None,
-    query_lengths: ArrayLike | None = None,
-    key_lengths: ArrayLike | None = None,
-    window: int | None = None,
     implementation: str | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     query_seq_lengths: ArrayLike | None = None,
@@ -113,10 +109,11 @@ def dot_product_attention(
     with a running maximum and normaliser per query row (the online softmax, in float32),
     and its ``custom_vjp`` keeps only the output and one logsumexp per query row, the
     backward pass recomputing each block's probabilities (FlashAttention-2's): memory
-    linear in the length, and blocks that ``is_causal``, ``window`` or the lengths remove
-    entirely are skipped. By default the chunked path is taken from ``q_len * kv_len >=
-    1024 * 1024`` on, unless custom einsums or ``module`` ask for the weights or
-    :func:`stablelayers.forward_mode` is on (the chunked path has no forward-mode rule).
+    linear in the length, and blocks that ``is_causal``, ``local_window_size`` or the
+    lengths remove entirely are skipped. By default the chunked path is taken from
+    ``q_len * kv_len >= 1024 * 1024`` on, unless custom einsums or ``module`` ask for the
+    weights or :func:`stablelayers.forward_mode` is on (the chunked path has no
+    forward-mode rule).
 
     Args:
         query: shape ``(batch..., q_len, heads, qk_dim)``. Any number of batch dimensions,
@@ -155,66 +152,64 @@ def dot_product_attention(
             ``precision``.
         attn_weights_value_einsum: replaces ``jnp.einsum`` for the weighted sum; called as
             ``einsum("...hqk,...khd->...qhd", weights, value)``.
-        query_lengths: optional int array broadcastable to ``(batch...)``: queries at
-            index ``>= query_lengths`` attend nothing (their output is 0). Padding
-            without an ``L x L`` mask.
-        key_lengths: optional int array broadcastable to ``(batch...)``: keys at index
-            ``>= key_lengths`` are masked.
-        window: optional sliding window: key ``k`` is masked from query ``q`` when
-            ``q - k >= window``; with ``is_causal``, each query sees its last ``window``
-            keys, itself included.
         implementation: ``"dense"``, ``"chunked"``, or ``None`` to choose by size (see
             above). Custom einsums and ``module`` (``sow_weights``) need the attention
             weights, so they take the dense path; forcing ``"chunked"`` with them raises.
         chunk_size: the chunked path's block sizes, an int for both or ``(query block,
             key block)``; default ``(256, 512)``, measured on CPU. Lengths need not be
             multiples: the inputs are padded internally.
+        query_seq_lengths: optional int array broadcastable to ``(batch...)`` (jax.nn's
+            name): queries at index ``>= query_seq_lengths`` attend nothing (their output
+            is 0). Padding without an ``L x L`` mask.
+        key_value_seq_lengths: optional int array broadcastable to ``(batch...)``: keys
+            at index ``>= key_value_seq_lengths`` are masked.
+        local_window_size: optional sliding window, jax.nn's: an int ``w`` for
+            ``(w, w)``, or ``(left, right)``: query ``q`` sees keys ``q - left`` to
+            ``q + right``. With ``is_causal``, ``(w - 1, 0)`` is each query's last ``w``
+            keys, itself included.
+        return_residual: also return jax.nn's residual: the logsumexp of each query
+            row's logits (sink included), shape ``(batch..., q_len, heads)``, in the
+            key's dtype, gradient stopped; ``-inf`` for a row that attends nothing.
+        force_fp32_for_softmax: Flax's; the softmax is always at least float32 here, so
+            it only makes ``module`` sow the weights in float32.
+        einsum_dot_general: Flax's ``dot_general`` for both einsums; like custom
+            einsums, it takes the dense path.
         return_logsumexp: also return the float32 logsumexp of each query row's logits
             (sink included), shape ``(batch..., heads, q_len)``; ``-inf`` for a row that
-            attends nothing. Differentiable.
+            attends nothing. Differentiable, unlike ``return_residual``'s; give one of
+            the two.
 
     On the chunked path, dropout draws each block's keep pattern from
     ``fold_in(fold_in(dropout_rng, query_block), key_block)``: the same distribution as
     the dense path, not the same pattern for the same key. A ``mask`` or ``bias`` is
     read block by block, but a full ``(q_len, kv_len)`` one is itself quadratic in
-    memory; prefer ``is_causal``, ``window`` and the lengths at long context.
+    memory; prefer ``is_causal``, ``local_window_size`` and the lengths at long context.
 
     Returns:
         An array of shape ``(batch..., q_len, heads, v_dim)`` and dtype ``dtype``. A query
-        row whose keys are all masked is exactly 0. With ``return_logsumexp``, the pair
-        ``(out, logsumexp)``.
+        row whose keys are all masked is exactly 0. With ``return_residual`` or
+        ``return_logsumexp``, the pair ``(out, residual)`` or ``(out, logsumexp)``.
 
     Raises:
         ValueError: the shapes of ``query``, ``key``, ``value``, ``bias``, ``mask`` or
             ``sink`` do not fit together, ``dropout_rate`` is not in ``[0, 1)``, dropout
             is active without a ``dropout_rng``, custom einsums are given with
             ``precision`` or only one of them, ``implementation`` is unknown or
-            ``"chunked"`` with custom einsums or ``module``, or ``window`` or
-            ``chunk_size`` is not positive.
+            ``"chunked"`` with custom einsums or ``module``, ``local_window_size`` is
+            negative, ``chunk_size`` is not positive, or both ``return_residual`` and
+            ``return_logsumexp`` are asked for.
         TypeError: ``query``, ``key`` or ``value`` is not a real floating (or integer)
             array, or the lengths are not integers.
     """
-    # jax.nn's and Flax's spellings of what stablelayers also has.
-    query_lengths = either(
-        query_lengths, "query_lengths", query_seq_lengths, "query_seq_lengths"
+    window, lookahead = (
+        (None, None) if local_window_size is None else local_window(local_window_size)
     )
-    key_lengths = either(
-        key_lengths, "key_lengths", key_value_seq_lengths, "key_value_seq_lengths"
-    )
-    lookahead = None
-    if local_window_size is not None:
-        if window is not None:
-            raise ValueError(
-                "Give `window` (a look-back) or jax.nn's `local_window_size` "
-                "((left, right)), not both."
-            )
-        window, lookahead = local_window(local_window_size)
     implementation = implementation_name(implementation)
     if return_residual and return_logsumexp:
         raise ValueError(
-            "`return_residual` (jax.nn's, shape (batch..., q_len, heads)) and "
-            "`return_logsumexp` (shape (batch..., heads, q_len)) return the same values; "
-            "ask for one."
+            "`return_residual` (jax.nn's: shape (batch..., q_len, heads), the key's "
+            "dtype, gradient stopped) and `return_logsumexp` (shape (batch..., heads, "
+            "q_len), float32, differentiable) return the same values; ask for one."
         )
     want_lse = return_logsumexp or return_residual
     if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
@@ -256,11 +251,9 @@ def dot_product_attention(
         sink = checks.as_float_array(sink, "sink")
         check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
         sink = sink.astype(compute)
-    if window is not None:
-        window = checks.positive_int(window, "window")
     lengths = (
-        check_lengths(query_lengths, "query_lengths", batch),
-        check_lengths(key_lengths, "key_lengths", batch),
+        check_lengths(query_seq_lengths, "query_seq_lengths", batch),
+        check_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch),
     )
     use_chunks = use_chunked(
         implementation,

@@ -89,17 +89,6 @@ def use_chunked(
     return implementation == "chunked" or q_len * kv_len >= CHUNKED_MIN_LOGITS
 
 
-def either(
-    ours: ArrayLike | None, our_name: str, theirs: ArrayLike | None, their_name: str
-) -> ArrayLike | None:
-    """The one of two spellings of an argument that was given (jax.nn's or ours)."""
-    if theirs is None:
-        return ours
-    if ours is not None:
-        raise ValueError(f"`{our_name}` and jax.nn's `{their_name}` are the same; give one.")
-    return theirs
-
-
 def local_window(size: int | Sequence[int]) -> tuple[int, int]:
     """jax.nn's ``local_window_size`` as ``(window, lookahead)``: key ``k`` is visible from
     query ``q`` when ``q - left <= k <= q + right``, that is ``q - k < left + 1`` (the

@@ -43,8 +43,8 @@ def ring_attention(
     sink: ArrayLike | None = None,
     scale: float | None = None,
     is_causal: bool = False,
-    query_lengths: ArrayLike | None = None,
-    key_lengths: ArrayLike | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
     layout: Layout = "contiguous",
     dtype: DTypeLike | None = None,
     precision: jax.lax.PrecisionLike = None,
@@ -76,9 +76,11 @@ def ring_attention(
             same on every device of the ring. Differentiable.
         scale: multiplies the logits; defaults to ``1 / sqrt(qk_dim)``.
         is_causal: mask key ``k`` from query ``q`` when ``k > q``, in global positions.
-        query_lengths: optional global int lengths broadcastable to ``(batch...)``, the
-            same on every device; queries at global position ``>=`` it attend nothing.
-        key_lengths: likewise for keys: keys at global position ``>=`` it are masked.
+        query_seq_lengths: optional global int lengths broadcastable to ``(batch...)``,
+            the same on every device; queries at global position ``>=`` it attend
+            nothing.
+        key_value_seq_lengths: likewise for keys: keys at global position ``>=`` it are
+            masked.
         layout: ``"contiguous"`` or ``"zigzag"``, the global positions of the local block.
         dtype: computation dtype (default: the promoted dtype of the inputs); logits and
             softmax are at least float32.
@@ -122,7 +124,10 @@ def ring_attention(
     groups, n_batch, chunk = heads // kv_heads, math.prod(batch), q_len // 2
     lengths = [
         _global_lengths(n, name, batch, q_len * size)
-        for n, name in ((query_lengths, "query_lengths"), (key_lengths, "key_lengths"))
+        for n, name in (
+            (query_seq_lengths, "query_seq_lengths"),
+            (key_value_seq_lengths, "key_value_seq_lengths"),
+        )
     ]
     block_q, block_k = (min(b, chunk) for b in _arguments.block_sizes(chunk_size))
     scale = float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale)
@@ -142,8 +147,9 @@ def ring_attention(
         _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
     ]
     sinks = None if sink is None else _canonical_sink(sink, dtype, batch, kv_heads, groups)
-    ring = cast(Callable[..., tuple[_ring_rule.Pair, _ring_rule.Pair]], _ring_rule.ring)
-    outs, lses = ring(cfg, *halves, sinks, *lengths)
+    q_pair, k_pair, v_pair = halves
+    chunks = _ring_rule.Chunks(q_pair, k_pair, v_pair, sinks, *lengths)
+    outs, lses = _ring_rule.ring(cfg, chunks)
     out = jnp.concatenate([x[..., :chunk, :] for x in outs], axis=3)
     lse = jnp.concatenate([x[..., :chunk] for x in lses], axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, value.shape[-1])
@@ -215,8 +221,8 @@ def ring_attention_sharded(
     batch_axis: str | None = None,
     head_axis: str | None = None,
     sink: ArrayLike | None = None,
-    query_lengths: ArrayLike | None = None,
-    key_lengths: ArrayLike | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
     is_causal: bool = False,
     layout: Layout | None = None,
     **kwargs: Any,
@@ -253,8 +259,8 @@ def ring_attention_sharded(
     specs = []
     for name, x, spec in (
         ("sink", sink, _spec(head_axis)),
-        ("query_lengths", query_lengths, per_batch),
-        ("key_lengths", key_lengths, per_batch),
+        ("query_seq_lengths", query_seq_lengths, per_batch),
+        ("key_value_seq_lengths", key_value_seq_lengths, per_batch),
     ):
         if x is not None:
             extras[name] = jnp.asarray(x)
