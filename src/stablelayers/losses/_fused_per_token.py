@@ -31,6 +31,7 @@ from stablelayers.losses._fused_terms import (
     block_count,
     class_count,
     coefficients,
+    cotangents,
     dlogits,
     loss_terms,
     option_terms,
@@ -165,17 +166,13 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     )
     grads = lax.fori_loop(0, _blocks(inputs, static.size), body, init)
-    cotangents = Inputs(
-        hidden=grads.hidden.astype(h.dtype),
-        weight=grads.weight,
-        bias=grads.bias,
-        labels=None,  # type: ignore[arg-type]
-        vocab_mask=None,  # type: ignore[arg-type]
-        counted=None,  # type: ignore[arg-type]
-        label_smoothing=_option_grad(terms.smoothing, g),  # type: ignore[arg-type]
-        z_loss=_option_grad(terms.z_loss, g),  # type: ignore[arg-type]
+    return cotangents(
+        grads.hidden.astype(h.dtype),
+        grads.weight,
+        grads.bias,
+        _option_grad(terms.smoothing, g),
+        _option_grad(terms.z_loss, g),
     )
-    return (cotangents,)
 
 
 def _write_fresh(full: jax.Array, part: jax.Array, cols: Span, axis: int) -> jax.Array:

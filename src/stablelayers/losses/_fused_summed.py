@@ -194,17 +194,14 @@ def _bwd(static: Static, grads: Grads, g: jax.Array) -> tuple[Inputs]:
     # The cotangent is one number: the gradient formed in the forward pass, scaled, and
     # rounded to the inputs' dtypes once.
     g = g.astype(grads.hidden.dtype)
-    cotangents = Inputs(
-        hidden=(g * grads.hidden).astype(static.dtype),
-        weight=(g * grads.weight).astype(static.dtype),
-        bias=None if grads.bias is None else (g * grads.bias).astype(static.bias_dtype),
-        labels=None,  # type: ignore[arg-type]
-        vocab_mask=None,  # type: ignore[arg-type]
-        counted=None,  # type: ignore[arg-type]
-        label_smoothing=g * grads.label_smoothing if static.flags.smoothing else None,  # type: ignore[arg-type]
-        z_loss=g * grads.z_loss if static.flags.z_loss else None,  # type: ignore[arg-type]
+    flags = static.flags
+    return terms.cotangents(
+        (g * grads.hidden).astype(static.dtype),
+        (g * grads.weight).astype(static.dtype),
+        None if grads.bias is None else (g * grads.bias).astype(static.bias_dtype),
+        g * grads.label_smoothing if flags.smoothing else None,
+        g * grads.z_loss if flags.z_loss else None,
     )
-    return (cotangents,)
 
 
 def _jvp(

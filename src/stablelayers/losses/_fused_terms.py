@@ -16,7 +16,7 @@ walker (:func:`block`: a block of tokens, or of vocabulary columns, and its logi
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,21 @@ class Flags(NamedTuple):
 
     smoothing: bool
     z_loss: bool
+
+
+def cotangents(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    label_smoothing: jax.Array | None,
+    z_loss: jax.Array | None,
+) -> tuple[Inputs]:
+    """A backward rule's answer: the cotangents of the differentiable inputs, ``None``
+    (zero) for the integer and boolean ones and for an option that is off."""
+    none: Any = None  # custom_vjp reads None as a zero cotangent
+    eps: Any = label_smoothing
+    z: Any = z_loss
+    return (Inputs(hidden, weight, bias, none, none, none, eps, z),)
 
 
 def options(inputs: Inputs, flags: Flags) -> tuple[jax.Array | None, jax.Array | None]:
