@@ -49,20 +49,6 @@ T = TypeVar("T")
 Pair = tuple[jax.Array, jax.Array]  # one array per chunk of the local block
 
 
-class Residuals(NamedTuple):
-    """What the backward pass keeps: the queries, the keys and values that came home
-    round the ring, the sink, the global lengths, and each chunk's output and lse."""
-
-    q: Pair
-    k: Pair
-    v: Pair
-    sink: jax.Array | None
-    q_len: jax.Array
-    kv_len: jax.Array
-    out: Pair
-    lse: Pair
-
-
 class RingConfig(NamedTuple):
     """The static part of a call."""
 
@@ -71,6 +57,33 @@ class RingConfig(NamedTuple):
     size: int  # devices on the ring
     chunk: int  # positions per chunk, two chunks per device
     zigzag: bool
+
+
+class Chunks(NamedTuple):
+    """The ring's arguments, each array a pair (one per chunk of the local block): q
+    ``(B, Hkv, G, C, D)``, k ``(B, Hkv, C, D)``, v ``(B, Hkv, C, Dv)``; sink ``(B, Hkv,
+    G)`` or None; the global lengths ``(B,)`` (None only in the cotangent)."""
+
+    q: Pair
+    k: Pair
+    v: Pair
+    sink: jax.Array | None
+    q_len: jax.Array | None
+    kv_len: jax.Array | None
+
+    def lengths(self) -> tuple[jax.Array, jax.Array]:
+        """``(q_len, kv_len)``, which the arguments always hold."""
+        assert self.q_len is not None and self.kv_len is not None
+        return self.q_len, self.kv_len
+
+
+class Residuals(NamedTuple):
+    """What the backward pass keeps: the arguments, with the keys and values that came
+    home round the ring, and each query chunk's output and logsumexp."""
+
+    chunks: Chunks
+    out: Pair
+    lse: Pair
 
 
 def chunk_ids(cfg: RingConfig, device: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -129,21 +142,14 @@ def _rotate(cfg: RingConfig, tree: T, after: Any) -> T:
     return cast(T, jax.tree.unflatten(treedef, sent))
 
 
-def _forward(
-    cfg: RingConfig,
-    q: Pair,
-    k: Pair,
-    v: Pair,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-) -> tuple[tuple[Pair, Pair], tuple[Pair, Pair]]:
+def _forward(cfg: RingConfig, x: Chunks) -> tuple[tuple[Pair, Pair], tuple[Pair, Pair]]:
     """``((out, lse), (k, v))``: each query chunk's online softmax, started from the sink
     (or from nothing) and continued over every chunk pair in place; and the keys and
     values after ``N`` moves round the ring, home again, which the backward pass keeps
     (so that no device holds a second copy of its own while they travel)."""
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
+    q, lengths = x.q, x.lengths()
     Carry = tuple[Pair, Pair, tuple[Pair, Pair]]
 
     def step(s: jax.Array, carry: Carry) -> Carry:
@@ -151,58 +157,41 @@ def _forward(
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         out = list(acc)
         for qi, ki in itertools.product(range(2), repeat=2):
-            chunks = (q_ids[qi], k_ids[ki])
-            x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
-            out[qi] = ca.forward(cfg.inner, x, state=out[qi])
+            pair = _pair(cfg, q[qi], (q_ids[qi], k_ids[ki]), k[ki], v[ki], lengths)
+            out[qi] = ca.forward(cfg.inner, pair, state=out[qi])
         k, v = _rotate(cfg, (k, v), out)
         return k, v, (out[0], out[1])
 
-    init = tuple(ca.initial_state(cfg.inner, x, v[0], sink) for x in q)
-    init = _sharding.match((init[0], init[1]), q, k, v, sink, q_len, kv_len)
-    k, v, acc = cast(Carry, lax.fori_loop(0, cfg.size, step, (k, v, init)))
-    return ((acc[0][0], acc[1][0]), (acc[0][1], acc[1][1])), (k, v)
+    first, second = (ca.initial_state(cfg.inner, part, x.v[0], x.sink) for part in q)
+    init = _sharding.match((first, second), x)
+    k, v, acc = cast(Carry, lax.fori_loop(0, cfg.size, step, (x.k, x.v, init)))
+    (out0, lse0), (out1, lse1) = acc
+    return ((out0, out1), (lse0, lse1)), (k, v)
 
 
-def _primal(
-    cfg: RingConfig,
-    q: Pair,
-    k: Pair,
-    v: Pair,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-) -> tuple[Pair, Pair]:
-    """``(out, lse)`` of the local queries in ``_chunked_rule``'s canonical layout, each
-    array a pair (one per chunk): q ``(B, Hkv, G, C, D)``, k ``(B, Hkv, C, D)``, v
-    ``(B, Hkv, C, Dv)``; sink ``(B, Hkv, G)`` or None; lengths ``(B,)`` global. Empty
-    rows have output 0 and logsumexp at the lowest float. Chunks are kept apart (never
-    concatenated) so that no copy of the local block is made."""
-    return _forward(cfg, q, k, v, sink, q_len, kv_len)[0]
+def _primal(cfg: RingConfig, x: Chunks) -> tuple[Pair, Pair]:
+    """``(out, lse)`` of the local queries in ``_chunked_rule``'s canonical layout, each a
+    pair (one per chunk; see :class:`Chunks`). Empty rows have output 0 and logsumexp at
+    the lowest float. Chunks are kept apart (never concatenated) so that no copy of the
+    local block is made."""
+    result, _ = _forward(cfg, x)
+    return result
 
 
-def _fwd(
-    cfg: RingConfig,
-    q: Pair,
-    k: Pair,
-    v: Pair,
-    sink: jax.Array | None,
-    q_len: jax.Array,
-    kv_len: jax.Array,
-) -> tuple[tuple[Pair, Pair], Residuals]:
+def _fwd(cfg: RingConfig, x: Chunks) -> tuple[tuple[Pair, Pair], Residuals]:
     """The forward rule: ``_primal``'s result, keeping the arguments and the result, but
     with the keys and values that came home round the ring in place of the inputs'."""
-    (out, lse), (k, v) = _forward(cfg, q, k, v, sink, q_len, kv_len)
-    return (out, lse), Residuals(q, k, v, sink, q_len, kv_len, out, lse)
+    (out, lse), (k, v) = _forward(cfg, x)
+    return (out, lse), Residuals(x._replace(k=k, v=v), out, lse)
 
 
-def _bwd(
-    cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]
-) -> tuple[Pair, Pair, Pair, jax.Array | None, None, None]:
+def _bwd(cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]) -> tuple[Chunks]:
     """With the global output and logsumexp, each chunk pair's share of dq, dk and dv is
     FlashAttention-2's backward of that pair alone (``p = exp(s - lse)`` is the global
     probability, ``D = rowsum(dO * O) - d_lse`` the global row term); the shares add up.
     dq stays; dk and dv travel with their keys and values, home after ``N`` moves."""
-    q, k, v, sink, q_len, kv_len, out, lse = residuals  # a NamedTuple, unpacked whole
+    x, out, lse = residuals
+    q, k, v, sink = x.q, x.k, x.v, x.sink
     d_out, d_lse = cotangents
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
@@ -220,22 +209,23 @@ def _bwd(
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         for qi, ki in itertools.product(range(2), repeat=2):
             chunks = (q_ids[qi], k_ids[ki])
-            x = _pair(cfg, q[qi], chunks, k[ki], v[ki], (q_len, kv_len))
+            pair = _pair(cfg, q[qi], chunks, k[ki], v[ki], x.lengths())
             grads = ca.Grads(d_q[qi], d_k[ki], d_v[ki], None)
-            grads = ca.accumulate_grads(cfg.inner, x, d_out[qi], rows[qi], grads)
+            grads = ca.accumulate_grads(cfg.inner, pair, d_out[qi], rows[qi], grads)
             d_q[qi], d_k[ki], d_v[ki] = grads.d_q, grads.d_k, grads.d_v
         moving = _rotate(cfg, (_two(k), _two(v), _two(d_k), _two(d_v)), d_q)
         return (_two(d_q), *moving)
 
     compute = compute_dtype(cfg.inner.dtype)
-    zeros = _after([_two([jnp.zeros(x.shape, compute) for x in xs]) for xs in (q, k, v)], rows)
-    init = _sharding.match((zeros[0], k, v, zeros[1], zeros[2]), *residuals, *cotangents)
+    zeros = _after([_two([jnp.zeros(a.shape, compute) for a in xs]) for xs in (q, k, v)], rows)
+    init = _sharding.match((zeros[0], k, v, zeros[1], zeros[2]), residuals, cotangents)
     d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
     grads = [
-        _two([g.astype(x.dtype) for g, x in zip(*p, strict=True)])
+        _two([g.astype(a.dtype) for g, a in zip(*p, strict=True)])
         for p in ((d_q, q), (d_k, k), (d_v, v))
     ]
-    return grads[0], grads[1], grads[2], d_sink, None, None
+    d_q, d_k, d_v = grads
+    return (Chunks(d_q, d_k, d_v, d_sink, None, None),)
 
 
 def _two(xs: list[jax.Array] | Pair) -> Pair:
