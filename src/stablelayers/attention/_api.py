@@ -18,7 +18,6 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import compute_dtype
-from stablelayers._core.nonfinite import neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.attention._arguments import (
     Inputs,
@@ -30,7 +29,7 @@ from stablelayers.attention._arguments import (
     local_window,
     use_chunked,
 )
-from stablelayers.attention._chunked_layout import chunked
+from stablelayers.attention._chunked_layout import chunked, public_logsumexp
 from stablelayers.attention._dense import dense
 
 Einsum = Callable[..., jax.Array]
@@ -280,9 +279,7 @@ def dot_product_attention(
         out, lse = chunked(inputs, settings, chunk_size)
         if not want_lse:
             return out
-        # The chunked path marks an empty row's logsumexp with the lowest float.
-        lowest = lse == jnp.finfo(lse.dtype).min
-        lse = jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
+        lse = public_logsumexp(lse, batch)
         return _with_logsumexp(out, lse, return_residual, key.dtype)
 
     out, dense_lse = dense(

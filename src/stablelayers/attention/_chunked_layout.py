@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from stablelayers._core.arithmetic import compute_dtype
+from stablelayers._core.nonfinite import neg_inf_where
+from stablelayers.attention import _chunked_blocks as cb
 from stablelayers.attention import _chunked_rule
 from stablelayers.attention._arguments import Inputs, Settings, block_sizes
 from stablelayers.attention._masks import silence_dead_rows
@@ -24,14 +26,15 @@ def chunked(
     inputs: Inputs, settings: Settings, chunk_size: int | tuple[int, int] | None
 ) -> tuple[jax.Array, jax.Array]:
     """The chunked path on ``dot_product_attention``'s checked arguments: ``(out, lse)``,
-    ``out`` as ``(batch..., q_len, heads, v_dim)`` and ``lse`` as ``(batch..., heads,
-    q_len)``, with the lowest float marking a row that attends nothing."""
+    ``out`` as ``(batch..., q_len, heads, v_dim)`` and ``lse`` in the blocks' layout
+    ``(B, kv_heads, groups, q_len)``, the lowest float marking a row that attends nothing
+    (:func:`public_logsumexp` makes it the public one, where it is asked for)."""
     inputs = silence_dead_rows(inputs)
     query, key, value = inputs.query, inputs.key, inputs.value
     bias, mask, sink = inputs.bias, inputs.mask, inputs.sink
     batch = query.shape[:-3]
-    q_len, heads, qk_dim = query.shape[-3:]
-    kv_len, kv_heads, v_dim = value.shape[-3:]
+    q_len, heads, _ = query.shape[-3:]
+    kv_len, kv_heads, _ = value.shape[-3:]
     groups = heads // kv_heads
     n_batch = math.prod(batch)
     dtype = query.dtype
@@ -40,15 +43,9 @@ def chunked(
     block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
     q_pad, kv_pad = -q_len % block_q, -kv_len % block_k
 
-    q = query.reshape(n_batch, q_len, kv_heads, groups, qk_dim).transpose(0, 2, 3, 1, 4)
+    q, k, v = to_blocks(query, key, value)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, q_pad), (0, 0)))
-    k, v = (
-        jnp.pad(
-            x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3),
-            ((0, 0), (0, 0), (0, kv_pad), (0, 0)),
-        )
-        for x in (key, value)
-    )
+    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, kv_pad), (0, 0))) for x in (k, v))
     shape = (batch, kv_heads, groups, q_len, kv_len, q_pad, kv_pad)
     bias = None if bias is None else _canonical(bias.astype(compute), *shape)
     mask = None if mask is None else _canonical(mask, *shape)
@@ -86,9 +83,40 @@ def chunked(
     )
     blocks = Inputs(q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate)
     out, lse = _chunked_rule.chunked_attention(cfg, blocks)
-    out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, v_dim)
-    lse = lse[:, :, :, :q_len].reshape(*batch, heads, q_len)
-    return out.astype(dtype), lse
+    out = from_blocks(out[:, :, :, :q_len], batch)
+    return out.astype(dtype), lse[:, :, :, :q_len]
+
+
+def to_blocks(
+    query: jax.Array, key: jax.Array, value: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The public ``(batch..., length, heads, head_dim)`` query, key and value as the
+    chunked path's ``(B, kv_heads, groups, Lq, D)`` and ``(B, kv_heads, Lk, D)``, unpadded
+    (the ring's chunks too)."""
+    *batch, q_len, heads, _ = query.shape
+    kv_len, kv_heads = key.shape[-3:-1]
+    n_batch, groups = math.prod(batch), heads // kv_heads
+    q = query.reshape(n_batch, q_len, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
+    k, v = (
+        x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3) for x in (key, value)
+    )
+    return q, k, v
+
+
+def from_blocks(out: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+    """The chunked path's ``(B, kv_heads, groups, Lq, Dv)`` output, unpadded, in the
+    public layout ``(batch..., Lq, heads, Dv)``."""
+    _, kv_heads, groups, q_len, v_dim = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, kv_heads * groups, v_dim)
+
+
+def public_logsumexp(lse: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+    """The chunked path's ``(B, kv_heads, groups, Lq)`` logsumexp, unpadded, as
+    ``(batch..., heads, Lq)``, with ``-inf`` where an empty row holds the lowest float."""
+    lowest = lse == cb.lowest(lse.dtype)
+    lse = jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
+    _, kv_heads, groups, q_len = lse.shape
+    return lse.reshape(*batch, kv_heads * groups, q_len)
 
 
 def _canonical(

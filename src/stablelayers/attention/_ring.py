@@ -19,11 +19,10 @@ from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import arithmetic, checks
-from stablelayers._core.nonfinite import neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.attention import (
     _arguments,
-    _chunked_blocks,
+    _chunked_layout,
     _chunked_rule,
     _ring_rule,
     _sharding,
@@ -121,7 +120,7 @@ def ring_attention(
             f"of positions per device (two chunks each); got {q_len} queries and {kv_len} "
             f"keys per device. Pad the sequence to a multiple of {2 * size}."
         )
-    groups, n_batch, chunk = heads // kv_heads, math.prod(batch), q_len // 2
+    groups, chunk = heads // kv_heads, q_len // 2
     lengths = [
         _global_lengths(n, name, batch, q_len * size)
         for n, name in (
@@ -134,10 +133,7 @@ def ring_attention(
     inner = _chunked_rule.Config(block_q, block_k, scale, is_causal, dtype, precision)
     cfg = _ring_rule.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
-    q = query.reshape(n_batch, q_len, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
-    k, v = (
-        x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3) for x in (key, value)
-    )
+    q, k, v = _chunked_layout.to_blocks(query, key, value)
     # Queries and keys past the lengths are zeroed: NaN or inf padding then does no harm.
     positions = _positions(cfg)
     q = jnp.where((positions < lengths[0][:, None])[:, None, None, :, None], q, 0)
@@ -152,13 +148,10 @@ def ring_attention(
     outs, lses = _ring_rule.ring(cfg, chunks)
     out = jnp.concatenate([x[..., :chunk, :] for x in outs], axis=3)
     lse = jnp.concatenate([x[..., :chunk] for x in lses], axis=3)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(*batch, q_len, heads, value.shape[-1])
-    out = out.astype(dtype)
+    out = _chunked_layout.from_blocks(out, batch).astype(dtype)
     if not return_logsumexp:
         return out
-    lowest = lse == _chunked_blocks.lowest(lse.dtype)
-    lse = jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
-    return out, lse.reshape(*batch, heads, q_len)
+    return out, _chunked_layout.public_logsumexp(lse, batch)
 
 
 def _global_lengths(
