@@ -17,16 +17,18 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import checks
-from stablelayers._core.arithmetic import compute_dtype
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.attention._arguments import (
     Inputs,
     Settings,
+    check_arrays,
     check_broadcast,
     check_lengths,
     check_shapes,
+    check_sink,
     implementation_name,
     local_window,
+    scale_or_default,
     use_chunked,
 )
 from stablelayers.attention._chunked_layout import chunked, public_logsumexp
@@ -221,14 +223,8 @@ def dot_product_attention(
             "`precision` and `einsum_dot_general` are mutually exclusive with custom "
             "einsums; set them inside the einsums."
         )
-    query, key, value = (
-        checks.as_float_array(a, name)
-        for a, name in ((query, "query"), (key, "key"), (value, "value"))
-    )
-    if dtype is None:
-        dtype = jnp.result_type(query.dtype, key.dtype, value.dtype)
-    dtype = jnp.dtype(dtype)
-    query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
+    query, key, value = check_arrays(query, key, value, dtype)
+    dtype = query.dtype
     batch, q_len, heads, kv_len, _ = check_shapes(query, key, value)
     logits_shape = (*batch, heads, q_len, kv_len)
     rate = checks.concrete_number(dropout_rate, "dropout_rate")
@@ -241,15 +237,9 @@ def dot_product_attention(
             f"Dropout is active (dropout_rate={dropout_rate}, deterministic=False) but "
             "`dropout_rng` is None; pass a PRNG key or set deterministic=True."
         )
-    # Logits and softmax in at least float32: float16 logits overflow at |s| > 65504 and
-    # bfloat16 ones carry 3 significant digits.
-    compute = compute_dtype(dtype)
-    if scale is None:
-        scale = 1.0 / float(query.shape[-1]) ** 0.5
+    scale = scale_or_default(scale, query.shape[-1])
     if sink is not None:
-        sink = checks.as_float_array(sink, "sink")
-        check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
-        sink = sink.astype(compute)
+        sink = check_sink(sink, batch, heads, dtype)
     lengths = (
         check_lengths(query_seq_lengths, "query_seq_lengths", batch),
         check_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch),

@@ -10,9 +10,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import checks
+from stablelayers._core.arithmetic import compute_dtype
 from stablelayers._core.switches import forward_mode_enabled
 
 Shape = tuple[int, ...]
@@ -128,6 +129,35 @@ def block_sizes(chunk_size: int | Sequence[int] | None) -> tuple[int, int]:
         return block_q, block_k
     size = checks.positive_int(chunk_size, "chunk_size")
     return size, size
+
+
+def check_arrays(
+    query: ArrayLike, key: ArrayLike, value: ArrayLike, dtype: DTypeLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``query``, ``key`` and ``value`` as real float arrays in ``dtype``, by default their
+    promoted dtype (integers become floats)."""
+    query, key, value = (
+        checks.as_float_array(a, name)
+        for a, name in ((query, "query"), (key, "key"), (value, "value"))
+    )
+    if dtype is None:
+        dtype = jnp.result_type(query.dtype, key.dtype, value.dtype)
+    dtype = jnp.dtype(dtype)
+    return query.astype(dtype), key.astype(dtype), value.astype(dtype)
+
+
+def check_sink(sink: ArrayLike, batch: Shape, heads: int, dtype: DTypeLike) -> jax.Array:
+    """The sink logits, broadcastable to ``(batch..., heads)``, in the compute dtype of
+    inputs in ``dtype``: logits and softmax are at least float32, as float16 logits
+    overflow at ``|s| > 65504`` and bfloat16 ones carry 3 significant digits."""
+    sink = checks.as_float_array(sink, "sink")
+    check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
+    return sink.astype(compute_dtype(dtype))
+
+
+def scale_or_default(scale: float | None, qk_dim: int) -> float:
+    """The logits' scale: ``scale``, by default ``1 / sqrt(qk_dim)``."""
+    return 1.0 / float(qk_dim) ** 0.5 if scale is None else scale
 
 
 def check_lengths(lengths: ArrayLike | None, name: str, batch: Shape) -> jax.Array | None:

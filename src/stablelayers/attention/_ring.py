@@ -18,7 +18,6 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from stablelayers._core import arithmetic, checks
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.attention import (
     _arguments,
@@ -107,12 +106,8 @@ def ring_attention(
         ) from None
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"`layout` must be 'contiguous' or 'zigzag', got {layout!r}.")
-    query, key, value = (
-        checks.as_float_array(a, name)
-        for a, name in ((query, "query"), (key, "key"), (value, "value"))
-    )
-    dtype = jnp.dtype(dtype or jnp.result_type(query.dtype, key.dtype, value.dtype))
-    query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
+    query, key, value = _arguments.check_arrays(query, key, value, dtype)
+    dtype = query.dtype
     batch, q_len, heads, kv_len, kv_heads = _arguments.check_shapes(query, key, value)
     if q_len != kv_len or q_len % 2:
         raise ValueError(
@@ -129,7 +124,7 @@ def ring_attention(
         )
     ]
     block_q, block_k = (min(b, chunk) for b in _arguments.block_sizes(chunk_size))
-    scale = float(1.0 / query.shape[-1] ** 0.5 if scale is None else scale)
+    scale = float(_arguments.scale_or_default(scale, query.shape[-1]))
     inner = _chunked_rule.Config(block_q, block_k, scale, is_causal, dtype, precision)
     cfg = _ring_rule.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
@@ -169,9 +164,7 @@ def _canonical_sink(
 ) -> jax.Array:
     """The sink logits as ``(B, Hkv, G)`` in the compute dtype."""
     heads = kv_heads * groups
-    sink = checks.as_float_array(sink, "sink")
-    _arguments.check_broadcast("sink", sink.shape, (*batch, heads), "(batch..., heads)")
-    sink = sink.astype(arithmetic.compute_dtype(dtype))
+    sink = _arguments.check_sink(sink, batch, heads, dtype)
     return jnp.broadcast_to(sink, (*batch, heads)).reshape(-1, kv_heads, groups)
 
 
