@@ -62,7 +62,7 @@ def dense_mask(
     return silence_dead_rows(inputs), where
 
 
-def silence_dead_rows(inputs: Inputs) -> Inputs:
+def silence_dead_rows(inputs: Inputs, positions: jax.Array | None = None) -> Inputs:
     """Zero the queries, keys and values that no pair of the attention uses.
 
     A key that every query masks (padding past ``key_lengths``, or a mask column that is
@@ -70,6 +70,9 @@ def silence_dead_rows(inputs: Inputs) -> Inputs:
     may hold is NaN: in the weighted sum, and in the gradient of the query through the
     logits. Likewise a query that attends nothing, in the gradient of the keys. Zeroed,
     they contribute exactly nothing, and their own gradients are exactly 0.
+
+    ``positions`` are the rows' positions that the lengths count, the same for queries
+    and keys (the ring's local block in the global sequence); by default ``0, 1, ...``.
     """
     query, key, value = inputs.query, inputs.key, inputs.value
     mask, q_lengths, kv_lengths = inputs.mask, inputs.q_lengths, inputs.kv_lengths
@@ -77,8 +80,8 @@ def silence_dead_rows(inputs: Inputs) -> Inputs:
         return inputs
     batch, q_len = query.shape[:-3], query.shape[-3]
     kv_len = key.shape[-3]
-    q_live = live_positions(mask, q_lengths, batch, q_len, reduce=(-3, -1))
-    k_live = live_positions(mask, kv_lengths, batch, kv_len, reduce=(-3, -2))
+    q_live = live_positions(mask, q_lengths, batch, q_len, (-3, -1), positions)
+    k_live = live_positions(mask, kv_lengths, batch, kv_len, (-3, -2), positions)
     if q_live is not None:
         query = jnp.where(q_live[..., None, None], query, 0)
     if k_live is not None:
@@ -93,6 +96,7 @@ def live_positions(
     batch: tuple[int, ...],
     n: int,
     reduce: tuple[int, int],
+    positions: jax.Array | None = None,
 ) -> jax.Array | None:
     """Per batch entry, which of ``n`` positions some pair may use: below ``lengths`` and
     not masked along the mask's heads and other positions; shape ``(batch..., n)``."""
@@ -102,6 +106,7 @@ def live_positions(
         any_live = jnp.any(full, axis=reduce)
         live = jnp.broadcast_to(any_live, (*batch, n))
     if lengths is not None:
-        below = jnp.arange(n, dtype=jnp.int32) < lengths[..., None]
+        at = jnp.arange(n, dtype=jnp.int32) if positions is None else positions
+        below = at < lengths[..., None]
         live = below if live is None else live & below
     return live

@@ -23,9 +23,11 @@ from stablelayers.attention import (
     _arguments,
     _chunked_layout,
     _chunked_rule,
+    _masks,
     _ring_rule,
     _sharding,
 )
+from stablelayers.attention._arguments import Inputs
 
 Layout = Literal["contiguous", "zigzag"]
 _spec = cast(Callable[..., PartitionSpec], PartitionSpec)  # untyped in jax.sharding
@@ -128,12 +130,11 @@ def ring_attention(
     inner = _chunked_rule.Config(block_q, block_k, scale, is_causal, dtype, precision)
     cfg = _ring_rule.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
-    q, k, v = _chunked_layout.to_blocks(query, key, value)
-    # Queries and keys past the lengths are zeroed: NaN or inf padding then does no harm.
-    positions = _positions(cfg)
-    q = jnp.where((positions < lengths[0][:, None])[:, None, None, :, None], q, 0)
-    k_live = (positions < lengths[1][:, None])[:, None, :, None]
-    k, v = jnp.where(k_live, k, 0), jnp.where(k_live, v, 0)
+    # Queries and keys past the global lengths are zeroed, as on one device.
+    q_lengths, kv_lengths = (n.reshape(batch) for n in lengths)
+    given = Inputs(query, key, value, None, None, None, q_lengths, kv_lengths)
+    live = _masks.silence_dead_rows(given, _positions(cfg))
+    q, k, v = _chunked_layout.to_blocks(live.query, live.key, live.value)
     halves = [
         _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
     ]
