@@ -200,7 +200,8 @@ def _bwd(cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]) -
     d_sink = None
     if sink is not None:
         # Summed over this device's rows, then over the devices that share the sink.
-        d_sink = ca.sink_grad(sink, rows[0]) + ca.sink_grad(sink, rows[1])
+        first, second = rows
+        d_sink = ca.sink_grad(sink, first) + ca.sink_grad(sink, second)
         d_sink = _sharding.sum_over_devices(d_sink, sink).astype(sink.dtype)
     Carry = tuple[Pair, Pair, Pair, Pair, Pair]
 
@@ -218,7 +219,8 @@ def _bwd(cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]) -
 
     compute = compute_dtype(cfg.inner.dtype)
     zeros = _after([_two([jnp.zeros(a.shape, compute) for a in xs]) for xs in (q, k, v)], rows)
-    init = _sharding.match((zeros[0], k, v, zeros[1], zeros[2]), residuals, cotangents)
+    zero_q, zero_k, zero_v = zeros
+    init = _sharding.match((zero_q, k, v, zero_k, zero_v), residuals, cotangents)
     d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
     grads = [
         _two([g.astype(a.dtype) for g, a in zip(*p, strict=True)])
