@@ -113,10 +113,10 @@ def from_blocks(out: jax.Array, batch: tuple[int, ...]) -> jax.Array:
 def public_logsumexp(lse: jax.Array, batch: tuple[int, ...]) -> jax.Array:
     """The chunked path's ``(B, kv_heads, groups, Lq)`` logsumexp, unpadded, as
     ``(batch..., heads, Lq)``, with ``-inf`` where an empty row holds the lowest float."""
-    lowest = lse == cb.lowest(lse.dtype)
-    lse = jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
     _, kv_heads, groups, q_len = lse.shape
-    return lse.reshape(*batch, kv_heads * groups, q_len)
+    lse = lse.reshape(*batch, kv_heads * groups, q_len)
+    lowest = lse == cb.lowest(lse.dtype)
+    return jnp.where(lowest, neg_inf_where(lowest, lse.dtype), lse)
 
 
 def _canonical(
