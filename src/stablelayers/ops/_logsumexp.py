@@ -115,7 +115,8 @@ def _lse_value(
     x: jax.Array, where: Maybe, b: Maybe, axis: Axes, empty: float | None
 ) -> tuple[jax.Array, jax.Array]:
     """``(lse, sign)`` per row in keepdims shape, compute dtype."""
-    return _primal(x, where, b, axis, empty)[:2]
+    lse, sign, _, _ = _primal(x, where, b, axis, empty)
+    return lse, sign
 
 
 def _lse_fwd(
@@ -137,7 +138,8 @@ def _lse_bwd(
     # Dead entries (masked, b == 0, or below a +inf) have e == 0: exactly zero gradient,
     # whatever the cotangent or the value there.
     x, where, b, top, total = residuals
-    g = cotangents[0].astype(total.dtype)
+    g_lse, _ = cotangents  # the sign has no derivative
+    g = g_lse.astype(total.dtype)
     w = _softmax_weights(x, where, b, top, total)
     g = jnp.where(total == 0, 0.0, g)
     dx = g * (w if b is None else w * b.astype(w.dtype))

@@ -282,7 +282,8 @@ def _fwd(
     x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes, kernels: bool
 ) -> tuple[jax.Array, Residuals]:
     residuals = _values(x, where, sink, axis, kernels)
-    return residuals[0], residuals
+    y, _, _ = residuals
+    return y, residuals
 
 
 def _bwd(
