@@ -8,7 +8,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,6 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import compute_dtype
-from stablelayers.attention._api import dot_product_attention
 from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.ops._softmax import masked_softmax
 from stablelayers.ops._softplus import softplus
@@ -84,19 +83,14 @@ def heads_masked_softmax(
     return masked_softmax(logits, where=where, sink=sink)
 
 
-def heads_attention(
-    sink: jax.Array | None, num_heads: int | None, query: ArrayLike, *args: Any, **kwargs: Any
-) -> jax.Array:
-    """``dot_product_attention(query, *args, sink=sink, **kwargs)``, the query checked
-    against the layer's ``num_heads``."""
+def check_heads(query: ArrayLike, num_heads: int | None) -> None:
+    """Raise early when the query's heads axis is not the layer's ``num_heads``."""
     query_shape = jnp.shape(query)
     if num_heads is not None and (len(query_shape) < 3 or query_shape[-2] != num_heads):
         raise ValueError(
             f"This layer has num_heads={num_heads}, so the query must have shape "
             f"(batch..., q_len, {num_heads}, head_dim); got shape {query_shape}."
         )
-    out = dot_product_attention(query, *args, sink=sink, **kwargs)
-    return cast(jax.Array, out)
 
 
 def forward_signature(

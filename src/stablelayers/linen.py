@@ -15,7 +15,7 @@ default and adds learnable sinks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +181,10 @@ class DotProductAttention(_SinkOwner):
         """:func:`stablelayers.dot_product_attention` with the layer's sinks: the function's
         arguments but ``sink``, in its order (``query, key, value, bias, mask, ...``)."""
         sink = _sink_param(self) if self.sink else None
-        return _layers.heads_attention(sink, self.num_heads, query, *args, **kwargs)
+        # The query is checked here and the arguments go straight to the function, so a
+        # mask passes through no other module on its way to the softmax.
+        _layers.check_heads(query, self.num_heads)
+        return cast(jax.Array, dot_product_attention(query, *args, sink=sink, **kwargs))
 
 
 _layers.forward_signature(DotProductAttention.__call__, dot_product_attention, drop=("sink",))

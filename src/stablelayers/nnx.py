@@ -12,7 +12,7 @@ For attention without sinks no new class is needed: pass
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +197,10 @@ class DotProductAttention(_SinkOwner):
         """:func:`stablelayers.dot_product_attention` with the layer's sinks: the function's
         arguments but ``sink``, in its order (``query, key, value, bias, mask, ...``)."""
         sink = self._sink_value()
-        return _layers.heads_attention(sink, self.num_heads, query, *args, **kwargs)
+        # The query is checked here and the arguments go straight to the function, so a
+        # mask passes through no other module on its way to the softmax.
+        _layers.check_heads(query, self.num_heads)
+        return cast(jax.Array, dot_product_attention(query, *args, sink=sink, **kwargs))
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
