@@ -288,3 +288,38 @@ def test_unknown_reduction_raises():
     h, w, _, y = _inputs()
     with pytest.raises(ValueError, match="reduction"):
         sl.linear_softmax_cross_entropy(h, w, y, reduction="max")
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("eps", "z"), [(0.0, 0.0), (0.1, 0.01)])
+def test_label_on_masked_class_matches_materialised(reduction, eps, z):
+    # softmax_cross_entropy drops the target mass of a label whose class `where` masks:
+    # loss (1 - eps) tl (lse - t) + eps (lse - S / K) + z lse^2 with tl = 0 there.
+    rng = np.random.default_rng(1)
+    h, w, b = rng.normal(size=(6, 4)), rng.normal(size=(4, 9)), rng.normal(size=9)
+    mask = np.arange(9) % 3 != 2
+    y = np.array([2, 0, 5, 8, -1, 4])  # three labels on masked classes, one ignored
+
+    def fused(h, w, b, eps, z):
+        return sl.linear_softmax_cross_entropy(
+            h, w, y, bias=b, vocab_mask=mask, label_smoothing=eps, z_loss=z,
+            ignore_index=-1, chunk_size=4, reduction=reduction,
+        )  # fmt: skip
+
+    def plain(h, w, b, eps, z):
+        loss = sl.softmax_cross_entropy(
+            h @ w + b[None], y, where=mask, label_smoothing=eps, z_loss=z, ignore_index=-1
+        )
+        return loss if reduction == "none" else _reduce(loss, y, reduction, -1)
+
+    args = (h, w, b, np.float64(eps), np.float64(z))
+    np.testing.assert_allclose(fused(*args), plain(*args), rtol=1e-12, atol=1e-12)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a)), range(5))(*args) for f in (fused, plain)]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    dots = tuple(rng.normal(size=np.shape(a)) for a in args)
+    with sl.forward_mode():
+        got, want = (jax.jvp(f, args, dots)[1] for f in (fused, plain))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    check_grads(lambda h, w, b: fused(h, w, b, eps, z), (h, w, b), 1, ["rev"])

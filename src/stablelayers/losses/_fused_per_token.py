@@ -100,8 +100,9 @@ def _per_token(inputs: Inputs, static: Static) -> tuple[jax.Array, jax.Array, Te
     """The loss per token (float32), ``lse``, and the loss's derivatives in the options."""
     lse, target, total = _forward(inputs, static)
     count = class_count(inputs)
-    loss = loss_terms(lse, target, total, inputs.counted, count, *options(inputs, static.flags))
-    d_eps, d_z = option_terms(lse, target, total, inputs.counted, count)
+    eps, z = options(inputs, static.flags)
+    loss = loss_terms(lse, target, total, inputs.counted, count, eps, z, inputs.missed)
+    d_eps, d_z = option_terms(lse, target, total, inputs.counted, count, inputs.missed)
     flags = static.flags
     return loss, lse, Terms(d_eps if flags.smoothing else None, d_z if flags.z_loss else None)
 
@@ -140,7 +141,7 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
     # loss is linear in eps and z, with the kept per-token derivatives.
     inputs, lse, terms = residuals
     h, weight, bias = inputs.hidden, inputs.weight, inputs.bias
-    coef = coefficients(g, lse, inputs.counted, *options(inputs, static.flags))
+    coef = coefficients(g, lse, inputs.counted, *options(inputs, static.flags), inputs.missed)
     count, acc = class_count(inputs), acc_dtype(h)
 
     def body(c: jax.Array, carry: _Grads) -> _Grads:
@@ -190,7 +191,8 @@ def _jvp(
     (inputs,), (dots,) = primals, tangents
     h = inputs.hidden
     loss, lse, terms = _per_token(inputs, static)
-    coef = coefficients(jnp.ones_like(lse), lse, inputs.counted, *options(inputs, static.flags))
+    eps, z = options(inputs, static.flags)
+    coef = coefficients(jnp.ones_like(lse), lse, inputs.counted, eps, z, inputs.missed)
     count, acc = class_count(inputs), acc_dtype(h)
 
     def body(c: jax.Array, total: jax.Array) -> jax.Array:

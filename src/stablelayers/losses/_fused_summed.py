@@ -64,6 +64,7 @@ class _Chunk(NamedTuple):
     block: Block
     lse: jax.Array
     counted: jax.Array
+    missed: jax.Array | None
     loss: jax.Array
     d_smoothing: jax.Array  # d loss / d eps
     d_z_loss: jax.Array  # d loss / d z
@@ -74,6 +75,9 @@ def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
     b = terms.block(inputs, rows, None)
     # A row an earlier chunk held counts once.
     counted = rows.fresh & lax.dynamic_slice_in_dim(inputs.counted, rows.start, rows.size)
+    missed = inputs.missed
+    if missed is not None:
+        missed = lax.dynamic_slice_in_dim(missed, rows.start, rows.size)
     lse = terms.exact_lse(b.logits, b.live)
     target = jnp.sum(jnp.where(b.hit, b.logits, 0.0), axis=1)
     total = jnp.zeros_like(lse)
@@ -82,19 +86,23 @@ def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
     count = terms.class_count(inputs)
     loss = jnp.sum(
         terms.loss_terms(
-            lse, target, total, counted, count, *terms.options(inputs, static.flags)
+            lse, target, total, counted, count, *terms.options(inputs, static.flags), missed
         )
     )
     # The loss is linear in eps and z: its derivatives in them, summed over the chunk.
-    d_eps, d_z = terms.option_terms(lse, target, total, counted, count)
-    return _Chunk(rows, b, lse, counted, loss, jnp.sum(d_eps), jnp.sum(d_z))
+    d_eps, d_z = terms.option_terms(lse, target, total, counted, count, missed)
+    return _Chunk(rows, b, lse, counted, missed, loss, jnp.sum(d_eps), jnp.sum(d_z))
 
 
 def _chunk_grad(inputs: Inputs, chunk: _Chunk, static: Static) -> jax.Array:
     """``G`` ``(size, vocab)``: the chunk's rows of ``d(summed loss)/dlogits``."""
     lse, b = chunk.lse, chunk.block
     coef = terms.coefficients(
-        jnp.ones_like(lse), lse, chunk.counted, *terms.options(inputs, static.flags)
+        jnp.ones_like(lse),
+        lse,
+        chunk.counted,
+        *terms.options(inputs, static.flags),
+        chunk.missed,
     )
     return terms.dlogits(b.logits, b.live, b.hit, lse, coef, terms.class_count(inputs))
 

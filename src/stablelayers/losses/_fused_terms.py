@@ -4,11 +4,14 @@ With ``lse`` the log-sum-exp of a token's live logits ``l``, ``t`` its label's l
 ``S`` the sum of its live logits and ``K`` the number of live classes:
 
 .. math::
-    \ell = \mathrm{lse} - (1 - \epsilon) t - \frac{\epsilon}{K} S + z\,\mathrm{lse}^2,
+    \ell = (1 - \epsilon)\,\tau\,(\mathrm{lse} - t)
+        + \epsilon\,(\mathrm{lse} - S / K) + z\,\mathrm{lse}^2,
     \qquad
-    \frac{\partial \ell}{\partial l_j} = (1 + 2 z\,\mathrm{lse}) p_j - q_j
+    \frac{\partial \ell}{\partial l_j}
+        = ((1 - \epsilon)\tau + \epsilon + 2 z\,\mathrm{lse}) p_j - q_j
 
-with ``p = softmax(l)`` and ``q = (1 - eps) onehot + eps / K`` over the live classes.
+with ``p = softmax(l)``, ``q = (1 - eps) tau onehot + eps / K`` over the live classes and
+``tau = 1`` unless the label's class is masked (its target mass dropped, ``t = 0``).
 Also the records both ops take (:class:`Inputs`, :class:`Flags`) and their one block
 walker (:func:`block`: a block of tokens, or of vocabulary columns, and its logits).
 """
@@ -43,6 +46,7 @@ class Inputs(NamedTuple):
     labels: jax.Array  # (tokens,) integer
     vocab_mask: jax.Array  # (vocab,) bool: the classes in the softmax
     counted: jax.Array  # (tokens,) bool: not ignore_index (and some class unmasked)
+    missed: jax.Array | None  # (tokens,) bool: the label's class masked; None: no mask
     label_smoothing: jax.Array  # ()
     z_loss: jax.Array  # ()
 
@@ -66,7 +70,7 @@ def cotangents(
     none: Any = None  # custom_vjp reads None as a zero cotangent
     eps: Any = label_smoothing
     z: Any = z_loss
-    return (Inputs(hidden, weight, bias, none, none, none, eps, z),)
+    return (Inputs(hidden, weight, bias, none, none, none, none, eps, z),)
 
 
 def options(inputs: Inputs, flags: Flags) -> tuple[jax.Array | None, jax.Array | None]:
@@ -193,24 +197,38 @@ def loss_terms(
     count: jax.Array,
     smoothing: jax.Array | None,
     z_loss: jax.Array | None,
+    missed: jax.Array | None = None,
 ) -> jax.Array:
-    """``(rows,)`` loss ``lse - (1 - eps) t - eps S / K + z lse^2``, 0 where not ``counted``."""
+    """``(rows,)`` loss ``(1 - eps) tl (lse - t) + eps (lse - S / K) + z lse^2``, 0 where
+    not ``counted``; ``tl = 1`` unless ``missed`` (the label's class masked: its target
+    mass is dropped, as :func:`softmax_cross_entropy`'s ``where`` drops it; ``t = 0``)."""
     if smoothing is None:
         loss = lse - target
     else:
         loss = lse - (1.0 - smoothing) * target - (smoothing / count) * total
+    if missed is not None:
+        on_label = 1.0 if smoothing is None else 1.0 - smoothing
+        loss = loss - jnp.where(missed, on_label * lse, 0.0)
     if z_loss is not None:
         loss = loss + z_loss * lse * lse
     return jnp.where(counted, loss, 0.0)
 
 
 def option_terms(
-    lse: jax.Array, target: jax.Array, total: jax.Array, counted: jax.Array, count: jax.Array
+    lse: jax.Array,
+    target: jax.Array,
+    total: jax.Array,
+    counted: jax.Array,
+    count: jax.Array,
+    missed: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(d loss / d eps, d loss / d z)`` per row: ``t - S / K`` and ``lse^2`` (the loss is
-    linear in both), 0 where not ``counted``."""
+    """``(d loss / d eps, d loss / d z)`` per row: ``lse - S / K - tl (lse - t)`` and
+    ``lse^2`` (the loss is linear in both), 0 where not ``counted``."""
+    d_eps = target - total / count
+    if missed is not None:
+        d_eps = d_eps + jnp.where(missed, lse, 0.0)
     return (
-        jnp.where(counted, target - total / count, 0.0),
+        jnp.where(counted, d_eps, 0.0),
         jnp.where(counted, lse * lse, 0.0),
     )
 
@@ -221,15 +239,20 @@ def coefficients(
     counted: jax.Array,
     smoothing: jax.Array | None,
     z_loss: jax.Array | None,
+    missed: jax.Array | None = None,
 ) -> Coefficients:
     """Per-token weights of ``dloss/dlogits`` for cotangents ``g``:
-    ``(g (1 + 2 z lse), g (1 - eps), g eps)``, all 0 where not ``counted``; the last is
-    ``None`` without smoothing."""
+    ``(g ((1 - eps) tl + eps + 2 z lse), g (1 - eps), g eps)``, all 0 where not
+    ``counted``; the last is ``None`` without smoothing. ``tl = 0`` where ``missed`` (the
+    label's column is then never ``hit``, so the second weight meets no column)."""
     g = jnp.where(counted, g.astype(lse.dtype), 0.0)
     scale = g if z_loss is None else g * (1.0 + 2.0 * z_loss * lse)
+    on_label = g if smoothing is None else g * (1.0 - smoothing)
+    if missed is not None:
+        scale = scale - jnp.where(missed, on_label, 0.0)
     if smoothing is None:
         return scale, g, None
-    return scale, g * (1.0 - smoothing), g * smoothing
+    return scale, on_label, g * smoothing
 
 
 def dlogits(

@@ -170,7 +170,13 @@ def linear_softmax_cross_entropy(
     labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
     dtype = jnp.result_type(h.dtype, w.dtype)
     mask = checks.check_where(vocab_mask, (vocab,), "vocab_mask")
-    mask = jnp.ones((vocab,), bool) if mask is None else jnp.broadcast_to(mask, (vocab,))
+    missed = None
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (vocab,))
+        # A label on a masked class has no target mass (softmax_cross_entropy's `where`
+        # rule); an out-of-range label reads True here and is poisoned below.
+        missed = ~mask.at[labels_].get(mode="fill", fill_value=True)
+    mask = jnp.ones((vocab,), bool) if mask is None else mask
     rows = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1]).astype(dtype)
     counted = jnp.ones_like(labels_, bool)
@@ -190,6 +196,7 @@ def linear_softmax_cross_entropy(
         labels=labels_,
         vocab_mask=mask,
         counted=counted,
+        missed=missed,
         label_smoothing=jnp.asarray(eps, out_dtype),
         z_loss=jnp.asarray(z, out_dtype),
     )
