@@ -24,8 +24,10 @@ from stablelayers.attention._arguments import (
     check_arrays,
     check_broadcast,
     check_lengths,
+    check_segment_ids,
     check_shapes,
     check_sink,
+    check_soft_cap,
     implementation_name,
     local_window,
     scale_or_default,
@@ -85,6 +87,10 @@ def dot_product_attention(
     force_fp32_for_softmax: bool = False,
     einsum_dot_general: Callable[..., jax.Array] | None = None,
     return_logsumexp: bool = False,
+    segment_ids: ArrayLike | None = None,
+    query_segment_ids: ArrayLike | None = None,
+    key_value_segment_ids: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Scaled dot-product attention in which a query that may attend nothing gets exactly 0.
 
@@ -93,6 +99,8 @@ def dot_product_attention(
         p_{qk} = \frac{\exp(s_{qk})}{\exp(\mathrm{sink}) + \sum_{k'} \exp(s_{qk'})}, \qquad
         s_{qk} = \mathrm{scale} \cdot q \cdot k + \mathrm{bias}_{qk}
 
+    (with ``logits_soft_cap`` ``c``, ``s_{qk} = c \tanh(\mathrm{scale}\, q \cdot k / c) +
+    \mathrm{bias}_{qk}``)
     with masked keys left out of the sum (:func:`stablelayers.masked_softmax`). Where
     Flax and ``jax.nn`` fill masked logits with a large negative number, so that a query
     row with every key masked (padding, or a causal mask over left padding) becomes the
@@ -179,6 +187,21 @@ def dot_product_attention(
             (sink included), shape ``(batch..., heads, q_len)``; ``-inf`` for a row that
             attends nothing. Differentiable, unlike ``return_residual``'s; give one of
             the two.
+        segment_ids: optional int array broadcastable to ``(batch..., q_len)`` for
+            packed sequences in self-attention (``q_len == kv_len``): query ``q`` sees
+            key ``k`` only when ``segment_ids[q] == segment_ids[k]``, on top of every
+            other mask. No ``L x L`` mask is formed on the chunked path, and its block
+            pairs that share no segment are skipped. Ids are compared for equality only,
+            so padding with one id attends itself; give it an id no query or no key has
+            (see the pair below), or use the lengths, to make it attend nothing.
+        query_segment_ids: with ``key_value_segment_ids``, the ids of the queries,
+            ``(batch..., q_len)``, when queries and keys differ (cross-attention,
+            decoding); the names follow ``query_seq_lengths``. A query whose id no key
+            has gives exactly 0 and no gradient.
+        key_value_segment_ids: the ids of the keys, ``(batch..., kv_len)``.
+        logits_soft_cap: optional positive Python float ``c``: the scaled logits become
+            ``c * tanh(s / c)`` before the bias, masks and sinks (Gemma 2, arXiv:2408.00118,
+            section 2; FlashAttention's ``softcap``); on every path, with exact gradients.
 
     On the chunked path, dropout draws each block's keep pattern from
     ``fold_in(fold_in(dropout_rng, query_block), key_block)``: the same distribution as
@@ -197,10 +220,13 @@ def dot_product_attention(
             is active without a ``dropout_rng``, custom einsums are given with
             ``precision`` or only one of them, ``implementation`` is unknown or
             ``"chunked"`` with custom einsums or ``module``, ``local_window_size`` is
-            negative, ``chunk_size`` is not positive, or both ``return_residual`` and
-            ``return_logsumexp`` are asked for.
+            negative, ``chunk_size`` is not positive, both ``return_residual`` and
+            ``return_logsumexp`` are asked for, ``segment_ids`` is given with the pair or
+            for ``q_len != kv_len``, only one of the pair is given, the ids do not
+            broadcast, or ``logits_soft_cap`` is not positive.
         TypeError: ``query``, ``key`` or ``value`` is not a real floating (or integer)
-            array, or the lengths are not integers.
+            array, the lengths or segment ids are not integers, or ``logits_soft_cap``
+            is traced.
     """
     window, lookahead = (
         (None, None) if local_window_size is None else local_window(local_window_size)
@@ -238,6 +264,10 @@ def dot_product_attention(
             "`dropout_rng` is None; pass a PRNG key or set deterministic=True."
         )
     scale = scale_or_default(scale, query.shape[-1])
+    soft_cap = check_soft_cap(logits_soft_cap)
+    q_segments, kv_segments = check_segment_ids(
+        segment_ids, query_segment_ids, key_value_segment_ids, batch, q_len, kv_len
+    )
     if sink is not None:
         sink = check_sink(sink, batch, heads, dtype)
     lengths = (
@@ -263,8 +293,18 @@ def dot_product_attention(
     if dropout_on:
         assert dropout_rng is not None  # checked above whenever dropout is on
         dropout = (dropout_rng, dropout_rate, broadcast_dropout)
-    inputs = Inputs(query, key, value, bias, mask, sink, *lengths)
-    settings = Settings(scale, is_causal, window, lookahead, precision, dropout)
+    inputs = Inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        sink,
+        *lengths,
+        q_segments=q_segments,
+        kv_segments=kv_segments,
+    )
+    settings = Settings(scale, is_causal, window, lookahead, precision, dropout, soft_cap)
     if use_chunks:
         out, lse = chunked(inputs, settings, chunk_size)
         if not want_lse:

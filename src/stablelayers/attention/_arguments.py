@@ -27,7 +27,9 @@ class Inputs(NamedTuple):
     ``(batch..., heads)`` in the compute dtype, and int32 lengths of shape ``batch``. The
     chunked path's layout (``_chunked_layout``) holds the same fields laid out for blocks,
     the lengths always given, and the dropout key and rate; the ring's chunk pairs also
-    place query 0 at key position ``offset``."""
+    place query 0 at key position ``offset``. Segment ids are int32 ``(batch..., q_len)``
+    and ``(batch..., kv_len)`` (``(B, length)`` in the chunked layout): a query sees a
+    key only where the two ids are equal."""
 
     query: jax.Array
     key: jax.Array
@@ -40,12 +42,14 @@ class Inputs(NamedTuple):
     rng: jax.Array | None = None
     rate: jax.Array | None = None
     offset: jax.Array | None = None
+    q_segments: jax.Array | None = None
+    kv_segments: jax.Array | None = None
 
 
 class Settings(NamedTuple):
     """What both paths do the same way, checked: the logits' scale, which pairs the
-    structure lets through (``_attention_masks.position_mask``), the einsums' precision,
-    and dropout as ``(rng, rate, broadcast)`` or ``None`` when off."""
+    structure lets through (``_masks.position_mask``), the einsums' precision, dropout
+    as ``(rng, rate, broadcast)`` or ``None`` when off, and the logits' soft cap."""
 
     scale: float
     is_causal: bool
@@ -53,6 +57,7 @@ class Settings(NamedTuple):
     lookahead: int | None
     precision: lax.PrecisionLike
     dropout: tuple[jax.Array, ArrayLike, bool] | None
+    soft_cap: float | None = None
 
 
 LOGITS_LAYOUT = "(batch..., heads, q_len, kv_len)"
@@ -158,6 +163,67 @@ def check_sink(sink: ArrayLike, batch: Shape, heads: int, dtype: DTypeLike) -> j
 def scale_or_default(scale: float | None, qk_dim: int) -> float:
     """The logits' scale: ``scale``, by default ``1 / sqrt(qk_dim)``."""
     return 1.0 / float(qk_dim) ** 0.5 if scale is None else scale
+
+
+def check_soft_cap(cap: float | None) -> float | None:
+    """``logits_soft_cap`` as a positive float, or ``None``. It is static (a Python number,
+    as ``scale`` is): the chunked path's blocks are compiled for it."""
+    if cap is None:
+        return None
+    value = checks.concrete_number(cap, "logits_soft_cap")
+    if value is None:
+        raise TypeError(
+            "`logits_soft_cap` must be a Python number, not a traced value: attention "
+            "compiles its blocks for one cap (mark it static under jit)."
+        )
+    if not value > 0.0 or value == float("inf"):
+        raise ValueError(f"`logits_soft_cap` must be positive and finite, got {cap!r}.")
+    return value
+
+
+def check_segment_ids(
+    segment_ids: ArrayLike | None,
+    query_segment_ids: ArrayLike | None,
+    key_value_segment_ids: ArrayLike | None,
+    batch: Shape,
+    q_len: int,
+    kv_len: int,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(query ids, key ids)`` as int32 of shapes ``(batch..., q_len)`` and
+    ``(batch..., kv_len)``, or ``(None, None)``: from ``segment_ids`` for self-attention
+    (both the same), or from the pair."""
+    pair = (query_segment_ids, key_value_segment_ids)
+    if segment_ids is not None:
+        if any(ids is not None for ids in pair):
+            raise ValueError(
+                "Give `segment_ids` (self-attention: the same ids for queries and keys) or "
+                "the pair `query_segment_ids`, `key_value_segment_ids`, not both."
+            )
+        if q_len != kv_len:
+            raise ValueError(
+                f"`segment_ids` are one id per position of queries and keys alike, but there "
+                f"are {q_len} queries and {kv_len} keys; give `query_segment_ids` and "
+                "`key_value_segment_ids` instead."
+            )
+        pair = (segment_ids, segment_ids)
+    if all(ids is None for ids in pair):
+        return None, None
+    if any(ids is None for ids in pair):
+        raise ValueError(
+            "`query_segment_ids` and `key_value_segment_ids` must be given together (a "
+            "query sees a key only where their ids are equal)."
+        )
+    checked = []
+    for ids, name, n in (
+        (pair[0], "query_segment_ids" if segment_ids is None else "segment_ids", q_len),
+        (pair[1], "key_value_segment_ids" if segment_ids is None else "segment_ids", kv_len),
+    ):
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"`{name}` must be an integer array, got dtype {ids.dtype}.")
+        check_broadcast(name, ids.shape, (*batch, n), "(batch..., length)")
+        checked.append(jnp.broadcast_to(ids, (*batch, n)).astype(jnp.int32))
+    return checked[0], checked[1]
 
 
 def check_lengths(lengths: ArrayLike | None, name: str, batch: Shape) -> jax.Array | None:

@@ -45,6 +45,8 @@ class Config(NamedTuple):
     lookahead: int | None = None
     broadcast_dropout: bool = False
     dropout: bool = False
+    # The logits become soft_cap * tanh(s / soft_cap) before the bias and the masks.
+    soft_cap: float | None = None
 
 
 class Grads(NamedTuple):
@@ -121,16 +123,63 @@ def q_range(
     return lo, jnp.maximum(hi, lo)
 
 
+def segment_overlap(cfg: Config, x: Inputs) -> jax.Array | None:
+    """``(n_q, n_k)``: whether query block ``i`` and key block ``j`` may share a segment
+    in some batch entry, from each block's range of ids over its valid positions (those
+    below the lengths); ``None`` without segment ids. With ids sorted along the sequence
+    (packed documents) this is exact; otherwise it keeps every pair that may meet."""
+    if x.q_segments is None or x.kv_segments is None:
+        return None
+    q_lengths, kv_lengths = lengths(x)
+    top, bottom = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+
+    def ranges(ids: jax.Array, n: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+        valid = jnp.arange(ids.shape[1]) < n[:, None]
+        lo = jnp.where(valid, ids, top).reshape(ids.shape[0], -1, block).min(axis=-1)
+        hi = jnp.where(valid, ids, bottom).reshape(ids.shape[0], -1, block).max(axis=-1)
+        return lo, hi
+
+    q_lo, q_hi = ranges(x.q_segments, q_lengths, cfg.block_q)
+    k_lo, k_hi = ranges(x.kv_segments, kv_lengths, cfg.block_k)
+    meet = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+    return jnp.any(meet, axis=0)
+
+
+def narrow(
+    lo: jax.Array, hi: jax.Array, meets: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """The loop bounds ``[lo, hi)`` cut to the first and last block that ``meets`` (a row
+    or column of :func:`segment_overlap`) lets through: the blocks of other documents are
+    never visited, forward or backward."""
+    if meets is None:
+        return lo, hi
+    at = jnp.arange(meets.shape[0], dtype=jnp.int32)
+    first = jnp.min(jnp.where(meets, at, meets.shape[0]))
+    last = jnp.max(jnp.where(meets, at, -1)) + 1
+    lo = jnp.maximum(lo, first)
+    return lo, jnp.maximum(jnp.minimum(hi, last), lo)
+
+
 def block_logits(
     cfg: Config, x: Inputs, i: jax.Array, j: jax.Array, q_blk: jax.Array, k_blk: jax.Array
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array | None]:
     """Scaled logits of block ``(i, j)``, ``(B, Hkv, G, block_q, block_k)``, with invalid
     places (and ``-inf`` logits, which a ``-inf`` bias makes) at the lowest finite float and
     every valid one above it: nothing here is infinite unless the input is
     (``jax.debug_infs`` checks every intermediate in eager mode), and ``s > lowest`` tells
-    the valid places. Query ``q`` and key ``k`` are compared at ``q + offset`` and ``k``."""
+    the valid places. Query ``q`` and key ``k`` are compared at ``q + offset`` and ``k``.
+
+    With a soft cap ``c``, also the slope ``d(c tanh(u / c)) / du = 1 - tanh^2(u / c)`` of
+    each logit, which the backward pass multiplies into ``dS`` before the matmuls back to
+    ``q`` and ``k`` (the bias is added after the cap, so its gradient is ``dS`` itself);
+    ``None`` without a cap."""
     compute = compute_dtype(cfg.dtype)
     s = mm(cfg, "bhgqd,bhkd->bhgqk", q_blk, k_blk) * jnp.asarray(cfg.scale, compute)
+    slope = None
+    if cfg.soft_cap is not None:
+        cap = jnp.asarray(cfg.soft_cap, compute)
+        t = jnp.tanh(s / cap)
+        s, slope = cap * t, 1.0 - t * t
     q0, k0 = i * cfg.block_q, j * cfg.block_k
     if x.bias is not None:
         s = s + _slice(_slice(x.bias, 3, q0, cfg.block_q), 4, k0, cfg.block_k).astype(compute)
@@ -147,13 +196,17 @@ def block_logits(
         valid = valid & visible
     if x.mask is not None:
         valid = valid & _slice(_slice(x.mask, 3, q0, cfg.block_q), 4, k0, cfg.block_k)
+    if x.q_segments is not None and x.kv_segments is not None:
+        q_ids = lax.dynamic_slice_in_dim(x.q_segments, q0, cfg.block_q, 1)
+        k_ids = lax.dynamic_slice_in_dim(x.kv_segments, k0, cfg.block_k, 1)
+        valid = valid & (q_ids[:, None, None, :, None] == k_ids[:, None, None, None, :])
     valid = valid & ~is_neginf(s)
     # A +inf logit (from a +inf bias, or q.k overflowing) becomes the largest float: the
     # running max stays finite, so s - max is 0 there and -inf-like elsewhere, and the row's
     # mass is shared among its +inf entries as on the dense path, instead of inf - inf = NaN.
     low = lowest(compute)
     s = jnp.clip(s, jnp.nextafter(low, jnp.zeros((), compute)), _finfo(compute).max)
-    return jnp.where(valid, s, low)
+    return jnp.where(valid, s, low), slope
 
 
 def keep_mask(

@@ -64,6 +64,10 @@ def chunked(
         else jnp.clip(given.reshape(n_batch), 0, n)
         for given, n in ((inputs.q_lengths, q_len), (inputs.kv_lengths, kv_len))
     )
+    q_segments, kv_segments = (
+        None if ids is None else segments_to_blocks(ids, pad)
+        for ids, pad in ((inputs.q_segments, q_pad), (inputs.kv_segments, kv_pad))
+    )
     rng = rate = None
     broadcast = False
     if settings.dropout is not None:
@@ -80,8 +84,22 @@ def chunked(
         precision=settings.precision,
         broadcast_dropout=bool(broadcast),
         dropout=settings.dropout is not None,
+        soft_cap=settings.soft_cap,
     )
-    blocks = Inputs(q, k, v, bias, mask, sink, q_lengths, kv_lengths, rng, rate)
+    blocks = Inputs(
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        sink,
+        q_lengths,
+        kv_lengths,
+        rng,
+        rate,
+        q_segments=q_segments,
+        kv_segments=kv_segments,
+    )
     out, lse = _chunked_rule.chunked_attention(cfg, blocks)
     out = from_blocks(out[:, :, :, :q_len], batch)
     return out.astype(dtype), lse[:, :, :, :q_len]
@@ -101,6 +119,13 @@ def to_blocks(
         x.reshape(n_batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3) for x in (key, value)
     )
     return q, k, v
+
+
+def segments_to_blocks(ids: jax.Array, pad: int) -> jax.Array:
+    """Segment ids ``(batch..., length)`` as the chunked path's ``(B, length + pad)``. The
+    padding repeats the last id, so that it widens no block's range of ids."""
+    flat = ids.reshape(-1, ids.shape[-1])
+    return jnp.pad(flat, ((0, 0), (0, pad)), mode="edge")
 
 
 def from_blocks(out: jax.Array, batch: tuple[int, ...]) -> jax.Array:

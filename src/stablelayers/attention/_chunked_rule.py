@@ -5,7 +5,8 @@ normaliser per query row (the online softmax of Milakov & Gimelshein, as in Flas
 so no ``q_len x kv_len`` array is ever built. The ``custom_vjp`` keeps the inputs, the output
 and one float32 logsumexp per query row; the backward pass (FlashAttention-2's) recomputes
 each block's probabilities from the logsumexp. Blocks that the causal mask, the window or the
-per-batch lengths remove entirely are skipped: the loops' bounds depend on the block index.
+per-batch lengths remove entirely are skipped, and so are those whose queries and keys
+share no segment: the loops' bounds depend on the block index.
 
 Everything here works on a canonical layout prepared by ``_api``:
 
@@ -15,7 +16,8 @@ Everything here works on a canonical layout prepared by ``_api``:
   ``(B, kv_heads, groups, Lq, Lk)``;
 * ``sink``: ``(B or 1, kv_heads or 1, groups or 1)``;
 * ``q_len``, ``kv_len``: ``(B,)`` int32, the number of valid queries and keys per batch
-  entry (padding, internal or the caller's, lies beyond them).
+  entry (padding, internal or the caller's, lies beyond them);
+* ``q_segments``, ``kv_segments``: ``(B, Lq)`` and ``(B, Lk)`` int32 or None.
 
 A query row with no valid key (and no sink) has output exactly 0, logsumexp ``-inf`` (kept
 as the lowest finite float inside, so that nothing inside is infinite) and
@@ -88,6 +90,7 @@ def forward(
     q_lengths, kv_lengths = cb.lengths(x)
     q_max, kv_max = jnp.max(q_lengths), jnp.max(kv_lengths)
     lowest = cb.lowest(compute_dtype(cfg.dtype))
+    overlap = cb.segment_overlap(cfg, x)
 
     def query_block(
         i: jax.Array, carry: tuple[jax.Array, jax.Array]
@@ -100,7 +103,7 @@ def forward(
             m, l, acc = state
             k_blk = lax.dynamic_slice_in_dim(k, j * cfg.block_k, cfg.block_k, 2)
             v_blk = lax.dynamic_slice_in_dim(v, j * cfg.block_k, cfg.block_k, 2)
-            s = cb.block_logits(cfg, x, i, j, q_blk, k_blk)
+            s, _ = cb.block_logits(cfg, x, i, j, q_blk, k_blk)
             m, l, p, alpha = online_softmax.step(m, l, s, lowest)
             if cfg.dropout:
                 p = p * cb.keep_mask(cfg, x, i, j, p.shape)
@@ -108,6 +111,7 @@ def forward(
             return m, l, alpha[..., None] * acc + pv
 
         lo, hi = (b.astype(jnp.int32) for b in cb.kv_range(cfg, x, i, n_k, kv_max, q_max))
+        lo, hi = cb.narrow(lo, hi, None if overlap is None else overlap[i])
         m0, l0 = online_softmax.start(lax.dynamic_slice_in_dim(lse, q0, cfg.block_q, 3), lowest)
         acc0 = lax.dynamic_slice_in_dim(out, q0, cfg.block_q, 3)
         init = _sharding.match((m0, l0, acc0), x)
@@ -159,6 +163,7 @@ def accumulate_grads(
     q_max, kv_max = jnp.max(q_lengths), jnp.max(kv_lengths)
     d_out_mm = d_out.astype(cfg.dtype)
     scale = jnp.asarray(cfg.scale, compute)
+    overlap = cb.segment_overlap(cfg, inputs)
 
     def key_block(j: jax.Array, carry: Grads) -> Grads:
         d_q, d_k, d_v, d_bias = carry
@@ -172,7 +177,7 @@ def accumulate_grads(
             do_blk = lax.dynamic_slice_in_dim(d_out_mm, q0, cfg.block_q, 3)
             lse_blk = lax.dynamic_slice_in_dim(finite_lse, q0, cfg.block_q, 3)
             delta_blk = lax.dynamic_slice_in_dim(delta, q0, cfg.block_q, 3)
-            s = cb.block_logits(cfg, inputs, i, j, q_blk, k_blk)
+            s, slope = cb.block_logits(cfg, inputs, i, j, q_blk, k_blk)
             valid = s > cb.lowest(compute)
             p = jnp.where(valid, jnp.exp(s - lse_blk[..., None]), 0.0)
             dp = cb.mm(cfg, "bhgqd,bhkd->bhgqk", do_blk, v_blk)
@@ -190,6 +195,8 @@ def accumulate_grads(
             if d_bias is not None:
                 part = sum_to_shape(ds, d_bias.shape)
                 d_bias = cb.add_slice(d_bias, (0, 0, 0, q0, j * cfg.block_k), part)
+            if slope is not None:
+                ds = ds * slope  # through the soft cap, back to the scaled q.k
             ds_mm = ds.astype(cfg.dtype)
             dq_part = cb.mm(cfg, "bhgqk,bhkd->bhgqd", ds_mm, k_blk)
             d_q = cb.add_slice(d_q, (0, 0, 0, q0, 0), dq_part * scale)
@@ -198,6 +205,7 @@ def accumulate_grads(
 
         q_range = cb.q_range(cfg, inputs, j, n_q, q_max, kv_max)
         lo, hi = (b.astype(jnp.int32) for b in q_range)
+        lo, hi = cb.narrow(lo, hi, None if overlap is None else overlap[:, j])
         dk0 = jnp.zeros(jnp.swapaxes(k_blk, 2, 3).shape, compute)
         dv0 = jnp.zeros(jnp.swapaxes(v_blk, 2, 3).shape, compute)
         init = _sharding.match((d_q, dk0, dv0, d_bias), q, k, v, d_out, finite_lse)

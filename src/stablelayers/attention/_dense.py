@@ -63,6 +63,11 @@ def dense(
             _dot_general=dot_general or lax.dot_general,
         ).reshape(logits_shape)
     logits = logits * jnp.asarray(scale, compute)
+    if settings.soft_cap is not None:
+        # Gemma 2's soft cap on the scaled logits; a bias (ALiBi's, or a -inf that masks)
+        # is added after it, as FlashAttention adds ALiBi after its softcap.
+        cap = jnp.asarray(settings.soft_cap, compute)
+        logits = cap * jnp.tanh(logits / cap)
     if bias is not None:
         logits = logits + bias.astype(compute)
 

@@ -49,6 +49,12 @@ def dense_mask(
     q_len, kv_len)`` logits: ``mask``, the structure and the per-batch lengths together;
     ``None`` for no mask."""
     q_len, kv_len = logits_shape[-2:]
+    same = segment_mask(inputs.q_segments, inputs.kv_segments)
+    if same is not None:
+        # Folded into the mask, so that silence_dead_rows sees the queries and keys that
+        # no other position shares a segment with.
+        mask = both(inputs.mask, same)
+        inputs = inputs._replace(mask=mask, q_segments=None, kv_segments=None)
     q_pos = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
     k_pos = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
     structure = position_mask(
@@ -62,7 +68,32 @@ def dense_mask(
     return silence_dead_rows(inputs), where
 
 
-def silence_dead_rows(inputs: Inputs, positions: jax.Array | None = None) -> Inputs:
+def segment_mask(q_ids: jax.Array | None, kv_ids: jax.Array | None) -> jax.Array | None:
+    """``(batch..., 1, q_len, kv_len)``: which pairs share a segment; ``None`` for no ids."""
+    if q_ids is None or kv_ids is None:
+        return None
+    return (q_ids[..., :, None] == kv_ids[..., None, :])[..., None, :, :]
+
+
+def shares_a_segment(ids: jax.Array, others: jax.Array) -> jax.Array:
+    """Per position of ``ids`` ``(batch..., n)``, whether its id occurs in ``others``
+    ``(batch..., m)``: a binary search in the sorted ``others``, never an ``n x m`` array."""
+    batch, n, m = ids.shape[:-1], ids.shape[-1], others.shape[-1]
+    if m == 0:
+        return jnp.zeros(ids.shape, bool)
+    flat_ids = ids.reshape(-1, n)
+    ordered = jnp.sort(others.reshape(-1, m), axis=-1)
+    at = jax.vmap(jnp.searchsorted)(ordered, flat_ids)
+    found = jnp.take_along_axis(ordered, jnp.minimum(at, m - 1), axis=-1) == flat_ids
+    return found.reshape(*batch, n)
+
+
+def silence_dead_rows(
+    inputs: Inputs,
+    positions: jax.Array | None = None,
+    all_q_segments: jax.Array | None = None,
+    all_kv_segments: jax.Array | None = None,
+) -> Inputs:
     """Zero the queries, keys and values that no pair of the attention uses.
 
     A key that every query masks (padding past ``key_lengths``, or a mask column that is
@@ -73,15 +104,25 @@ def silence_dead_rows(inputs: Inputs, positions: jax.Array | None = None) -> Inp
 
     ``positions`` are the rows' positions that the lengths count, the same for queries
     and keys (the ring's local block in the global sequence); by default ``0, 1, ...``.
+    ``all_q_segments`` and ``all_kv_segments`` are the ids of every query and key (the
+    ring's whole sequence), by default ``inputs``' own: a query whose id no key has is
+    dead, and likewise a key.
     """
     query, key, value = inputs.query, inputs.key, inputs.value
     mask, q_lengths, kv_lengths = inputs.mask, inputs.q_lengths, inputs.kv_lengths
-    if mask is None and q_lengths is None and kv_lengths is None:
+    q_ids, kv_ids = inputs.q_segments, inputs.kv_segments
+    if mask is None and q_lengths is None and kv_lengths is None and q_ids is None:
         return inputs
     batch, q_len = query.shape[:-3], query.shape[-3]
     kv_len = key.shape[-3]
     q_live = live_positions(mask, q_lengths, batch, q_len, (-3, -1), positions)
     k_live = live_positions(mask, kv_lengths, batch, kv_len, (-3, -2), positions)
+    if q_ids is not None and kv_ids is not None:
+        all_q = q_ids if all_q_segments is None else all_q_segments
+        all_kv = kv_ids if all_kv_segments is None else all_kv_segments
+        q_seen, k_seen = shares_a_segment(q_ids, all_kv), shares_a_segment(kv_ids, all_q)
+        q_live = both(q_live, q_seen)
+        k_live = both(k_live, k_seen)
     if q_live is not None:
         query = jnp.where(q_live[..., None, None], query, 0)
     if k_live is not None:
