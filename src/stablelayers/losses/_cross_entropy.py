@@ -25,9 +25,11 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from stablelayers._core import checks
+from stablelayers._core.arithmetic import compute_dtype
 from stablelayers._core.nonfinite import nan_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers.losses import _target_weight
+from stablelayers.losses._soft_cap import soft_cap
 from stablelayers.ops._logsumexp import lse_rows
 
 HyperParameter = float | jax.Array
@@ -72,6 +74,21 @@ def check_loss_options(
         except TypeError:
             raise TypeError(f"`ignore_index` must be an int, got {ignore_index!r}.") from None
     return eps_value, z_value
+
+
+def check_soft_cap(logits_soft_cap: ArrayLike | None) -> HyperParameter | None:
+    """The logit soft-cap ``c`` of both cross-entropies: ``None`` (off), a positive finite
+    float when concrete (checked at trace time), or the traced scalar it is."""
+    if logits_soft_cap is None:
+        return None
+    cap, value = _hyper_parameter(logits_soft_cap, "logits_soft_cap")
+    if cap is not None and not 0.0 < cap < float("inf"):
+        raise ValueError(
+            f"`logits_soft_cap` must be a finite number > 0 or None, got "
+            f"{logits_soft_cap!r}: the logits are mapped to cap * tanh(logits / cap) "
+            "(30.0 in Gemma 2)."
+        )
+    return value
 
 
 def is_off(value: HyperParameter) -> bool:
@@ -169,6 +186,7 @@ def softmax_cross_entropy(
     z_loss: ArrayLike = 0.0,
     ignore_index: int | None = None,
     reduction: Reduction = "none",
+    logits_soft_cap: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy per example (or its mean or sum), for integer or probability
     labels; ``axis`` and ``where`` in optax's places.
@@ -207,6 +225,16 @@ def softmax_cross_entropy(
             examples that count: not ignored, not masked, with a class left; 0, with
             gradient 0, when none does) or ``'sum'``, as
             :func:`linear_softmax_cross_entropy`'s.
+        logits_soft_cap: ``c > 0``, or ``None`` (the default: no op is added). The loss
+            is that of the capped logits ``c tanh(x / c)`` (Gemma 2's final-logit
+            soft-capping, arXiv:2408.00118, section 2, ``c = 30``; Liger-Kernel's
+            ``softcap``): ``where``, ``ignore_index``, the smoothing, the z-loss and the
+            reduction apply to them, and the gradient is the chain rule's,
+            ``(1 - tanh^2(x / c))`` times the capped logits' gradient. A ``-inf`` logit
+            becomes ``-c``, so with a cap it keeps some probability (mask classes with
+            ``where``). Checked when concrete (a positive finite number); a traced one is
+            taken as it is, and the loss is differentiable in it,
+            ``d(c tanh u)/dc = tanh u - u (1 - tanh^2 u)`` at ``u = x / c``.
 
     Returns:
         The loss per example, of the logits' shape without ``axis``, or a scalar; in the
@@ -220,12 +248,14 @@ def softmax_cross_entropy(
     Raises:
         TypeError: labels of the wrong dtype, non-boolean ``where``, bad ``axis``.
         ValueError: labels of the wrong shape, ``axis`` out of range, ``label_smoothing``
-            outside ``[0, 1)``, negative ``z_loss``, an unknown ``reduction``.
+            outside ``[0, 1)``, negative ``z_loss``, a ``logits_soft_cap`` that is not
+            positive and finite, an unknown ``reduction``.
     """
     check_reduction(reduction)
     x = checks.as_float_array(logits, "logits")
     axes = _class_axes(axis, x.ndim)
     eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
+    cap = check_soft_cap(logits_soft_cap)
     where_ = example_where(where, x.shape, axes)
     batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
     rows = tuple(x.shape[i] for i in batch_axes)
@@ -259,6 +289,12 @@ def softmax_cross_entropy(
     # What an ignored or masked place held (NaN, inf) is replaced before anything reads
     # it; jnp.where's derivative sends exactly 0 back there.
     x_live = jnp.where(live, x, 0.0)
+    if cap is not None:
+        # Capped in the compute dtype (float32 for half-precision logits), after the
+        # replacement above, so an ignored NaN never reaches tanh.
+        acc = compute_dtype(x.dtype)
+        cap_ = cap if isinstance(cap, float) else cap.astype(acc)
+        x_live = soft_cap(x_live.astype(acc), cap_)
     lse, _ = lse_rows(x_live, live, None, (axis_,), 0.0)
     dtype = lse.dtype
     if integer:

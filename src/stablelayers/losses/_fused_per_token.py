@@ -7,6 +7,9 @@ r"""The per-token fused cross-entropy (``reduction='none'``) and its rules, one 
 * reverse mode: each block's logits are recomputed, ``G = g ((1 + 2 z lse) e^{l - lse} - q)``
   formed for the block alone, and ``dh += G W_c^T``, ``dW_c = h^T G``, ``db_c = sum G``.
 * forward mode: ``loss_dot = sum_j G_j logits_dot_j`` (``g = 1``), a block at a time.
+* soft-cap ``c``: the blocks' logits are ``c tanh(z / c)`` of ``z = h W_c + b_c``, and
+  ``G`` is multiplied by ``1 - tanh^2(z / c)`` before the products (the logits' tangent
+  likewise); a traced cap also gets ``sum g G d(c tanh(z / c))/dc``.
 
 So the largest temporaries are ``(tokens, size)``: four ``tokens x hidden x vocab``
 products with the backward pass, one more than the materialised loss.
@@ -29,6 +32,8 @@ from stablelayers.losses._fused_terms import (
     acc_dtype,
     block,
     block_count,
+    cap_grad,
+    cap_tangent,
     class_count,
     coefficients,
     cotangents,
@@ -36,6 +41,7 @@ from stablelayers.losses._fused_terms import (
     loss_terms,
     option_terms,
     options,
+    raw_grad,
     span,
     take,
 )
@@ -134,6 +140,7 @@ class _Grads(NamedTuple):
     hidden: jax.Array
     weight: jax.Array
     bias: jax.Array | None
+    soft_cap: jax.Array | None  # (): the loss's derivative in a traced cap
 
 
 def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
@@ -147,7 +154,11 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
     def body(c: jax.Array, carry: _Grads) -> _Grads:
         cols = _columns(inputs, c, static.size)
         b = block(inputs, None, cols)
-        grad = dlogits(b.logits, b.live, b.hit, lse, coef, count)
+        grad_capped = dlogits(b.logits, b.live, b.hit, lse, coef, count)
+        d_cap = carry.soft_cap
+        if d_cap is not None:
+            d_cap = d_cap + cap_grad(grad_capped, b)
+        grad = raw_grad(grad_capped, b)
         dh = carry.hidden + jnp.matmul(
             grad.astype(weight.dtype), b.weight.T, preferred_element_type=acc
         )
@@ -159,12 +170,13 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
         db = carry.bias
         if db is not None:
             db = _write_fresh(db, jnp.sum(grad, axis=0).astype(db.dtype), cols, axis=0)
-        return _Grads(dh, dw, db)
+        return _Grads(dh, dw, db, d_cap)
 
     init = _Grads(
         jnp.zeros(h.shape, acc),
         jnp.zeros(weight.shape, weight.dtype),
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
+        jnp.zeros((), acc) if static.flags.soft_cap_grad else None,
     )
     grads = lax.fori_loop(0, _blocks(inputs, static.size), body, init)
     return cotangents(
@@ -173,6 +185,7 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
         grads.bias,
         _option_grad(terms.smoothing, g),
         _option_grad(terms.z_loss, g),
+        grads.soft_cap,
     )
 
 
@@ -194,6 +207,7 @@ def _jvp(
     eps, z = options(inputs, static.flags)
     coef = coefficients(jnp.ones_like(lse), lse, inputs.counted, eps, z, inputs.missed)
     count, acc = class_count(inputs), acc_dtype(h)
+    cap_dot = dots.logits_soft_cap if static.flags.soft_cap_grad else None
 
     def body(c: jax.Array, total: jax.Array) -> jax.Array:
         cols = _columns(inputs, c, static.size)
@@ -204,7 +218,7 @@ def _jvp(
         dot = dot + jnp.matmul(h, wd, preferred_element_type=acc)
         if dots.bias is not None:
             dot = dot + lax.dynamic_slice_in_dim(dots.bias, cols.start, static.size).astype(acc)
-        return total + jnp.sum(grad * dot, axis=1)
+        return total + jnp.sum(grad * cap_tangent(b, dot, cap_dot), axis=1)
 
     loss_dot = lax.fori_loop(0, _blocks(inputs, static.size), body, jnp.zeros_like(lse))
     for term, tangent in ((terms.smoothing, dots.label_smoothing), (terms.z_loss, dots.z_loss)):

@@ -13,6 +13,10 @@ scales it. The tokens are walked in chunks of ``size`` rows; each chunk's logits
   copy of the whole weight (half-precision inputs) and no second ``(hidden, vocab)``
   product is formed besides the float32 ``dW``.
 
+With a soft-cap ``c`` the chunk's logits are ``c tanh(Z / c)`` of ``Z = H_c W + b`` and
+``G`` is multiplied by ``1 - tanh^2(Z / c)`` before the products; a traced cap also sums
+``G d(c tanh(Z / c))/dc`` into its derivative.
+
 Residuals: ``dH``, ``dW``, ``db`` in float32 (the sizes of the inputs), nothing of size
 ``tokens x vocab``.
 """
@@ -54,6 +58,7 @@ class Grads(NamedTuple):
     bias: jax.Array | None
     label_smoothing: jax.Array
     z_loss: jax.Array
+    logits_soft_cap: jax.Array | None  # (): None unless the cap is traced
 
 
 class _Chunk(NamedTuple):
@@ -172,10 +177,14 @@ def value_and_grads(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
     def body(c: jax.Array, carry: _Carry) -> _Carry:
         grads = carry.grads
         chunk = _chunk(inputs, c, static)
+        grad = _chunk_grad(inputs, chunk, static)
+        d_cap = grads.logits_soft_cap
+        if d_cap is not None:
+            d_cap = d_cap + terms.cap_grad(grad, chunk.block)
         dh_c, dw, db = _products(
             chunk.block.hidden,
             weight,
-            _chunk_grad(inputs, chunk, static),
+            terms.raw_grad(grad, chunk.block),
             grads.weight,
             grads.bias,
         )
@@ -185,11 +194,12 @@ def value_and_grads(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
         dh = lax.dynamic_update_slice_in_dim(grads.hidden, dh_c, rows.start, 0)
         d_eps = grads.label_smoothing + chunk.d_smoothing
         d_z = grads.z_loss + chunk.d_z_loss
-        return _Carry(carry.total + chunk.loss, Grads(dh, dw, db, d_eps, d_z))
+        return _Carry(carry.total + chunk.loss, Grads(dh, dw, db, d_eps, d_z, d_cap))
 
     zero = jnp.zeros((), acc)
     db0 = None if bias is None else jnp.zeros(bias.shape, acc)
-    grads0 = Grads(jnp.zeros(h.shape, acc), jnp.zeros(weight.shape, acc), db0, zero, zero)
+    cap0 = zero if static.flags.soft_cap_grad else None
+    grads0 = Grads(jnp.zeros(h.shape, acc), jnp.zeros(weight.shape, acc), db0, zero, zero, cap0)
     out = lax.fori_loop(0, _chunks(inputs, static), body, _Carry(zero, grads0))
     return out.total, out.grads
 
@@ -209,6 +219,7 @@ def _bwd(static: Static, grads: Grads, g: jax.Array) -> tuple[Inputs]:
         None if grads.bias is None else (g * grads.bias).astype(static.bias_dtype),
         g * grads.label_smoothing if flags.smoothing else None,
         g * grads.z_loss if flags.z_loss else None,
+        None if grads.logits_soft_cap is None else g * grads.logits_soft_cap,
     )
 
 
@@ -225,6 +236,7 @@ def _jvp(
         (grads.bias, dots.bias),
         (grads.label_smoothing if static.flags.smoothing else None, dots.label_smoothing),
         (grads.z_loss if static.flags.z_loss else None, dots.z_loss),
+        (grads.logits_soft_cap, dots.logits_soft_cap),
     ]
     dot = jnp.zeros_like(total)
     for grad, tangent in pairs:

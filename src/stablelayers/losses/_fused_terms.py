@@ -12,6 +12,9 @@ With ``lse`` the log-sum-exp of a token's live logits ``l``, ``t`` its label's l
 
 with ``p = softmax(l)``, ``q = (1 - eps) tau onehot + eps / K`` over the live classes and
 ``tau = 1`` unless the label's class is masked (its target mass dropped, ``t = 0``).
+With a logit soft-cap ``c`` (:mod:`~stablelayers.losses._soft_cap`) ``l`` is the capped
+block ``c tanh(z / c)`` of the raw logits ``z = h W + b``, and the gradient is carried back
+through it, ``dl/dz = 1 - tanh^2(z / c)``, before the products with ``h`` and ``W``.
 Also the records both ops take (:class:`Inputs`, :class:`Flags`) and their one block
 walker (:func:`block`: a block of tokens, or of vocabulary columns, and its logits).
 """
@@ -27,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from stablelayers._core import arithmetic
+from stablelayers.losses import _soft_cap
 
 Coefficients = tuple[jax.Array, jax.Array, jax.Array | None]
 
@@ -49,13 +53,17 @@ class Inputs(NamedTuple):
     missed: jax.Array | None  # (tokens,) bool: the label's class masked; None: no mask
     label_smoothing: jax.Array  # ()
     z_loss: jax.Array  # ()
+    logits_soft_cap: jax.Array | None = None  # (): c > 0; None: no cap (no op)
 
 
 class Flags(NamedTuple):
-    """Whether ``label_smoothing`` and ``z_loss`` may be nonzero (static)."""
+    """Whether ``label_smoothing`` and ``z_loss`` may be nonzero, and whether the loss's
+    derivative in the soft-cap is formed (a traced cap; a concrete one is a constant)
+    (static)."""
 
     smoothing: bool
     z_loss: bool
+    soft_cap_grad: bool = False
 
 
 def cotangents(
@@ -64,13 +72,16 @@ def cotangents(
     bias: jax.Array | None,
     label_smoothing: jax.Array | None,
     z_loss: jax.Array | None,
+    soft_cap: jax.Array | None = None,
 ) -> tuple[Inputs]:
     """A backward rule's answer: the cotangents of the differentiable inputs, ``None``
-    (zero) for the integer and boolean ones and for an option that is off."""
+    (zero) for the integer and boolean ones and for an option that is off (or, for the
+    soft-cap, a constant)."""
     none: Any = None  # custom_vjp reads None as a zero cotangent
     eps: Any = label_smoothing
     z: Any = z_loss
-    return (Inputs(hidden, weight, bias, none, none, none, none, eps, z),)
+    cap: Any = soft_cap
+    return (Inputs(hidden, weight, bias, none, none, none, none, eps, z, cap),)
 
 
 def options(inputs: Inputs, flags: Flags) -> tuple[jax.Array | None, jax.Array | None]:
@@ -113,15 +124,49 @@ def block_count(length: int, size: int) -> int:
     return -(-length // size)
 
 
+class Capped(NamedTuple):
+    """A block's raw logits under a soft-cap ``c``: ``u = z / c`` and ``t = tanh u``."""
+
+    scaled: jax.Array  # (rows, cols)
+    tanh: jax.Array  # (rows, cols)
+
+
 class Block(NamedTuple):
     """A block of the logits, in the accumulation dtype: some tokens (``rows``) against
     some vocabulary columns (``cols``), or all of either."""
 
     hidden: jax.Array  # (rows, hidden): the block's tokens
     weight: jax.Array  # (hidden, cols): the block's columns
-    logits: jax.Array  # (rows, cols) = hidden @ weight + bias
+    logits: jax.Array  # (rows, cols) = hidden @ weight + bias, soft-capped if asked
     live: jax.Array  # (1, cols): unmasked and, along a walked axis, fresh
     hit: jax.Array  # (rows, cols): live and the label's column
+    capped: Capped | None = None  # None: no soft-cap
+
+
+def raw_grad(grad: jax.Array, b: Block) -> jax.Array:
+    """The gradient in the raw logits ``z`` from that in the block's ``logits``: times
+    ``1 - tanh^2(z / c)`` under a soft-cap, else ``grad`` itself (no op)."""
+    return grad if b.capped is None else grad * _soft_cap.slope(b.capped.tanh)
+
+
+def cap_grad(grad: jax.Array, b: Block) -> jax.Array:
+    """``sum_ij grad_ij d(c tanh(z_ij / c))/dc``: the loss's derivative in the cap, for
+    ``grad`` in the block's (capped) logits."""
+    assert b.capped is not None
+    u, t = b.capped
+    return jnp.sum(grad * _soft_cap.cap_derivative(u, t))
+
+
+def cap_tangent(b: Block, z_dot: jax.Array, cap_dot: jax.Array | None) -> jax.Array:
+    """The capped logits' tangent from the raw logits' ``z_dot`` (and the cap's
+    ``cap_dot``, ``None`` for a constant cap); ``z_dot`` itself without a cap."""
+    if b.capped is None:
+        return z_dot
+    u, t = b.capped
+    dot = _soft_cap.slope(t) * z_dot
+    if cap_dot is not None:
+        dot = dot + _soft_cap.cap_derivative(u, t) * cap_dot.astype(dot.dtype)
+    return dot
 
 
 def block(inputs: Inputs, rows: Span | None, cols: Span | None) -> Block:
@@ -144,8 +189,14 @@ def block(inputs: Inputs, rows: Span | None, cols: Span | None) -> Block:
     logits = jnp.matmul(h, w, preferred_element_type=acc)
     if b is not None:
         logits = logits + b.astype(acc)[None, :]
+    capped = None
+    if inputs.logits_soft_cap is not None:
+        cap = inputs.logits_soft_cap.astype(acc)
+        u = logits / cap
+        capped = Capped(u, jnp.tanh(u))
+        logits = cap * capped.tanh
     hit = live & (ids[None, :] == labels[:, None])
-    return Block(h, w, logits, live, hit)
+    return Block(h, w, logits, live, hit, capped)
 
 
 def take(x: jax.Array, start: jax.Array, size: int, axis: int) -> jax.Array:

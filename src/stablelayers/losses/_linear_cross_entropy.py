@@ -14,7 +14,9 @@ blocks of ``chunk_size`` columns:
 So the largest temporaries are ``(tokens, chunk_size)``, and the price is one more
 ``tokens x hidden x vocab`` product than the materialised loss (four instead of three).
 With ``reduction='mean'`` or ``'sum'`` the cotangent is one number and the gradient is
-formed in the forward pass instead: three products.
+formed in the forward pass instead: three products. A logit soft-cap ``c`` maps each
+block's logits to ``c tanh(l / c)`` inside the loop (Gemma 2, arXiv:2408.00118), and
+the backward pass multiplies ``G`` by ``1 - tanh^2(l / c)`` before its products.
 
 This module holds the public function and its checks; the parts are
 :mod:`~stablelayers.losses._fused_per_token` (``'none'``),
@@ -35,6 +37,7 @@ from stablelayers.losses._cross_entropy import (
     check_integer_labels,
     check_loss_options,
     check_reduction,
+    check_soft_cap,
     is_off,
     out_of_range,
     poison,
@@ -109,6 +112,7 @@ def linear_softmax_cross_entropy(
     ignore_index: int | None = None,
     chunk_size: int | None = None,
     reduction: Reduction = "none",
+    logits_soft_cap: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``softmax(hidden @ weight + bias)``, never forming the
     ``(tokens, vocab)`` logits (Wijmans et al., ICLR 2025, "Cut Your Losses in
@@ -147,6 +151,17 @@ def linear_softmax_cross_entropy(
             ``2**23 // vocab``, ``2**22 // vocab`` for half precision, at least 1).
         reduction: ``'none'`` (the loss per token), ``'mean'`` (over the tokens not
             ignored; 0, with gradient 0, when every token is) or ``'sum'``.
+        logits_soft_cap: ``c > 0``, or ``None`` (the default: no op is added). The loss
+            is that of ``c tanh(z / c)`` for ``z = hidden @ weight + bias`` (Gemma 2's
+            final-logit soft-capping, arXiv:2408.00118, section 2, ``c = 30``;
+            Liger-Kernel's ``softcap``), capped a block at a time inside the loss (the
+            logits are still never formed); ``vocab_mask``, the smoothing, the z-loss,
+            ``ignore_index`` and the reduction apply to the capped logits, and the
+            backward pass multiplies ``dloss/dlogits`` by ``1 - tanh^2(z / c)`` before its
+            products. Equal to :func:`softmax_cross_entropy`'s ``logits_soft_cap`` on the
+            materialised logits. Checked when concrete (a positive finite number); a
+            traced one is taken as it is, and the loss is differentiable in it (both
+            modes, any order), ``d(c tanh u)/dc = tanh u - u (1 - tanh^2 u)``.
 
     Returns:
         The loss per token, of ``labels``' shape (``'none'``), or a scalar, in the dtype
@@ -167,6 +182,7 @@ def linear_softmax_cross_entropy(
     h, w, b = _check_arrays(hidden, weight, bias)
     vocab = w.shape[1]
     eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
+    cap = check_soft_cap(logits_soft_cap)
     labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
     dtype = jnp.result_type(h.dtype, w.dtype)
     mask = checks.check_where(vocab_mask, (vocab,), "vocab_mask")
@@ -188,7 +204,11 @@ def linear_softmax_cross_entropy(
     counted = counted & jnp.any(mask)
     bad = out_of_range(labels_, vocab, counted, "linear_softmax_cross_entropy")
     out_dtype = arithmetic.compute_dtype(dtype)
-    flags = Flags(smoothing=not is_off(eps), z_loss=not is_off(z))
+    flags = Flags(
+        smoothing=not is_off(eps),
+        z_loss=not is_off(z),
+        soft_cap_grad=cap is not None and not isinstance(cap, float),
+    )
     inputs = Inputs(
         hidden=h,
         weight=w.astype(dtype),
@@ -199,6 +219,7 @@ def linear_softmax_cross_entropy(
         missed=missed,
         label_smoothing=jnp.asarray(eps, out_dtype),
         z_loss=jnp.asarray(z, out_dtype),
+        logits_soft_cap=None if cap is None else jnp.asarray(cap, out_dtype),
     )
     size = _chunk(chunk_size, dtype, (h.shape[0], vocab), reduction != "none")
     if reduction == "none":
