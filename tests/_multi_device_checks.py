@@ -63,6 +63,50 @@ def ring_vs_dense(n: int, causal: bool) -> float:
     return worst(vg(ring), vg(dense))
 
 
+def packed_ring(layout: str, causal: bool) -> float:
+    """Ring attention with segment ids (ids travel with the keys; zigzag relayout of the
+    ids) and a soft cap, on 4 devices, against the dense path with the block-diagonal
+    mask: values and gradients of query, key, value and sink. Entry 1 ends in a padding
+    segment that the lengths cut off, so its last queries attend nothing."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("sp",))
+    ks = jax.random.split(jax.random.key(7 + causal), 4)
+    q = jax.random.normal(ks[0], (B, L, H, D))
+    k, v = (jax.random.normal(kk, (B, L, H // 2, D)) for kk in ks[1:3])
+    sink = jax.random.normal(ks[3], (H,))
+    doc = np.repeat(np.arange(1, 9), [3, 13, 9, 1, 20, 6, 8, 4])  # 64 positions, 8 docs
+    ids = jnp.asarray(np.stack([doc, np.minimum(doc, 5) * (np.arange(L) < 50)]))
+    kl = jnp.array([L, 50])
+    mask = (ids[:, :, None] == ids[:, None, :])[:, None]
+    kw = dict(is_causal=causal, key_value_seq_lengths=kl, logits_soft_cap=3.0)
+
+    def dense(q, k, v, s):
+        return sl.dot_product_attention(
+            q, k, v, mask=mask, sink=s, implementation="dense", **kw
+        )
+
+    def ring(q, k, v, s):
+        return sl.ring_attention_sharded(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            axis_name="sp",
+            chunk_size=4,
+            segment_ids=ids,
+            sink=s,
+            layout=layout,
+            **kw,
+        )
+
+    def vg(f):
+        w = jnp.sin(jnp.arange(L * H * D, dtype=jnp.float32)).reshape(1, L, H, D)
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2, 3)))(
+            q, k, v, sink
+        ), jax.jit(f)(q, k, v, sink)
+
+    return worst(vg(ring), vg(dense))
+
+
 def inside_shard_map() -> float:
     """ring_attention called by the user inside shard_map (check_vma on), heads and batch
     split too, lse returned."""
@@ -198,6 +242,9 @@ def main() -> None:
         for c in (False, True)
     }
     results["inside_shard_map"] = inside_shard_map()
+    for layout in ("contiguous", "zigzag"):
+        for c in (False, True):
+            results[f"packed_{layout}_{'causal' if c else 'full'}"] = packed_ring(layout, c)
     results.update(sharded_ops())
     results.update(memory_per_device())
     json.dump(results, sys.stdout)

@@ -50,6 +50,10 @@ def ring_attention(
     precision: jax.lax.PrecisionLike = None,
     chunk_size: int | tuple[int, int] | None = None,
     return_logsumexp: bool = False,
+    segment_ids: ArrayLike | None = None,
+    query_segment_ids: ArrayLike | None = None,
+    key_value_segment_ids: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """:func:`stablelayers.dot_product_attention` over a sequence split across devices.
 
@@ -89,6 +93,15 @@ def ring_attention(
             :func:`stablelayers.dot_product_attention`.
         return_logsumexp: also return each local row's logsumexp, shape
             ``(batch..., heads, L/N)``, ``-inf`` for a row that attends nothing.
+        segment_ids: optional local int ids, broadcastable to ``(batch..., L/N)``, in the
+            same layout as the queries: a query sees a key only when their ids are equal
+            (packed sequences). The key ids travel round the ring with the keys, and
+            block pairs that share no segment are skipped.
+        query_segment_ids: with ``key_value_segment_ids``, separate local ids for the
+            queries and the keys, as in :func:`stablelayers.dot_product_attention`.
+        key_value_segment_ids: the local ids of the keys.
+        logits_soft_cap: optional positive float ``c``: logits ``c * tanh(s / c)``, as in
+            :func:`stablelayers.dot_product_attention`.
 
     Returns:
         The local output, shape ``(batch..., L/N, heads, v_dim)``, dtype ``dtype``; a row
@@ -127,20 +140,49 @@ def ring_attention(
     ]
     block_q, block_k = (min(b, chunk) for b in _arguments.block_sizes(chunk_size))
     scale = float(_arguments.scale_or_default(scale, query.shape[-1]))
-    inner = _chunked_rule.Config(block_q, block_k, scale, is_causal, dtype, precision)
+    soft_cap = _arguments.check_soft_cap(logits_soft_cap)
+    q_seg, kv_seg = _arguments.check_segment_ids(
+        segment_ids, query_segment_ids, key_value_segment_ids, batch, q_len, kv_len
+    )
+    inner = _chunked_rule.Config(
+        block_q, block_k, scale, is_causal, dtype, precision, soft_cap=soft_cap
+    )
     cfg = _ring_rule.RingConfig(inner, axis_name, size, chunk, layout == "zigzag")
 
-    # Queries and keys past the global lengths are zeroed, as on one device.
+    # Queries and keys past the global lengths, or whose segment no key (query) has
+    # anywhere on the ring, are zeroed, as on one device.
     q_lengths, kv_lengths = (n.reshape(batch) for n in lengths)
-    given = Inputs(query, key, value, None, None, None, q_lengths, kv_lengths)
-    live = _masks.silence_dead_rows(given, _positions(cfg))
+    given = Inputs(
+        query,
+        key,
+        value,
+        None,
+        None,
+        None,
+        q_lengths,
+        kv_lengths,
+        q_segments=q_seg,
+        kv_segments=kv_seg,
+    )
+    every = [
+        None if ids is None else lax.all_gather(ids, axis_name, axis=ids.ndim - 1, tiled=True)
+        for ids in (q_seg, kv_seg)
+    ]
+    live = _masks.silence_dead_rows(given, _positions(cfg), *every)
     q, k, v = _chunked_layout.to_blocks(live.query, live.key, live.value)
     halves = [
         _halves(x, x.ndim - 2, chunk, b) for x, b in ((q, block_q), (k, block_k), (v, block_k))
     ]
     sinks = None if sink is None else _canonical_sink(sink, dtype, batch, kv_heads, groups)
     q_pair, k_pair, v_pair = halves
-    chunks = _ring_rule.Chunks(q_pair, k_pair, v_pair, sinks, *lengths)
+    q_ids, kv_ids = (
+        None if ids is None else _halves(ids.reshape(-1, q_len), 1, chunk, b)
+        for ids, b in ((q_seg, block_q), (kv_seg, block_k))
+    )
+    q_lengths_flat, kv_lengths_flat = lengths
+    chunks = _ring_rule.Chunks(
+        q_pair, k_pair, v_pair, sinks, q_lengths_flat, kv_lengths_flat, q_ids, kv_ids
+    )
     outs, lses = _ring_rule.ring(cfg, chunks)
     out = jnp.concatenate([x[..., :chunk, :] for x in outs], axis=3)
     lse = jnp.concatenate([x[..., :chunk] for x in lses], axis=3)
@@ -210,6 +252,9 @@ def ring_attention_sharded(
     sink: ArrayLike | None = None,
     query_seq_lengths: ArrayLike | None = None,
     key_value_seq_lengths: ArrayLike | None = None,
+    segment_ids: ArrayLike | None = None,
+    query_segment_ids: ArrayLike | None = None,
+    key_value_segment_ids: ArrayLike | None = None,
     is_causal: bool = False,
     layout: Layout | None = None,
     **kwargs: Any,
@@ -223,8 +268,9 @@ def ring_attention_sharded(
     (``ppermute``, no device ever holding the whole sequence) and the output comes back
     the same way; pass ``layout="contiguous"`` to skip that, or lay the data out with
     :func:`zigzag_order` yourself and call :func:`ring_attention` directly.
-    ``sink`` must then be per head, shape ``(heads,)``; the lengths ``(batch,)``. Other
-    keywords go to :func:`ring_attention`. Returns ``(batch, seq, heads, v_dim)``.
+    ``sink`` must then be per head, shape ``(heads,)``; the lengths ``(batch,)``; the
+    segment ids ``(batch, seq)``, split and laid out with the sequence. Other keywords
+    go to :func:`ring_attention`. Returns ``(batch, seq, heads, v_dim)``.
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(
@@ -242,22 +288,35 @@ def ring_attention_sharded(
         )
     seq = _spec(batch_axis, axis_name, head_axis)
     per_batch = _spec(batch_axis)
+    ids_spec = _spec(batch_axis, axis_name)
     extras: dict[str, jax.Array] = {}
     specs = []
     for name, x, spec in (
         ("sink", sink, _spec(head_axis)),
         ("query_seq_lengths", query_seq_lengths, per_batch),
         ("key_value_seq_lengths", key_value_seq_lengths, per_batch),
+        ("segment_ids", segment_ids, ids_spec),
+        ("query_segment_ids", query_segment_ids, ids_spec),
+        ("key_value_segment_ids", key_value_segment_ids, ids_spec),
     ):
         if x is not None:
-            extras[name] = jnp.asarray(x)
+            x = jnp.asarray(x)
+            if name.endswith("segment_ids") and x.shape != query.shape[:2]:
+                raise ValueError(
+                    f"`{name}` must have shape (batch, seq) = {query.shape[:2]}, got {x.shape}."
+                )
+            extras[name] = x
             specs.append(spec)
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, *rest: jax.Array) -> jax.Array:
+        named = dict(zip(extras, rest, strict=True))
         if layout == "zigzag":
             # From shard_map's contiguous split to the zigzag layout and back, on the ring
             # itself: a global gather would hold the whole sequence on each device.
             q, k, v = (_relayout(x, axis_name, n, to_zigzag=True) for x in (q, k, v))
+            for name in named:
+                if name.endswith("segment_ids"):
+                    named[name] = _relayout(named[name], axis_name, n, to_zigzag=True)
         out = ring_attention(  # an array: return_logsumexp is not among the kwargs
             q,
             k,
@@ -265,7 +324,7 @@ def ring_attention_sharded(
             axis_name=axis_name,
             is_causal=is_causal,
             layout=layout,
-            **cast(dict[str, Any], dict(zip(extras, rest, strict=True))),
+            **cast(dict[str, Any], named),
             **kwargs,
         )
         assert isinstance(out, jax.Array)

@@ -62,7 +62,9 @@ class RingConfig(NamedTuple):
 class Chunks(NamedTuple):
     """The ring's arguments, each array a pair (one per chunk of the local block): q
     ``(B, Hkv, G, C, D)``, k ``(B, Hkv, C, D)``, v ``(B, Hkv, C, Dv)``; sink ``(B, Hkv,
-    G)`` or None; the global lengths ``(B,)`` (None only in the cotangent)."""
+    G)`` or None; the global lengths ``(B,)`` (None only in the cotangent); the segment
+    ids of the queries and keys, each ``(B, C)`` int32, or None. Key ids travel round
+    the ring with their keys."""
 
     q: Pair
     k: Pair
@@ -70,6 +72,8 @@ class Chunks(NamedTuple):
     sink: jax.Array | None
     q_len: jax.Array | None
     kv_len: jax.Array | None
+    q_seg: Pair | None = None
+    kv_seg: Pair | None = None
 
     def lengths(self) -> tuple[jax.Array, jax.Array]:
         """``(q_len, kv_len)``, which the arguments always hold."""
@@ -105,15 +109,34 @@ def _pair(
     k: jax.Array,
     v: jax.Array,
     lengths: tuple[jax.Array, jax.Array],
+    segments: tuple[jax.Array | None, jax.Array | None] = (None, None),
 ) -> Inputs:
     """The chunked path's inputs for query chunk ``qc`` against key chunk ``kc``
     (``chunks``): the global ``lengths`` made local, and query 0 placed at key position
     ``(qc - kc) C``. The causal mask then skips a pair whose keys all follow its queries
     (the loops over blocks are empty), masks the upper triangle of a diagonal pair and
-    leaves whole a pair whose keys all precede its queries, with no branch."""
+    leaves whole a pair whose keys all precede its queries, with no branch. The pair's
+    ``segments`` (query and key ids) skip the block pairs that share none."""
     (qc, kc), (q_len, kv_len) = chunks, lengths
     local = (_lens(q_len, qc, cfg.chunk), _lens(kv_len, kc, cfg.chunk))
-    return Inputs(q, k, v, None, None, None, *local, offset=(qc - kc) * cfg.chunk)
+    q_seg, kv_seg = segments
+    return Inputs(
+        q,
+        k,
+        v,
+        None,
+        None,
+        None,
+        *local,
+        offset=(qc - kc) * cfg.chunk,
+        q_segments=q_seg,
+        kv_segments=kv_seg,
+    )
+
+
+def _ids(pair: Pair | None, index: int) -> jax.Array | None:
+    """Chunk ``index``'s segment ids, or None."""
+    return None if pair is None else pair[index]
 
 
 def _after(tree: T, after: Any) -> T:
@@ -142,31 +165,36 @@ def _rotate(cfg: RingConfig, tree: T, after: Any) -> T:
     return cast(T, jax.tree.unflatten(treedef, sent))
 
 
-def _forward(cfg: RingConfig, x: Chunks) -> tuple[tuple[Pair, Pair], tuple[Pair, Pair]]:
-    """``((out, lse), (k, v))``: each query chunk's online softmax, started from the sink
-    (or from nothing) and continued over every chunk pair in place; and the keys and
-    values after ``N`` moves round the ring, home again, which the backward pass keeps
-    (so that no device holds a second copy of its own while they travel)."""
+def _forward(
+    cfg: RingConfig, x: Chunks
+) -> tuple[tuple[Pair, Pair], tuple[Pair, Pair, Pair | None]]:
+    """``((out, lse), (k, v, kv_seg))``: each query chunk's online softmax, started from
+    the sink (or from nothing) and continued over every chunk pair in place; and the keys,
+    values and key ids after ``N`` moves round the ring, home again, which the backward
+    pass keeps (so that no device holds a second copy of its own while they travel)."""
     me = lax.axis_index(cfg.axis_name)
     q_ids = chunk_ids(cfg, me)
     q, lengths = x.q, x.lengths()
-    Carry = tuple[Pair, Pair, tuple[Pair, Pair]]
+    Carry = tuple[Pair, Pair, Pair | None, tuple[Pair, Pair]]
 
     def step(s: jax.Array, carry: Carry) -> Carry:
-        k, v, acc = carry
+        k, v, kv_seg, acc = carry
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         out = list(acc)
         for qi, ki in itertools.product(range(2), repeat=2):
-            pair = _pair(cfg, q[qi], (q_ids[qi], k_ids[ki]), k[ki], v[ki], lengths)
+            segments = (_ids(x.q_seg, qi), _ids(kv_seg, ki))
+            chunks = (q_ids[qi], k_ids[ki])
+            pair = _pair(cfg, q[qi], chunks, k[ki], v[ki], lengths, segments)
             out[qi] = ca.forward(cfg.inner, pair, state=out[qi])
-        k, v = _rotate(cfg, (k, v), out)
-        return k, v, (out[0], out[1])
+        k, v, kv_seg = _rotate(cfg, (k, v, kv_seg), out)
+        return k, v, kv_seg, (out[0], out[1])
 
     first, second = (ca.initial_state(cfg.inner, part, x.v[0], x.sink) for part in q)
     init = _sharding.match((first, second), x)
-    k, v, acc = cast(Carry, lax.fori_loop(0, cfg.size, step, (x.k, x.v, init)))
+    carry = (x.k, x.v, x.kv_seg, init)
+    k, v, kv_seg, acc = cast(Carry, lax.fori_loop(0, cfg.size, step, carry))
     (out0, lse0), (out1, lse1) = acc
-    return ((out0, out1), (lse0, lse1)), (k, v)
+    return ((out0, out1), (lse0, lse1)), (k, v, kv_seg)
 
 
 def _primal(cfg: RingConfig, x: Chunks) -> tuple[Pair, Pair]:
@@ -181,8 +209,8 @@ def _primal(cfg: RingConfig, x: Chunks) -> tuple[Pair, Pair]:
 def _fwd(cfg: RingConfig, x: Chunks) -> tuple[tuple[Pair, Pair], Residuals]:
     """The forward rule: ``_primal``'s result, keeping the arguments and the result, but
     with the keys and values that came home round the ring in place of the inputs'."""
-    (out, lse), (k, v) = _forward(cfg, x)
-    return (out, lse), Residuals(x._replace(k=k, v=v), out, lse)
+    (out, lse), (k, v, kv_seg) = _forward(cfg, x)
+    return (out, lse), Residuals(x._replace(k=k, v=v, kv_seg=kv_seg), out, lse)
 
 
 def _bwd(cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]) -> tuple[Chunks]:
@@ -203,25 +231,28 @@ def _bwd(cfg: RingConfig, residuals: Residuals, cotangents: tuple[Pair, Pair]) -
         first, second = rows
         d_sink = ca.sink_grad(sink, first) + ca.sink_grad(sink, second)
         d_sink = _sharding.sum_over_devices(d_sink, sink).astype(sink.dtype)
-    Carry = tuple[Pair, Pair, Pair, Pair, Pair]
+    Carry = tuple[Pair, Pair, Pair, Pair, Pair, Pair | None]
 
     def step(s: jax.Array, carry: Carry) -> Carry:
-        d_q, k, v, d_k, d_v = (list(x) for x in carry)
+        d_q, k, v, d_k, d_v = (list(x) for x in carry[:5])
+        kv_seg = carry[5]
         k_ids = chunk_ids(cfg, (me - s) % cfg.size)
         for qi, ki in itertools.product(range(2), repeat=2):
             chunks = (q_ids[qi], k_ids[ki])
-            pair = _pair(cfg, q[qi], chunks, k[ki], v[ki], x.lengths())
+            segments = (_ids(x.q_seg, qi), _ids(kv_seg, ki))
+            pair = _pair(cfg, q[qi], chunks, k[ki], v[ki], x.lengths(), segments)
             grads = ca.Grads(d_q[qi], d_k[ki], d_v[ki], None)
             grads = ca.accumulate_grads(cfg.inner, pair, d_out[qi], rows[qi], grads)
             d_q[qi], d_k[ki], d_v[ki] = grads.d_q, grads.d_k, grads.d_v
-        moving = _rotate(cfg, (_two(k), _two(v), _two(d_k), _two(d_v)), d_q)
+        moving = _rotate(cfg, (_two(k), _two(v), _two(d_k), _two(d_v), kv_seg), d_q)
         return (_two(d_q), *moving)
 
     compute = compute_dtype(cfg.inner.dtype)
     zeros = _after([_two([jnp.zeros(a.shape, compute) for a in xs]) for xs in (q, k, v)], rows)
     zero_q, zero_k, zero_v = zeros
     init = _sharding.match((zero_q, k, v, zero_k, zero_v), residuals, cotangents)
-    d_q, _, _, d_k, d_v = cast(Carry, lax.fori_loop(0, cfg.size, step, init))
+    init_carry = (*init, x.kv_seg)
+    d_q, _, _, d_k, d_v, _ = cast(Carry, lax.fori_loop(0, cfg.size, step, init_carry))
     grads = [
         _two([g.astype(a.dtype) for g, a in zip(*p, strict=True)])
         for p in ((d_q, q), (d_k, k), (d_v, v))
