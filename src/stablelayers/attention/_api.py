@@ -18,6 +18,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import checks
 from stablelayers._core.rank_promotion import allow_rank_promotion
+from stablelayers.attention import _layer_segments
 from stablelayers.attention._arguments import (
     Inputs,
     Settings,
@@ -265,9 +266,20 @@ def dot_product_attention(
         )
     scale = scale_or_default(scale, query.shape[-1])
     soft_cap = check_soft_cap(logits_soft_cap)
-    q_segments, kv_segments = check_segment_ids(
-        segment_ids, query_segment_ids, key_value_segment_ids, batch, q_len, kv_len
-    )
+    explicit = (segment_ids, query_segment_ids, key_value_segment_ids)
+    handed = _layer_segments.take()
+    if handed:
+        if any(ids is not None for ids in explicit):
+            raise ValueError(
+                "Segment ids were given both to the attention layer and to "
+                "dot_product_attention; give them once."
+            )
+        explicit = (
+            handed.get("segment_ids"),
+            handed.get("query_segment_ids"),
+            handed.get("key_value_segment_ids"),
+        )
+    q_segments, kv_segments = check_segment_ids(*explicit, batch, q_len, kv_len)
     if sink is not None:
         sink = check_sink(sink, batch, heads, dtype)
     lengths = (
