@@ -223,7 +223,8 @@ class LMHead(eqx.Module):
         - `key`: PRNG key for the weight, `(in_features, vocab_size)` (`hidden @ weight`),
             uniform in `+-1/sqrt(in_features)` as `eqx.nn.Linear`.
         - `**options`: The function's keywords (`reduction`, `label_smoothing`, `z_loss`,
-            `ignore_index`, `chunk_size`), checked here; kept as the static field
+            `ignore_index`, `chunk_size`, `logits_soft_cap`, e.g. `30.0` for Gemma 2's
+            final-logit soft-capping), checked here; kept as the static field
             `options`. A training loss that is a mean is cheaper as `reduction='mean'`
             (three products, not four).
         """

@@ -258,6 +258,8 @@ class LMHead(nn.Module):
         use_bias: add a ``(vocab,)`` bias.
         chunk_size: block size (``None``: the function's default).
         label_smoothing, z_loss, ignore_index: as in the function.
+        logits_soft_cap: ``None`` (no cap) or ``c > 0``: the loss of ``c tanh(z / c)``,
+            as in the function (Gemma 2's final-logit soft-capping, ``c = 30``).
         reduction: ``'none'`` (per token), ``'mean'`` or ``'sum'``, as in the function; a
             training loss that is a mean is cheaper as ``'mean'`` (three products, not
             four).
@@ -272,6 +274,7 @@ class LMHead(nn.Module):
     ignore_index: int | None = None
     reduction: Reduction = "none"
     param_dtype: Any = jnp.float32
+    logits_soft_cap: float | None = None
 
     def _params(self, width: int) -> tuple[jax.Array, jax.Array | None]:
         init = nn.initializers.lecun_normal()
@@ -300,6 +303,7 @@ class LMHead(nn.Module):
             z_loss=self.z_loss,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            logits_soft_cap=self.logits_soft_cap,
         )
 
     @nn.compact

@@ -276,8 +276,10 @@ class LMHead(nnx.Module):
         param_dtype: dtype of the parameters.
         rngs: the random generators for the initialisers (``nnx.Linear``'s defaults).
         **options: the function's keywords (``reduction``, ``label_smoothing``, ``z_loss``,
-            ``ignore_index``, ``chunk_size``), checked here. A training loss that is a mean
-            is cheaper as ``reduction='mean'`` (three products, not four).
+            ``ignore_index``, ``chunk_size``, ``logits_soft_cap``), checked here; e.g.
+            ``logits_soft_cap=30.0`` for Gemma 2's final-logit soft-capping. A training
+            loss that is a mean is cheaper as ``reduction='mean'`` (three products, not
+            four).
 
     Attributes:
         kernel: ``nnx.Param`` of shape ``(in_features, vocab_size)`` (``hidden @ kernel``).
