@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -141,6 +142,94 @@ class TextBatches:
         offset = 0 if epoch == 0 else int(rng.integers(self.seq_len))
         rows = chunk_documents(self.docs, self.seq_len, offset)
         return rows[rng.permutation(len(rows))]
+
+
+class Packed(NamedTuple):
+    """Packed rows: documents back to back, each field ``(rows, seq_len)`` int32 (with a
+    leading batch-stack axis when stacked for evaluation).
+
+    ``segment_ids[r, i]`` is the index, from 1, within row ``r`` of the document that input
+    ``tokens[r, i]`` belongs to, and 0 for the padding at the tail of the last row.
+    ``targets[r, i]`` is the next token of the same document, or ``PAD`` (ignored by the
+    loss) where the next token opens another document or is padding.
+    """
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    segment_ids: np.ndarray
+
+
+def pack_documents(docs: tuple[np.ndarray, ...], seq_len: int) -> Packed:
+    """The documents concatenated in the given order and cut into rows of ``seq_len``
+    inputs, with no padding but at the tail of the last row.
+
+    Row ``r`` holds the stream's tokens ``r L .. r L + L - 1`` as inputs and their
+    successors as targets, so every token of the stream but the last (which predicts
+    nothing) is an input exactly once, and every token but a document's first is a
+    target exactly once (the same targets as
+    :func:`chunk_documents`, hence as the bigram baseline). A target that would cross into
+    the next document is ``PAD``: predicting a document's first character from the end
+    of another is not the task, and attention never lets it see that document anyway.
+    """
+    stream = np.concatenate(docs).astype(np.int32)
+    rows = max(1, -(-(len(stream) - 1) // seq_len))  # ceil: the last target needs a row
+    tokens = np.full(rows * seq_len + 1, PAD, np.int32)
+    owner = np.full(rows * seq_len + 1, -1)  # the document of each stream position
+    tokens[: len(stream)] = stream
+    owner[: len(stream)] = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+    # Inputs and targets overlap by one position between consecutive rows.
+    index = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)
+    tok, own = tokens[index], owner[index]
+    # Row r starts at stream position r L <= len(stream) - 2, a real token: own[:, :1] >= 0.
+    # The stream's last token predicts nothing: as an input it is padding.
+    is_input = index[:, :-1] < len(stream) - 1
+    segments = np.where(is_input, own[:, :-1] - own[:, :1] + 1, 0)
+    same_document = (own[:, 1:] == own[:, :-1]) & (own[:, 1:] >= 0)
+    targets = np.where(same_document, tok[:, 1:], PAD)
+    inputs = np.where(is_input, tok[:, :-1], PAD)
+    return Packed(inputs, targets.astype(np.int32), segments.astype(np.int32))
+
+
+class PackedBatches:
+    """The packed rows of each training step, as :class:`TextBatches`: every epoch
+    shuffles the documents before packing them (so rows are cut at other places) and
+    then the rows; the rows left over at an epoch's end are dropped."""
+
+    def __init__(self, docs: tuple[np.ndarray, ...], seq_len: int, batch_size: int, seed: int):
+        self.docs, self.seq_len, self.batch_size, self.seed = docs, seq_len, batch_size, seed
+        rows = len(self._rows(0).tokens)  # the same number every epoch
+        if batch_size > rows:
+            raise ValueError(f"--batch-size {batch_size} exceeds the {rows} training rows.")
+        self.per_epoch = rows // batch_size
+
+    def __call__(self, step: int) -> Packed:
+        """Each field of shape ``(batch_size, seq_len)``, for step ``step`` (1-based)."""
+        epoch, index = divmod(step - 1, self.per_epoch)
+        part = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return Packed(*(field[part] for field in self._rows(epoch)))
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (one instance per run)
+    def _rows(self, epoch: int) -> Packed:
+        rng = np.random.default_rng([self.seed, epoch])
+        packed = pack_documents(tuple(self.docs[i] for i in rng.permutation(len(self.docs))),
+                                self.seq_len)  # fmt: skip
+        order = rng.permutation(len(packed.tokens))
+        return Packed(*(field[order] for field in packed))
+
+
+def fixed_packed_batches(packed: Packed, batch_size: int) -> Packed:
+    """``packed`` in batches of exactly ``batch_size`` rows stacked along a new first axis
+    (shape ``(batches, batch_size, seq_len)``), the last filled with rows of padding,
+    segment 0 and no targets."""
+    pad = -len(packed.tokens) % batch_size
+    return Packed(
+        *(
+            np.concatenate([f, np.full((pad, f.shape[1]), PAD, f.dtype)]).reshape(
+                -1, batch_size, f.shape[1]
+            )
+            for f in packed
+        )
+    )
 
 
 def fixed_batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:

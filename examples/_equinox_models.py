@@ -15,7 +15,7 @@ import jax
 
 import stablelayers.equinox as sl
 from _data import PAD
-from _lm import LMConfig, attention_mask, textbook_attention
+from _lm import LMConfig, attention_mask, segment_positions, textbook_attention
 from _train import Model
 
 
@@ -83,18 +83,31 @@ class Block(eqx.Module):
         self.mlp_out = eqx.nn.Linear(4 * width, width, key=k_out)
         self.textbook = config.textbook
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """``x``: ``(batch, L, width)``; ``mask``: ``(batch, L, L)``."""
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """``x``: ``(batch, L, width)``; ``mask``: ``(batch, L, L)``, or ``None`` with
+        ``segment_ids`` ``(batch, L)`` (packed rows)."""
         h = _per_token(self.attention_norm, x)
-        attend = _textbook_multihead if self.textbook else _self_attention
         # The attention layer takes one sequence.
-        x = x + jax.vmap(functools.partial(attend, self.attention))(h, mask)
+        if segment_ids is not None:
+            attend = functools.partial(_packed_self_attention, self.attention)
+            x = x + jax.vmap(attend)(h, segment_ids)
+        else:
+            attend = _textbook_multihead if self.textbook else _self_attention
+            x = x + jax.vmap(functools.partial(attend, self.attention))(h, mask)
         h = _per_token(self.mlp_norm, x)
         return x + _per_token(lambda v: self.mlp_out(jax.nn.gelu(self.mlp_in(v))), h)
 
 
 def _self_attention(layer: sl.MultiHeadAttention, x: jax.Array, mask: jax.Array):
     return layer(x, x, x, mask)
+
+
+def _packed_self_attention(layer: sl.MultiHeadAttention, x: jax.Array, segment_ids: jax.Array):
+    """Causal attention within each segment of one packed row, ``segment_ids``
+    ``(L,)``: no mask is formed."""
+    return layer(x, x, x, segment_ids=segment_ids, is_causal=True)
 
 
 def _textbook_multihead(layer: sl.MultiHeadAttention, x: jax.Array, mask: jax.Array):
@@ -112,7 +125,11 @@ class LM(eqx.Module):
     """Character-level causal transformer: tokens ``(batch, L)`` to log-probabilities of
     the next character ``(batch, L, vocab)``, or with ``targets`` ``(batch, L)`` to the
     mean loss over the targets that are not padding, from the fused head
-    (``stablelayers.equinox.LMHead``: the logits are never formed)."""
+    (``stablelayers.equinox.LMHead``: the logits are never formed).
+
+    With ``segment_ids`` ``(batch, L)`` (packed rows) a token attends the earlier tokens
+    of its own segment only, positions count from each segment's start, and no mask is
+    formed."""
 
     embed: jax.Array
     position: jax.Array
@@ -132,11 +149,20 @@ class LM(eqx.Module):
         )
         self.log_softmax = sl.LogSoftmax()
 
-    def __call__(self, tokens: jax.Array, targets: jax.Array | None = None) -> jax.Array:
-        mask = attention_mask(tokens)[:, 0]  # (batch, L, L): Equinox's has no head axis
-        x = self.embed[tokens] + self.position[None, : tokens.shape[-1]]
+    def __call__(
+        self,
+        tokens: jax.Array,
+        targets: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        if segment_ids is None:
+            mask = attention_mask(tokens)[:, 0]  # (batch, L, L): Equinox's has no head axis
+            x = self.embed[tokens] + self.position[None, : tokens.shape[-1]]
+        else:  # packed rows: causal within each segment, no mask
+            mask = None
+            x = self.embed[tokens] + self.position[segment_positions(segment_ids)]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, segment_ids)
         x = _per_token(self.norm, x)
         if targets is not None:
             return self.head(x, targets)

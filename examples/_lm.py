@@ -1,5 +1,6 @@
-"""What the NNX and Equinox language models share: the attention mask, the textbook
-attention that ``--compare-naive`` swaps in, and the model's size."""
+"""What the NNX and Equinox language models share: the attention mask, the positions
+within packed documents, the textbook attention that ``--compare-naive`` swaps in, and the
+model's size."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class LMConfig:
     long_context: bool = False
     # --context-parallel N: causal ring attention with the sequence split over N devices.
     context_parallel: int = 1
+    # --packing: rows of several documents, causal attention within each (segment ids).
+    packing: bool = False
 
 
 def attention_mask(tokens: jax.Array) -> jax.Array:
@@ -42,6 +45,26 @@ def attention_mask(tokens: jax.Array) -> jax.Array:
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     pairs = valid[..., :, None] & valid[..., None, :]
     return (jnp.broadcast_to(causal, pairs.shape) & pairs)[..., None, :, :]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """The position of each token within its segment, ``(..., L)`` int32: 0 where a
+    segment starts in the row, counting up to its end.
+
+    A packed document that starts mid-row gets the same position embeddings as a padded
+    row that starts with it, so the positions say how much context a token has.
+    """
+    index = jnp.broadcast_to(
+        jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape
+    )
+    starts = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids[..., :1], dtype=bool),
+            segment_ids[..., 1:] != segment_ids[..., :-1],
+        ],
+        axis=-1,
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
 
 
 def textbook_attention(

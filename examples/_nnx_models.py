@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 import stablelayers
 import stablelayers.nnx as sl
 from _data import PAD
-from _lm import LMConfig, attention_mask, textbook_attention
+from _lm import LMConfig, attention_mask, segment_positions, textbook_attention
 from _train import Model
 
 
@@ -45,33 +45,38 @@ class LongContextAttention(sl.DotProductAttention):
 
     Rows are right-padded, so under the causal mask no real token sees a padded one, and
     padded positions carry no loss: the causal mask alone gives the same loss and
-    gradients as the full causal-and-padding mask. ``mask`` is therefore ignored.
+    gradients as the full causal-and-padding mask, so the model passes no mask. With
+    ``--packing`` the segment ids that the layer hands over reach
+    :func:`stablelayers.dot_product_attention` here, which forms no mask from them either.
     """
 
     def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
-        del mask
         kwargs.update(is_causal=True, implementation="chunked")
-        return super().__call__(query, key, value, bias, None, **kwargs)
+        return super().__call__(query, key, value, bias, mask, **kwargs)
 
 
 class RingAttention(sl.DotProductAttention):
     """Causal ring attention for ``--context-parallel N``: the sequence is split over a
     mesh axis ``"seq"`` of ``N`` devices (``stablelayers.ring_attention_sharded``, zigzag
-    layout), keys and values travel round the ring. As in ``LongContextAttention``, the
-    causal mask alone gives the masked model's loss and gradients on right-padded rows,
-    so ``mask`` is ignored."""
+    layout), keys and values travel round the ring, and with ``--packing`` their segment
+    ids with them (given as ``segment_ids=``, see :func:`_ring_packed`). As in
+    ``LongContextAttention``, the causal mask alone gives the masked
+    model's loss and gradients on right-padded rows, so the model passes no mask."""
 
     def __init__(self, num_heads: int, sink: bool, devices: int):
         super().__init__(num_heads, sink=sink)
         self.devices = devices
 
     def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
-        del bias, mask, kwargs  # no bias here; dropout and dtype are not used by the model
+        if bias is not None or mask is not None:
+            raise ValueError("RingAttention takes no bias and no mask.")
+        # Dropout and dtype keywords are not used by the model.
         mesh = Mesh(np.array(jax.local_devices()[: self.devices]), ("seq",))
         sink = None if self.sink is None else self.sink[...]
         return stablelayers.ring_attention_sharded(
-            query, key, value, mesh=mesh, axis_name="seq", sink=sink, is_causal=True
-        )
+            query, key, value, mesh=mesh, axis_name="seq", sink=sink, is_causal=True,
+            segment_ids=kwargs.get("segment_ids"),
+        )  # fmt: skip
 
 
 class Block(nnx.Module):
@@ -108,17 +113,40 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
         self.mlp_in = nnx.Linear(width, 4 * width, rngs=rngs)
         self.mlp_out = nnx.Linear(4 * width, width, rngs=rngs)
+        self.ring = config.context_parallel > 1
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = x + self.attention(self.attention_norm(x), mask=mask)
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        h = self.attention_norm(x)
+        if segment_ids is None:
+            x = x + self.attention(h, mask=mask)
+        elif self.ring:
+            x = x + _ring_packed(self.attention, h, segment_ids)
+        else:
+            # Packed rows: causal within each segment, and no mask at all.
+            x = x + self.attention(h, is_causal=True, segment_ids=segment_ids)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+def _ring_packed(layer: sl.MultiHeadAttention, x: jax.Array, segment_ids: jax.Array):
+    """The layer's projections around its ``RingAttention`` with ``segment_ids`` given
+    explicitly. The layer hands its ``segment_ids=`` to
+    :func:`stablelayers.dot_product_attention` only (Flax passes an ``attention_fn`` its
+    own keywords alone), and ring attention is not that function."""
+    query, key, value = layer.query(x), layer.key(x), layer.value(x)
+    return layer.out(layer.attention_fn(query, key, value, segment_ids=segment_ids))
 
 
 class LM(nnx.Module):
     """Character-level causal transformer: tokens ``(batch, L)`` to log-probabilities of
     the next character ``(batch, L, vocab)``, or with ``targets`` ``(batch, L)`` to the
     mean loss over the targets that are not padding, from the fused head
-    (``stablelayers.nnx.LMHead``: the logits are never formed)."""
+    (``stablelayers.nnx.LMHead``: the logits are never formed).
+
+    With ``segment_ids`` ``(batch, L)`` (packed rows, ``config.packing``) a token attends
+    the earlier tokens of its own segment only, positions count from each segment's
+    start, and no mask is formed."""
 
     def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -130,15 +158,24 @@ class LM(nnx.Module):
             config.width, config.vocab_size, ignore_index=PAD, reduction="mean", rngs=rngs
         )
         self.log_softmax = sl.LogSoftmax()
-        self.long_context = config.long_context or config.context_parallel > 1
+        self.causal = config.long_context or config.context_parallel > 1
 
-    def __call__(self, tokens: jax.Array, targets: jax.Array | None = None) -> jax.Array:
-        # --context: the attention is causal by itself, and an L x L mask would be the one
-        # quadratic array left.
-        mask = None if self.long_context else attention_mask(tokens)
-        x = self.embed(tokens) + self.position[None, : tokens.shape[-1]]
+    def __call__(
+        self,
+        tokens: jax.Array,
+        targets: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        # --context, --context-parallel and packed rows: the attention is causal by
+        # itself, and an L x L mask would be the one quadratic array left.
+        mask = None if self.causal or segment_ids is not None else attention_mask(tokens)
+        if segment_ids is None:
+            position = self.position[None, : tokens.shape[-1]]
+        else:
+            position = self.position[segment_positions(segment_ids)]
+        x = self.embed(tokens) + position
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, segment_ids)
         x = self.norm(x)
         if targets is not None:
             return self.head(x, targets)

@@ -34,8 +34,10 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 import _checkpoint  # noqa: E402
+import _data  # noqa: E402
 import classifier  # noqa: E402
 import transformer  # noqa: E402
+from _lm import LMConfig  # noqa: E402
 
 CLASSIFIER_TINY = ["--eval-every", "10"]
 TRANSFORMER_TINY = [
@@ -106,6 +108,97 @@ def test_transformer_long_context_matches_the_masked_model(tmp_path):
     )
     with pytest.raises(SystemExit):
         transformer.main([*argv, "--context", "32", "--framework", "equinox"])
+
+
+def _check_packing(docs: tuple[np.ndarray, ...], seq_len: int) -> _data.Packed:
+    packed = _data.pack_documents(docs, seq_len)
+    tokens, targets, segments = packed
+    assert tokens.shape == targets.shape == segments.shape == (len(tokens), seq_len)
+    stream = np.concatenate(docs)
+    owner = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+    # Every token of the corpus but the last (which predicts nothing) is an input
+    # exactly once, in order; padding only after them, at most the last row's tail.
+    n = len(stream) - 1
+    real = segments.reshape(-1) > 0
+    np.testing.assert_array_equal(tokens.reshape(-1)[real], stream[:-1])
+    assert real[:n].all() and not real[n:].any() and len(real) - n < seq_len
+    assert (tokens.reshape(-1)[n:] == _data.PAD).all()
+    # Within a row, one id per document, 1, 2, ... in order; 0 for the padding.
+    ids = np.zeros(len(real), int)
+    ids[:n] = owner[:-1]
+    first = np.repeat(ids.reshape(-1, seq_len)[:, :1], seq_len, axis=1).reshape(-1)
+    np.testing.assert_array_equal(segments.reshape(-1)[:n], ids[:n] - first[:n] + 1)
+    # The targets: the next token of the same document, else ignored (PAD): every token
+    # but a document's first is a target exactly once.
+    same = owner[1:] == owner[:-1]
+    expected = np.where(same, stream[1:], _data.PAD)
+    np.testing.assert_array_equal(targets.reshape(-1)[:n], expected)
+    assert (targets.reshape(-1)[n:] == _data.PAD).all()
+    assert (targets != _data.PAD).sum() == len(stream) - len(docs)
+    return packed
+
+
+def test_packing_puts_every_token_once_with_its_document_id():
+    rng = np.random.default_rng(0)
+    for seq_len in (1, 3, 8):
+        docs = tuple(rng.integers(1, 9, size=n) for n in (1, 5, 2, 9, 3))
+        _check_packing(docs, seq_len)
+    # A row of exactly the stream needs no padding; one token more opens a row.
+    full = _check_packing((np.array([1, 2, 3]), np.array([4, 5])), 4)
+    assert (full.segment_ids > 0).all()
+    np.testing.assert_array_equal(full.segment_ids, [[1, 1, 1, 2]])
+    np.testing.assert_array_equal(full.targets, [[2, 3, _data.PAD, 5]])
+    corpus = _data.load_corpus(0)
+    _check_packing(corpus.train, 64)
+    # An epoch of training batches is a shuffle of one packing of the documents (in a
+    # shuffled order): every target once, the rows left over at the end dropped.
+    batches = _data.PackedBatches(corpus.train, 64, 32, seed=0)
+    rows = batches._rows(1)
+    targets = int((rows.targets != _data.PAD).sum())
+    assert targets == sum(map(len, corpus.train)) - len(corpus.train)
+    epoch = [batches(step) for step in range(batches.per_epoch + 1, 2 * batches.per_epoch + 1)]
+    np.testing.assert_array_equal(
+        np.concatenate([b.segment_ids for b in epoch]), rows.segment_ids[: 32 * len(epoch)]
+    )
+    assert len(rows.tokens) - 32 * len(epoch) < 32
+
+
+@pytest.mark.parametrize("framework", transformer.FRAMEWORKS)
+def test_packed_rows_attend_within_each_document(framework):
+    """The model on a packed row gives each document the log-probabilities it gets alone
+    in a padded row: segment ids keep the documents apart, positions restart, and no mask
+    is passed (the layers would raise on segment ids they could not apply)."""
+    models = pytest.importorskip(f"_{framework}_models")
+    config = LMConfig(20, 12, 16, 1, 2, packing=True)
+    model = models.lm(config, seed=0)
+    docs = [np.arange(1, 6), np.arange(7, 10), np.arange(3, 7)]  # 5 + 3 + 4 = 12
+    row = np.concatenate(docs)[None].astype(np.int32)
+    ids = np.repeat([1, 2, 3], [len(d) for d in docs])[None].astype(np.int32)
+    packed = model.apply(model.params, row, None, ids)[0]
+    start = 0
+    for doc in docs:
+        alone = np.zeros((1, 12), np.int32)
+        alone[0, : len(doc)] = doc
+        expected = model.apply(model.params, alone)[0, : len(doc)]
+        np.testing.assert_allclose(packed[start : start + len(doc)], expected, atol=2e-5)
+        start += len(doc)
+
+
+def test_transformer_trains_on_packed_documents(tmp_path, capsys):
+    """--packing trains, and the --context chunked path gives the dense path's losses on
+    the same packed rows (segment ids on both, no L x L mask on either)."""
+    argv = [*TRANSFORMER_TINY, "--steps", "4", "--eval-every", "4", "--packing"]
+    dense = transformer.main([*argv, "--out", str(tmp_path / "dense")])
+    train = [loss for _, loss in dense.history.train]
+    assert all(map(math.isfinite, train)) and train[-1] < train[0]
+    assert dense.val["loss"] < dense.history.val[0]["loss"]
+    assert "--- sample (20 characters" in capsys.readouterr().out
+    long = transformer.main(
+        [*argv, "--context", "32", "--sample-chars", "0", "--out", str(tmp_path / "long")]
+    )
+    np.testing.assert_allclose([loss for _, loss in long.history.train], train, rtol=1e-4)
+    with pytest.raises(SystemExit):
+        transformer.main([*argv, "--compare-naive"])
 
 
 @pytest.mark.parametrize("framework", transformer.FRAMEWORKS)
@@ -226,10 +319,11 @@ _CONTEXT_PARALLEL = textwrap.dedent(
     assert jax.device_count() == 2, jax.devices()
     argv = sys.argv[3:]
     runs = {}
-    for extra in ([], ["--context-parallel", "2"]):
-        out = f"{sys.argv[2]}/cp{len(extra)}"
-        trained = transformer.main([*argv, "--out", out, *extra])
-        runs[len(extra)] = [loss for _, loss in trained.history.train]
+    for packing in ([], ["--packing"]):
+        for extra in ([], ["--context-parallel", "2"]):
+            out = f"{sys.argv[2]}/cp{len(extra)}{packing}"
+            trained = transformer.main([*argv, "--out", out, *extra, *packing])
+            runs[f"{len(extra)}{packing}"] = [loss for _, loss in trained.history.train]
     print("RESULTS" + json.dumps(runs))
     """
 )
@@ -237,7 +331,8 @@ _CONTEXT_PARALLEL = textwrap.dedent(
 
 def test_context_parallel_matches_one_device(tmp_path):
     """--context-parallel 2: ring attention over 2 devices, the same losses as one device
-    (the ring's merge by logsumexp reorders float32 sums, hence the tolerance)."""
+    (the ring's merge by logsumexp reorders float32 sums, hence the tolerance), padded
+    and packed (segment ids travelling round the ring)."""
     argv = [*TRANSFORMER_TINY, "--steps", "3", "--sample-chars", "0", "--eval-every", "3"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     done = subprocess.run(
@@ -250,4 +345,6 @@ def test_context_parallel_matches_one_device(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULTS"))
     runs = json.loads(line.removeprefix("RESULTS"))
-    np.testing.assert_allclose(runs["2"], runs["0"], rtol=1e-5)
+    np.testing.assert_allclose(runs["2[]"], runs["0[]"], rtol=1e-5)
+    np.testing.assert_allclose(runs["2['--packing']"], runs["0['--packing']"], rtol=1e-5)
+    assert runs["0['--packing']"] != runs["0[]"]
