@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -161,6 +162,11 @@ class MultiheadAttention(eqx.Module):
         inference: bool | None = None,
         deterministic: bool | None = None,
         process_heads: _ProcessHeads | None = None,
+        is_causal: bool = False,
+        segment_ids: Array | None = None,
+        query_segment_ids: Array | None = None,
+        key_value_segment_ids: Array | None = None,
+        logits_soft_cap: float | None = None,
     ) -> Array:
         """**Arguments:**
 
@@ -183,6 +189,17 @@ class MultiheadAttention(eqx.Module):
             shapes `(seq_length, num_heads, qk_size)` (twice) and
             `(seq_length, num_heads, vo_size)`, and returns new ones of the same shapes;
             e.g. rotary positional embeddings. (Keyword only argument.)
+        - `is_causal`: also mask key `k` from query `q` when `k > q`, without a mask
+            array. (Keyword only argument; not in Equinox's layer.)
+        - `segment_ids`: packed sequences in self-attention: int ids of shape
+            `(seq_length,)`; a query sees a key only when their ids are equal, and no
+            `(seq_length, seq_length)` array is formed on the chunked path. (Keyword only
+            argument; not in Equinox's layer.)
+        - `query_segment_ids`, `key_value_segment_ids`: the ids of queries and keys when
+            they differ, shapes `(query_seq_length,)` and `(kv_seq_length,)`; a query whose
+            id no key has gives exactly 0 before the output projection.
+        - `logits_soft_cap`: optional positive float `c`: logits `c * tanh(s / c)`
+            (Gemma 2). (Keyword only argument; not in Equinox's layer.)
 
         **Returns:**
 
@@ -239,17 +256,30 @@ class MultiheadAttention(eqx.Module):
             if (query_heads.shape, key_heads.shape, value_heads.shape) != shapes:
                 raise ValueError("process_heads must not change the shape of the heads.")
 
+        options = dict(
+            _layers.segment_keywords(segment_ids, query_segment_ids, key_value_segment_ids),
+            is_causal=is_causal,
+            logits_soft_cap=logits_soft_cap,
+        )
         if no_dropout:
             attn = dot_product_attention(
-                query_heads, key_heads, value_heads, mask=mask, sink=self.sink
+                query_heads, key_heads, value_heads, mask=mask, sink=self.sink, **options
             )
         else:
             assert key is not None  # checked above whenever dropout is on
-            attn = self._dropped_attention(query_heads, key_heads, value_heads, mask, key)
+            attn = self._dropped_attention(
+                query_heads, key_heads, value_heads, mask, key, options
+            )
         return jax.vmap(self.output_proj)(attn.reshape(q_len, -1))
 
     def _dropped_attention(
-        self, query: Array, key_: Array, value: Array, mask: Array | None, key: Array
+        self,
+        query: Array,
+        key_: Array,
+        value: Array,
+        mask: Array | None,
+        key: Array,
+        options: dict[str, Any],
     ) -> Array:
         """Attention with dropout drawn as `equinox.nn.MultiheadAttention` draws it: one key
         per head from `split(key, num_heads)`, and each head's `(q_len, kv_len)` weights
@@ -264,7 +294,7 @@ class MultiheadAttention(eqx.Module):
             sink: Array | None,
             rng: Array,
         ) -> Array:
-            return dot_product_attention(
+            out = dot_product_attention(
                 q[:, None],
                 k[:, None],
                 v[:, None],
@@ -275,7 +305,9 @@ class MultiheadAttention(eqx.Module):
                 # One head: its (q_len, kv_len) draw is Equinox's draw for that head.
                 broadcast_dropout=True,
                 deterministic=False,
-            )[:, 0]
+                **options,
+            )
+            return cast(Array, out)[:, 0]
 
         mask_axis = 0 if mask is not None and jnp.ndim(mask) == 3 else None
         sink_axis = None if self.sink is None else 0

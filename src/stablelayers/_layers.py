@@ -124,3 +124,18 @@ def loss_options(options: dict[str, Any]) -> LossOptions:
             f"options are {sorted(taken)}."
         )
     return tuple(sorted(options.items()))
+
+
+def segment_keywords(
+    segment_ids: ArrayLike | None,
+    query_segment_ids: ArrayLike | None,
+    key_value_segment_ids: ArrayLike | None,
+) -> dict[str, ArrayLike]:
+    """The segment ids a layer was given, by ``dot_product_attention``'s keyword names,
+    leaving out those not given."""
+    given = {
+        "segment_ids": segment_ids,
+        "query_segment_ids": query_segment_ids,
+        "key_value_segment_ids": key_value_segment_ids,
+    }
+    return {name: ids for name, ids in given.items() if ids is not None}

@@ -21,6 +21,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _layers
 from stablelayers._core import checks
+from stablelayers.attention import _layer_segments
 from stablelayers.attention._api import dot_product_attention
 from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.ops._log_softmax import log_softmax
@@ -262,6 +263,33 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             rngs=rngs,
             **kwargs,
         )
+
+    def __call__(
+        self,
+        *args: Any,
+        segment_ids: ArrayLike | None = None,
+        query_segment_ids: ArrayLike | None = None,
+        key_value_segment_ids: ArrayLike | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        """:meth:`flax.nnx.MultiHeadAttention.__call__`, plus segment ids for packed
+        sequences: ``segment_ids`` of shape ``(batch..., length)`` for self-attention, or
+        ``query_segment_ids`` and ``key_value_segment_ids`` when queries and keys differ;
+        a query sees a key only when their ids are equal (see
+        :func:`stablelayers.dot_product_attention`), with no ``L x L`` mask formed.
+
+        Raises:
+            ValueError: segment ids are given but the ``attention_fn`` never calls
+                :func:`stablelayers.dot_product_attention`.
+        """
+        ids = _layers.segment_keywords(segment_ids, query_segment_ids, key_value_segment_ids)
+        if not ids:
+            return cast(jax.Array, super().__call__(*args, **kwargs))
+        with _layer_segments.handing_over(ids) as handover:
+            out = super().__call__(*args, **kwargs)
+        if not handover.taken:
+            raise _layer_segments.not_taken_error(type(self).__name__)
+        return cast(jax.Array, out)
 
 
 class LMHead(nnx.Module):

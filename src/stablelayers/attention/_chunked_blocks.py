@@ -134,7 +134,7 @@ def segment_overlap(cfg: Config, x: Inputs) -> jax.Array | None:
     top, bottom = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
 
     def ranges(ids: jax.Array, n: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-        valid = jnp.arange(ids.shape[1]) < n[:, None]
+        valid = jnp.arange(ids.shape[1])[None, :] < n[:, None]
         lo = jnp.where(valid, ids, top).reshape(ids.shape[0], -1, block).min(axis=-1)
         hi = jnp.where(valid, ids, bottom).reshape(ids.shape[0], -1, block).max(axis=-1)
         return lo, hi

@@ -49,20 +49,6 @@ def take() -> dict[str, ArrayLike]:
     return handover.ids
 
 
-def layer_call_ids(
-    segment_ids: ArrayLike | None,
-    query_segment_ids: ArrayLike | None,
-    key_value_segment_ids: ArrayLike | None,
-) -> dict[str, ArrayLike]:
-    """The ids a layer was given, by keyword name, leaving out those not given."""
-    given = {
-        "segment_ids": segment_ids,
-        "query_segment_ids": query_segment_ids,
-        "key_value_segment_ids": key_value_segment_ids,
-    }
-    return {name: ids for name, ids in given.items() if ids is not None}
-
-
 def not_taken_error(layer: str) -> ValueError:
     return ValueError(
         f"{layer} was given segment ids, but its `attention_fn` never called "
