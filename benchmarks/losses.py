@@ -8,7 +8,9 @@ wall time.
 
 Cases: ``fused`` (``linear_softmax_cross_entropy(..., reduction='mean')``), ``fused-none``
 (the per-token loss, then ``jnp.mean``: one product more), ``stablelayers`` and ``optax``
-(float32 logits ``hidden @ weight``, then the loss), ``torch-fused`` and ``torch``. Each
+(float32 logits ``hidden @ weight``, then the loss), ``torch-fused`` and ``torch``;
+``fused-cap`` and ``fused-none-cap`` are the first two with ``logits_soft_cap=30.0``
+(Gemma 2's final-logit soft-capping; not run unless named). Each
 case runs in its own process (a fresh heap and XLA client); the table is written to
 docs/loss_benchmarks.md unless ``--no-write``.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 TOKENS, HIDDEN = 8192, 512
 CASES = ("fused", "stablelayers", "optax", "torch-fused", "torch")
+SOFT_CAP = 30.0  # Gemma 2's final-logit cap, for the ``-cap`` cases
 OUT = Path(__file__).resolve().parent.parent / "docs" / "loss_benchmarks.md"
 
 
@@ -39,11 +42,14 @@ def _loss(case: str, chunk: int | None):
 
     import stablelayers as sl
 
+    base, capped = case.removesuffix("-cap"), case.endswith("-cap")
+    options = {"chunk_size": chunk, "logits_soft_cap": SOFT_CAP if capped else None}
+
     def loss(h, w, y):
-        if case == "fused":
-            return sl.linear_softmax_cross_entropy(h, w, y, chunk_size=chunk, reduction="mean")
-        if case == "fused-none":
-            per_token = sl.linear_softmax_cross_entropy(h, w, y, chunk_size=chunk)
+        if base == "fused":
+            return sl.linear_softmax_cross_entropy(h, w, y, reduction="mean", **options)
+        if base == "fused-none":
+            per_token = sl.linear_softmax_cross_entropy(h, w, y, **options)
         elif case == "stablelayers":
             logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)
             per_token = sl.softmax_cross_entropy(logits, y)
