@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,20 @@ def test_quick_attention_benchmark(tmp_path):
     for row in rows[:3]:  # the jax ones ran (torch may not be installed)
         time_ms, peak = row.split("|")[4:6]
         assert float(time_ms.replace(",", "")) > 0 and float(peak.replace(",", "")) > 0
+
+
+@pytest.mark.slow
+def test_quick_packed_benchmark(tmp_path):
+    out = tmp_path / "packed.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.packed", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [
+        line for line in out.read_text().splitlines() if line.startswith("| chunked, 8 x 64 |")
+    ]
+    assert len(rows) == 1 and rows[0].endswith("| no |")
