@@ -212,6 +212,10 @@ def test_traced_cap_under_jit_equals_concrete():
             h, w, y, bias=b, ignore_index=-1, logits_soft_cap=CAP, reduction=reduction
         )
         np.testing.assert_allclose(f(CAP), want, rtol=1e-6)
+        caps = jnp.array([CAP, 30.0])
+        np.testing.assert_allclose(jax.vmap(f)(caps), [f(CAP), f(30.0)], rtol=1e-6)
+        dcap = jax.grad(lambda c, f=f: jnp.sum(f(c)))
+        np.testing.assert_allclose(jax.vmap(dcap)(caps)[0], dcap(CAP), rtol=1e-5)
 
 
 @pytest.mark.parametrize("framework", ["nnx", "linen", "equinox"])
