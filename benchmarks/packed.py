@@ -15,6 +15,7 @@ Writes ``docs/packed_benchmarks.md`` (a temp file for ``--quick``) and prints th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -68,6 +69,22 @@ def _compiled(attend, q, k, v):
     return (lambda: jax.block_until_ready(compiled(q, k, v))), temp, two_dims
 
 
+def _packings_and_caps(label: str, attention, length: int, documents: tuple[int, ...]):
+    """Compiled causal ``attention`` for each packing in ``documents`` (1: unpacked), with
+    the soft cap off and on."""
+    q, k, v = _inputs(length)
+    cases = {}
+    for count in documents:
+        ids = _segments(length, count)
+        for cap in (None, CAP):
+            attend = functools.partial(
+                attention, is_causal=True, segment_ids=ids, logits_soft_cap=cap
+            )
+            name = f"{label}, {count} x {length // count}" + (", cap" if cap else "")
+            cases[name] = _compiled(attend, q, k, v)
+    return cases
+
+
 def _single_device_cases(length: int, small_docs: int, large_docs: int):
     import jax
     import jax.numpy as jnp
@@ -75,24 +92,8 @@ def _single_device_cases(length: int, small_docs: int, large_docs: int):
     import stablelayers as sl
 
     q, k, v = _inputs(length)
-    cases = {}
-    for documents in (1, large_docs, small_docs):
-        ids = _segments(length, documents)
-        for cap in (None, CAP):
-
-            def attend(q, k, v, ids=ids, cap=cap):
-                return sl.dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    is_causal=True,
-                    implementation="chunked",
-                    segment_ids=ids,
-                    logits_soft_cap=cap,
-                )
-
-            name = f"chunked, {documents} x {length // documents}" + (", cap" if cap else "")
-            cases[name] = _compiled(attend, q, k, v)
+    chunked = functools.partial(sl.dot_product_attention, implementation="chunked")
+    cases = _packings_and_caps("chunked", chunked, length, (1, large_docs, small_docs))
     ids = jnp.asarray(_segments(length, large_docs))
     mask = (ids[:, :, None] == ids[:, None, :])[:, None]
 
@@ -143,29 +144,8 @@ def _ring_cases(length: int, large_docs: int):
     import stablelayers as sl
 
     mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
-    q, k, v = _inputs(length)
-    cases = {}
-    for documents in (1, large_docs):
-        ids = _segments(length, documents)
-        for cap in (None, CAP):
-
-            def attend(q, k, v, ids=ids, cap=cap):
-                return sl.ring_attention_sharded(
-                    q,
-                    k,
-                    v,
-                    mesh=mesh,
-                    axis_name="seq",
-                    is_causal=True,
-                    segment_ids=ids,
-                    logits_soft_cap=cap,
-                )
-
-            name = f"ring (4 devices), {documents} x {length // documents}" + (
-                ", cap" if cap else ""
-            )
-            cases[name] = _compiled(attend, q, k, v)
-    return cases
+    ring = functools.partial(sl.ring_attention_sharded, mesh=mesh, axis_name="seq")
+    return _packings_and_caps("ring (4 devices)", ring, length, (1, large_docs))
 
 
 def _time(cases: dict, rounds: int) -> list[dict]:

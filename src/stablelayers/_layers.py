@@ -8,7 +8,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import compute_dtype
+from stablelayers.attention import _layer_segments
 from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.ops._softmax import masked_softmax
 from stablelayers.ops._softplus import softplus
@@ -139,3 +140,18 @@ def segment_keywords(
         "key_value_segment_ids": key_value_segment_ids,
     }
     return {name: ids for name, ids in given.items() if ids is not None}
+
+
+def call_with_segment_ids(
+    call: Callable[..., Any], layer: str, ids: dict[str, ArrayLike], *args: Any, **kwargs: Any
+) -> jax.Array:
+    """``call(*args, **kwargs)`` (a Flax attention layer's own ``__call__``) with the
+    segment ``ids`` handed to the ``dot_product_attention`` its ``attention_fn`` calls;
+    raises if no such call took them."""
+    if not ids:
+        return cast(jax.Array, call(*args, **kwargs))
+    with _layer_segments.handing_over(ids) as handover:
+        out = call(*args, **kwargs)
+    if not handover.taken:
+        raise _layer_segments.not_taken_error(layer)
+    return cast(jax.Array, out)

@@ -21,7 +21,6 @@ from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _layers
 from stablelayers._core import checks
-from stablelayers.attention import _layer_segments
 from stablelayers.attention._api import dot_product_attention
 from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 from stablelayers.ops._log_softmax import log_softmax
@@ -283,13 +282,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                 :func:`stablelayers.dot_product_attention`.
         """
         ids = _layers.segment_keywords(segment_ids, query_segment_ids, key_value_segment_ids)
-        if not ids:
-            return cast(jax.Array, super().__call__(*args, **kwargs))
-        with _layer_segments.handing_over(ids) as handover:
-            out = super().__call__(*args, **kwargs)
-        if not handover.taken:
-            raise _layer_segments.not_taken_error(type(self).__name__)
-        return cast(jax.Array, out)
+        name = type(self).__name__
+        return _layers.call_with_segment_ids(super().__call__, name, ids, *args, **kwargs)
 
 
 class LMHead(nnx.Module):
