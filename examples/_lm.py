@@ -29,8 +29,6 @@ class LMConfig:
     long_context: bool = False
     # --context-parallel N: causal ring attention with the sequence split over N devices.
     context_parallel: int = 1
-    # --packing: rows of several documents, causal attention within each (segment ids).
-    packing: bool = False
 
 
 def attention_mask(tokens: jax.Array) -> jax.Array:

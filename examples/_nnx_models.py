@@ -144,7 +144,7 @@ class LM(nnx.Module):
     mean loss over the targets that are not padding, from the fused head
     (``stablelayers.nnx.LMHead``: the logits are never formed).
 
-    With ``segment_ids`` ``(batch, L)`` (packed rows, ``config.packing``) a token attends
+    With ``segment_ids`` ``(batch, L)`` (packed rows, ``--packing``) a token attends
     the earlier tokens of its own segment only, positions count from each segment's
     start, and no mask is formed."""
 

@@ -196,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
         args.heads,
         long_context=args.context is not None,
         context_parallel=args.context_parallel,
-        packing=args.packing,
     )
     data = _data.PackedBatches if args.packing else _data.TextBatches
     batches = data(corpus.train, args.seq_len, args.batch_size, args.seed)
