@@ -241,14 +241,14 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
         print("---")
     val, below = trained.val["loss"], trained.val["below_bigram"]
     print(f"curves: {trained.plot}  checkpoint: {trained.checkpoint}")
+    if not args.resume:  # the rate of a resumed run's steps alone would need their start
+        print(throughput(batches, trained.history.step, trained.train_seconds))
     print(
         f"transformer {args.framework}: validation loss {val:.4f} nats/char, bigram "
         f"baseline {bigram:.4f}, {abs(below):.1%} {'below' if below >= 0 else 'above'} it; "
         f"{trained.history.step} steps, "
         f"training {trained.train_seconds:.0f} s, total {time.perf_counter() - _STARTED:.0f} s"
     )
-    if not args.resume:
-        print(throughput(batches, trained.history.step, trained.train_seconds))
     return trained
 
 
