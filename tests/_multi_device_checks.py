@@ -107,6 +107,29 @@ def packed_ring(layout: str, causal: bool) -> float:
     return worst(vg(ring), vg(dense))
 
 
+def layer_hands_ids_to_ring() -> float:
+    """An NNX attention layer whose attention_fn calls ring_attention_sharded: the
+    layer's segment_ids reach the ring, as they reach dot_product_attention."""
+    from flax import nnx
+
+    import stablelayers.nnx as sln
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("sp",))
+    x = jax.random.normal(jax.random.key(3), (B, L, 16))
+    ids = jnp.asarray(np.repeat(np.arange(4), [10, 30, 16, 8])[None].repeat(B, 0))
+
+    def ring_fn(q, k, v, bias=None, mask=None, **unused):
+        return sl.ring_attention_sharded(q, k, v, mesh=mesh, axis_name="sp", is_causal=True)
+
+    def one_device(q, k, v, bias=None, mask=None, **unused):
+        return sl.dot_product_attention(q, k, v, is_causal=True)
+
+    layer = sln.MultiHeadAttention(H, 16, attention_fn=ring_fn, decode=False, rngs=nnx.Rngs(0))
+    ring = layer(x, segment_ids=ids)
+    layer.attention_fn = one_device
+    return rel(ring, layer(x, segment_ids=ids))
+
+
 def inside_shard_map() -> float:
     """ring_attention called by the user inside shard_map (check_vma on), heads and batch
     split too, lse returned."""
@@ -242,6 +265,7 @@ def main() -> None:
         for c in (False, True)
     }
     results["inside_shard_map"] = inside_shard_map()
+    results["layer_hands_ids_to_ring"] = layer_hands_ids_to_ring()
     for layout in ("contiguous", "zigzag"):
         for c in (False, True):
             results[f"packed_{layout}_{'causal' if c else 'full'}"] = packed_ring(layout, c)

@@ -50,6 +50,10 @@ def test_packed_ring_equals_block_diagonal_mask(multi_device_results, layout, ca
     assert multi_device_results[f"packed_{layout}_{causal}"] < 1e-5
 
 
+def test_layer_segment_ids_reach_ring_attention_sharded(multi_device_results):
+    assert multi_device_results["layer_hands_ids_to_ring"] < 1e-5
+
+
 def test_ring_inside_user_shard_map_zigzag_with_logsumexp(multi_device_results):
     assert multi_device_results["inside_shard_map"] < 1e-5
 

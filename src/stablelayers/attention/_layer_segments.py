@@ -2,8 +2,9 @@
 
 Flax's attention layers call their ``attention_fn`` with Flax's own keywords only, so
 the ids a caller gives ``MultiHeadAttention(x, segment_ids=ids)`` cannot travel as an
-argument. The layer sets them here for the length of its call; ``dot_product_attention``,
-called by the layer's ``attention_fn`` (plain, a partial, or a sink module), takes them,
+argument. The layer sets them here for the length of its call; ``dot_product_attention`` or
+``ring_attention_sharded``, called by the layer's ``attention_fn`` (plain, a partial, or
+a module), takes them,
 and the layer raises if nothing did, so that no ``attention_fn`` drops them silently.
 """
 

@@ -23,6 +23,7 @@ from stablelayers.attention import (
     _arguments,
     _chunked_layout,
     _chunked_rule,
+    _layer_segments,
     _masks,
     _ring_rule,
     _sharding,
@@ -269,8 +270,9 @@ def ring_attention_sharded(
     the same way; pass ``layout="contiguous"`` to skip that, or lay the data out with
     :func:`zigzag_order` yourself and call :func:`ring_attention` directly.
     ``sink`` must then be per head, shape ``(heads,)``; the lengths ``(batch,)``; the
-    segment ids ``(batch, seq)``, split and laid out with the sequence. Other keywords
-    go to :func:`ring_attention`. Returns ``(batch, seq, heads, v_dim)``.
+    segment ids ``(batch, seq)``, split and laid out with the sequence (as the attention
+    layers' ``segment_ids=`` when this is their ``attention_fn``). Other keywords go to
+    :func:`ring_attention`. Returns ``(batch, seq, heads, v_dim)``.
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(
@@ -286,6 +288,13 @@ def ring_attention_sharded(
             f"The sequence length {query.shape[1]} must be a multiple of {2 * n} (two chunks "
             f"per device on the {n} devices of {axis_name!r}); pad it."
         )
+    if segment_ids is None and query_segment_ids is None and key_value_segment_ids is None:
+        # Ids that an attention layer hands to its attention_fn (this function, or a
+        # module calling it); see _layer_segments.
+        handed = _layer_segments.take()
+        segment_ids = handed.get("segment_ids")
+        query_segment_ids = handed.get("query_segment_ids")
+        key_value_segment_ids = handed.get("key_value_segment_ids")
     seq = _spec(batch_axis, axis_name, head_axis)
     per_batch = _spec(batch_axis)
     ids_spec = _spec(batch_axis, axis_name)
