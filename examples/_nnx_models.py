@@ -59,7 +59,7 @@ class RingAttention(sl.DotProductAttention):
     """Causal ring attention for ``--context-parallel N``: the sequence is split over a
     mesh axis ``"seq"`` of ``N`` devices (``stablelayers.ring_attention_sharded``, zigzag
     layout), keys and values travel round the ring, and with ``--packing`` their segment
-    ids with them (given as ``segment_ids=``, see :func:`_ring_packed`). As in
+    ids with them (the layer's ``segment_ids=`` reach ``ring_attention_sharded``). As in
     ``LongContextAttention``, the causal mask alone gives the masked
     model's loss and gradients on right-padded rows, so the model passes no mask."""
 
@@ -74,9 +74,8 @@ class RingAttention(sl.DotProductAttention):
         mesh = Mesh(np.array(jax.local_devices()[: self.devices]), ("seq",))
         sink = None if self.sink is None else self.sink[...]
         return stablelayers.ring_attention_sharded(
-            query, key, value, mesh=mesh, axis_name="seq", sink=sink, is_causal=True,
-            segment_ids=kwargs.get("segment_ids"),
-        )  # fmt: skip
+            query, key, value, mesh=mesh, axis_name="seq", sink=sink, is_causal=True
+        )
 
 
 class Block(nnx.Module):
@@ -113,7 +112,6 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
         self.mlp_in = nnx.Linear(width, 4 * width, rngs=rngs)
         self.mlp_out = nnx.Linear(4 * width, width, rngs=rngs)
-        self.ring = config.context_parallel > 1
 
     def __call__(
         self, x: jax.Array, mask: jax.Array | None, segment_ids: jax.Array | None = None
@@ -121,21 +119,10 @@ class Block(nnx.Module):
         h = self.attention_norm(x)
         if segment_ids is None:
             x = x + self.attention(h, mask=mask)
-        elif self.ring:
-            x = x + _ring_packed(self.attention, h, segment_ids)
         else:
             # Packed rows: causal within each segment, and no mask at all.
             x = x + self.attention(h, is_causal=True, segment_ids=segment_ids)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
-
-
-def _ring_packed(layer: sl.MultiHeadAttention, x: jax.Array, segment_ids: jax.Array):
-    """The layer's projections around its ``RingAttention`` with ``segment_ids`` given
-    explicitly. The layer hands its ``segment_ids=`` to
-    :func:`stablelayers.dot_product_attention` only (Flax passes an ``attention_fn`` its
-    own keywords alone), and ring attention is not that function."""
-    query, key, value = layer.query(x), layer.key(x), layer.value(x)
-    return layer.out(layer.attention_fn(query, key, value, segment_ids=segment_ids))
 
 
 class LM(nnx.Module):
