@@ -35,6 +35,7 @@ from stablelayers.attention._arguments import (
     use_chunked,
 )
 from stablelayers.attention._chunked_layout import chunked, public_logsumexp
+from stablelayers.attention._cudnn import cudnn_attention
 from stablelayers.attention._dense import dense
 
 Einsum = Callable[..., jax.Array]
@@ -163,8 +164,19 @@ def dot_product_attention(
         attn_weights_value_einsum: replaces ``jnp.einsum`` for the weighted sum; called as
             ``einsum("...hqk,...khd->...qhd", weights, value)``.
         implementation: ``"dense"``, ``"chunked"``, or ``None`` to choose by size (see
-            above). Custom einsums and ``module`` (``sow_weights``) need the attention
-            weights, so they take the dense path; forcing ``"chunked"`` with them raises.
+            above; never ``"cudnn"``; jax.nn's ``"xla"`` is ``None``). Custom einsums and
+            ``module`` (``sow_weights``) need the attention weights, so they take the
+            dense path; forcing ``"chunked"`` with them raises. ``"cudnn"`` (on an NVIDIA
+            GPU) calls ``jax.nn.dot_product_attention(implementation="cudnn")`` with
+            these semantics laid on top: a row that sees no key is exactly 0 with no
+            gradient, padding is zeroed so its NaN cannot leak; lengths, ``is_causal``,
+            ``local_window_size`` (looking back only, unless ``is_causal``), ``mask``,
+            ``bias`` (cast to the inputs' dtype; ``-inf`` masks), segment ids (as an
+            ``L x L`` mask) and ``return_residual``. Inputs must be float16 or bfloat16
+            (``dtype=``), ``v_dim == qk_dim``, and the head dimension one cuDNN takes.
+            Sinks, dropout, ``logits_soft_cap``, custom einsums, ``module``,
+            ``precision``, ``return_logsumexp`` and forward mode raise a ``ValueError``
+            at trace time naming the other implementations.
         chunk_size: the chunked path's block sizes, an int for both or ``(query block,
             key block)``; default ``(256, 512)``, measured on CPU. Lengths need not be
             multiples: the inputs are padded internally.
@@ -317,6 +329,15 @@ def dot_product_attention(
         kv_segments=kv_segments,
     )
     settings = Settings(scale, is_causal, window, lookahead, precision, dropout, soft_cap)
+    if implementation == "cudnn":
+        return cudnn_attention(
+            inputs,
+            settings,
+            custom_einsum=custom_einsum or einsum_dot_general is not None,
+            sows=module is not None,
+            return_logsumexp=return_logsumexp,
+            return_residual=return_residual,
+        )
     if use_chunks:
         out, lse = chunked(inputs, settings, chunk_size)
         if not want_lse:

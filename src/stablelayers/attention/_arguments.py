@@ -71,11 +71,12 @@ def use_chunked(
     implementation: str | None, q_len: int, kv_len: int, custom_einsum: bool, sows: bool
 ) -> bool:
     """Whether the chunked path runs: asked for, or chosen by size where it can run."""
-    if implementation not in (None, "dense", "chunked"):
+    if implementation not in (None, "dense", "chunked", "cudnn"):
         raise ValueError(
-            f"`implementation` must be None, 'dense' or 'chunked', got {implementation!r}."
+            "`implementation` must be None, 'dense', 'chunked' or 'cudnn', got "
+            f"{implementation!r}."
         )
-    if implementation == "dense" or q_len == 0 or kv_len == 0:
+    if implementation in ("dense", "cudnn") or q_len == 0 or kv_len == 0:
         return False
     if custom_einsum or sows:
         if implementation == "chunked":
@@ -110,13 +111,6 @@ def implementation_name(implementation: str | None) -> str | None:
     if implementation == "xla":
         # jax.nn's XLA implementation: both of stablelayers' paths are XLA code.
         return None
-    if implementation == "cudnn":
-        raise ValueError(
-            "implementation='cudnn' calls cuDNN's fused attention, which stablelayers does "
-            "not use (its fully masked rows would be the mean of the values, not 0); use "
-            "implementation=None, 'dense' or 'chunked', or call "
-            "jax.nn.dot_product_attention for cuDNN."
-        )
     return implementation
 
 
