@@ -216,3 +216,18 @@ def test_float32_on_cudnn_raises_at_trace_time():
         jax.eval_shape(
             functools.partial(sl.dot_product_attention, implementation="cudnn"), q, k, v
         )
+
+
+def test_bfloat16_and_no_keys(stand_in):
+    # bfloat16, cuDNN's dtype, agrees with the dense path to bfloat16 rounding; with no
+    # keys at all every row is exactly 0 and nothing is called.
+    q, k, v = _qkv(batch=())
+    kw = {"is_causal": True, "dtype": jnp.bfloat16}
+    ref = sl.dot_product_attention(q, k, v, implementation="dense", **kw)
+    got = sl.dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=0.02, atol=0.02
+    )
+    out = sl.dot_product_attention(q, k[:0], v[:0], implementation="cudnn")
+    assert out.shape == q.shape and (out == 0).all()
