@@ -124,7 +124,10 @@ def main(argv: list[str]) -> None:
     for index, section in enumerate(SHARES):
         left = sum(list(SHARES.values())[index:])
         allowance = (end - time.monotonic()) * SHARES[section] / left
-        found, why = run_section(section, args.quick, allowance, args.ops)
+        if allowance < MARGIN_S[args.quick]:  # too little left even to start a process
+            found, why = [], "the run's time allowance was spent"
+        else:
+            found, why = run_section(section, args.quick, allowance, args.ops)
         print(f"{section}: {len(found)} records" + (f" ({why})" if why else ""), flush=True)
         records += found
         if why is not None:

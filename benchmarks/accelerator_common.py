@@ -97,9 +97,9 @@ def device_record() -> dict[str, Any]:
 def bytes_accessed(compiled: Any) -> float | None:
     """``compiled.cost_analysis()['bytes accessed']`` (a list of dicts in older jax);
     ``None`` where XLA cannot cost the program."""
-    if "custom_call_target" in compiled.as_text():
-        # XLA costs a custom call (the CPU kernels) at -1 and leaves it out of the total:
-        # the total would count only the code around it.
+    if 'custom_call_target="stablelayers' in compiled.as_text():
+        # XLA costs a custom call (stablelayers' CPU kernels) at -1 and leaves it out of
+        # the total: the total would count only the code around it.
         return None
     try:
         analysis = compiled.cost_analysis()
