@@ -10,6 +10,7 @@ from stablelayers.attention import (
 )
 from stablelayers.losses import (
     linear_softmax_cross_entropy,
+    linear_softmax_cross_entropy_sharded,
     mean_over_valid,
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
@@ -30,6 +31,7 @@ __all__ = [
     "dot_product_attention",
     "forward_mode",
     "linear_softmax_cross_entropy",
+    "linear_softmax_cross_entropy_sharded",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",

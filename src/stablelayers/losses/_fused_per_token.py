@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from stablelayers._core.define_op import define_op
+from stablelayers.losses import _vocab_shards
 from stablelayers.losses._fused_terms import (
     Flags,
     Inputs,
@@ -52,6 +53,9 @@ class Static(NamedTuple):
 
     size: int  # vocabulary columns per block
     flags: Flags
+    # The mesh axis the vocabulary is split over (inside shard_map), or None: one device.
+    # Each device walks its own columns; see _vocab_shards.
+    axis_name: str | None = None
 
 
 class Terms(NamedTuple):
@@ -97,15 +101,19 @@ def _forward(inputs: Inputs, static: Static) -> tuple[jax.Array, jax.Array, jax.
 
     zeros = jnp.zeros((n,), acc)
     init = _Carry(jnp.full((n,), lowest, acc), zeros, zeros, zeros)
+    init = _vocab_shards.match(init, inputs.hidden, inputs.weight, inputs.labels)
     out = lax.fori_loop(0, _blocks(inputs, static.size), body, init)
-    lse = out.m + jnp.log(jnp.where(out.s == 0, 1.0, out.s))
-    return lse, out.target, out.total
+    m, s, target, total = _vocab_shards.combine(
+        out.m, out.s, out.target, out.total, static.axis_name
+    )
+    lse = m + jnp.log(jnp.where(s == 0, 1.0, s))
+    return lse, target, total
 
 
 def _per_token(inputs: Inputs, static: Static) -> tuple[jax.Array, jax.Array, Terms]:
     """The loss per token (float32), ``lse``, and the loss's derivatives in the options."""
     lse, target, total = _forward(inputs, static)
-    count = class_count(inputs)
+    count = _count(inputs, static)
     eps, z = options(inputs, static.flags)
     loss = loss_terms(lse, target, total, inputs.counted, count, eps, z, inputs.missed)
     d_eps, d_z = option_terms(lse, target, total, inputs.counted, count, inputs.missed)
@@ -148,8 +156,9 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
     # loss is linear in eps and z, with the kept per-token derivatives.
     inputs, lse, terms = residuals
     h, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    g = _vocab_shards.loss_cotangent(g, weight, static.axis_name)
     coef = coefficients(g, lse, inputs.counted, *options(inputs, static.flags), inputs.missed)
-    count, acc = class_count(inputs), acc_dtype(h)
+    count, acc = _count(inputs, static), acc_dtype(h)
 
     def body(c: jax.Array, carry: _Grads) -> _Grads:
         cols = _columns(inputs, c, static.size)
@@ -178,15 +187,28 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
         jnp.zeros((), acc) if static.flags.soft_cap_grad else None,
     )
+    init = _vocab_shards.match(init, h, weight, g, lse)
     grads = lax.fori_loop(0, _blocks(inputs, static.size), body, init)
+    # Inside shard_map each device holds a share of every cotangent of an input that it
+    # does not vary along (dh over the vocabulary axis: summed here, once; dW over a data
+    # axis); a no-op outside shard_map.
+    like = _vocab_shards.like
     return cotangents(
-        grads.hidden.astype(h.dtype),
-        grads.weight,
-        grads.bias,
-        _option_grad(terms.smoothing, g),
-        _option_grad(terms.z_loss, g),
-        grads.soft_cap,
+        like(grads.hidden.astype(h.dtype), h),
+        like(grads.weight, weight),
+        None if grads.bias is None else like(grads.bias, bias),
+        like(_option_grad(terms.smoothing, g), inputs.label_smoothing),
+        like(_option_grad(terms.z_loss, g), inputs.z_loss),
+        like(grads.soft_cap, inputs.logits_soft_cap),
     )
+
+
+def _count(inputs: Inputs, static: Static) -> jax.Array:
+    """``K``, the live classes of the whole vocabulary (over every shard)."""
+    if static.axis_name is None:
+        return class_count(inputs)
+    live = _vocab_shards.psum(jnp.sum(inputs.vocab_mask), static.axis_name)
+    return jnp.maximum(live, 1).astype(acc_dtype(inputs.hidden))
 
 
 def _write_fresh(full: jax.Array, part: jax.Array, cols: Span, axis: int) -> jax.Array:
@@ -206,7 +228,7 @@ def _jvp(
     loss, lse, terms = _per_token(inputs, static)
     eps, z = options(inputs, static.flags)
     coef = coefficients(jnp.ones_like(lse), lse, inputs.counted, eps, z, inputs.missed)
-    count, acc = class_count(inputs), acc_dtype(h)
+    count, acc = _count(inputs, static), acc_dtype(h)
     cap_dot = dots.logits_soft_cap if static.flags.soft_cap_grad else None
 
     def body(c: jax.Array, total: jax.Array) -> jax.Array:
@@ -220,7 +242,10 @@ def _jvp(
             dot = dot + lax.dynamic_slice_in_dim(dots.bias, cols.start, static.size).astype(acc)
         return total + jnp.sum(grad * cap_tangent(b, dot, cap_dot), axis=1)
 
-    loss_dot = lax.fori_loop(0, _blocks(inputs, static.size), body, jnp.zeros_like(lse))
+    init = _vocab_shards.match(jnp.zeros_like(lse), inputs.weight, dots.hidden, dots.weight)
+    loss_dot = lax.fori_loop(0, _blocks(inputs, static.size), body, init)
+    if static.axis_name is not None:
+        loss_dot = _vocab_shards.psum(loss_dot, static.axis_name)
     for term, tangent in ((terms.smoothing, dots.label_smoothing), (terms.z_loss, dots.z_loss)):
         if term is not None:
             loss_dot = loss_dot + term * tangent.astype(term.dtype)

@@ -47,6 +47,7 @@ from stablelayers.losses._fused_per_token import per_token_op
 from stablelayers.losses._fused_summed import Static as SummedStatic
 from stablelayers.losses._fused_summed import summed_op
 from stablelayers.losses._fused_terms import Flags, Inputs
+from stablelayers.losses._vocab_shards import Shard, any_class, label_masked, shard
 
 __all__ = ["Reduction", "linear_softmax_cross_entropy"]
 
@@ -113,6 +114,7 @@ def linear_softmax_cross_entropy(
     chunk_size: int | None = None,
     reduction: Reduction = "none",
     logits_soft_cap: ArrayLike | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``softmax(hidden @ weight + bias)``, never forming the
     ``(tokens, vocab)`` logits (Wijmans et al., ICLR 2025, "Cut Your Losses in
@@ -162,6 +164,20 @@ def linear_softmax_cross_entropy(
             materialised logits. Checked when concrete (a positive finite number); a
             traced one is taken as it is, and the loss is differentiable in it (both
             modes, any order), ``d(c tanh u)/dc = tanh u - u (1 - tanh^2 u)``.
+        axis_name: inside ``jax.shard_map``, the mesh axis that splits the vocabulary
+            (``None``: one device holds it all). ``weight`` is then this device's
+            ``(hidden, V / n)`` columns (device ``d`` of ``n`` holding columns
+            ``[d V / n, (d + 1) V / n)``, ``shard_map``'s plain split of ``P(None, axis)``),
+            ``bias`` and ``vocab_mask`` its ``(V / n,)`` entries, while ``hidden`` and the
+            global ``labels`` in ``[0, V)`` are the same on every device of the axis.
+            Each device walks its own columns; per token the shards' max, sum of
+            exponentials, label logit and sum of logits combine by ``pmax``/``psum``
+            (Megatron-LM's vocab-parallel cross-entropy): no weight column or logit
+            crosses devices, ``dW`` and ``db`` stay on their shard and ``dh`` is summed
+            once. The result is the whole vocabulary's loss on every device of the axis.
+            A ``'mean'``/``'sum'`` reduces the tokens this call sees (four products, the
+            per-token walk); tokens split over another (data) axis too are reduced over
+            it by :func:`linear_softmax_cross_entropy_sharded`, or by a ``psum``.
 
     Returns:
         The loss per token, of ``labels``' shape (``'none'``), or a scalar, in the dtype
@@ -176,11 +192,14 @@ def linear_softmax_cross_entropy(
     Raises:
         TypeError: non-integer labels, non-boolean ``vocab_mask``, non-float inputs.
         ValueError: shapes that do not fit together, options out of range, an unknown
-            ``reduction``.
+            ``reduction``, an ``axis_name`` not bound by ``shard_map``.
     """
     check_reduction(reduction)
     h, w, b = _check_arrays(hidden, weight, bias)
     vocab = w.shape[1]
+    where: Shard | None = None
+    if axis_name is not None:
+        where = shard(axis_name, vocab, "linear_softmax_cross_entropy")
     eps, z = check_loss_options(label_smoothing, z_loss, ignore_index)
     cap = check_soft_cap(logits_soft_cap)
     labels_ = check_integer_labels(labels, h.shape[:-1]).reshape(-1)
@@ -191,7 +210,7 @@ def linear_softmax_cross_entropy(
         mask = jnp.broadcast_to(mask, (vocab,))
         # A label on a masked class has no target mass (softmax_cross_entropy's `where`
         # rule); an out-of-range label reads True here and is poisoned below.
-        missed = ~mask.at[labels_].get(mode="fill", fill_value=True)
+        missed = label_masked(mask, labels_, where)
     mask = jnp.ones((vocab,), bool) if mask is None else mask
     rows = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1]).astype(dtype)
@@ -201,8 +220,13 @@ def linear_softmax_cross_entropy(
     # An ignored token's features are replaced before any product reads them; with the
     # whole vocabulary masked no token has a loss.
     h = jnp.where(counted[:, None], h, 0.0)
-    counted = counted & jnp.any(mask)
-    bad = out_of_range(labels_, vocab, counted, "linear_softmax_cross_entropy")
+    counted = counted & any_class(mask, where)
+    bad = out_of_range(
+        labels_,
+        vocab if where is None else where.vocab,
+        counted,
+        "linear_softmax_cross_entropy",
+    )
     out_dtype = arithmetic.compute_dtype(dtype)
     flags = Flags(
         smoothing=not is_off(eps),
@@ -213,7 +237,8 @@ def linear_softmax_cross_entropy(
         hidden=h,
         weight=w.astype(dtype),
         bias=b,
-        labels=labels_,
+        # Under a shard, the label's column among this device's (or none of them).
+        labels=labels_ if where is None else labels_ - where.offset,
         vocab_mask=mask,
         counted=counted,
         missed=missed,
@@ -221,7 +246,19 @@ def linear_softmax_cross_entropy(
         z_loss=jnp.asarray(z, out_dtype),
         logits_soft_cap=None if cap is None else jnp.asarray(cap, out_dtype),
     )
-    size = _chunk(chunk_size, dtype, (h.shape[0], vocab), reduction != "none")
+    walk_tokens = reduction != "none" and where is None
+    size = _chunk(chunk_size, dtype, (h.shape[0], vocab), walk_tokens)
+    if where is not None:
+        # The summed op's chunks would each need the shards' lse: the per-token walk,
+        # reduced here.
+        loss = poison(per_token_op(inputs, PerTokenStatic(size, flags, axis_name)), bad)
+        if reduction == "none":
+            return loss.astype(out_dtype).reshape(rows)
+        # Poisoned whole, as one device's summed op is (NaN in every gradient entry).
+        total = poison(jnp.sum(loss), jnp.any(bad))
+        if reduction == "mean":
+            total = total / jnp.maximum(jnp.sum(counted), 1).astype(total.dtype)
+        return total.astype(out_dtype)
     if reduction == "none":
         loss = poison(per_token_op(inputs, PerTokenStatic(size, flags)), bad)
         return loss.astype(out_dtype).reshape(rows)
