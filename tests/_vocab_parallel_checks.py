@@ -240,6 +240,67 @@ def forward_mode() -> float:
     return worst(many, run(sl.linear_softmax_cross_entropy))
 
 
+def layers() -> dict[str, float]:
+    """The NNX, Linen and Equinox LM heads with vocab_axis on a 2 x 4 (data, tp) mesh,
+    their parameters placed by the partitioning metadata (NNX, Linen) or by hand
+    (Equinox), against the same heads without it: loss (mean) and its gradients."""
+    import equinox as eqx
+    from flax import linen as nn
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from stablelayers import equinox as sleqx
+    from stablelayers import linen as sllinen
+    from stablelayers import nnx as slnnx
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tp"))
+    h, _, _, y, _, _ = inputs(13, "all")
+    kw = dict(z_loss=1e-3, label_smoothing=0.1, ignore_index=IGNORE, reduction="mean")
+    par = dict(vocab_axis="tp", token_axis="data", mesh=mesh)
+    out = {}
+
+    tp = slnnx.LMHead(D, V, rngs=nnx.Rngs(0), **par, **kw)
+    ref = slnnx.LMHead(D, V, rngs=nnx.Rngs(0), **kw)
+    graph, state = nnx.split(tp)
+    # Flax placed the parameters by their metadata when it created them.
+    assert nnx.get_partition_spec(state)["kernel"].get_value() == P(None, "tp")
+    assert tp.kernel[...].sharding.spec == P(None, "tp"), tp.kernel[...].sharding
+
+    def nnx_loss(state, graph=graph):
+        return nnx.merge(graph, state)(h, y)
+
+    g_ref, s_ref = nnx.split(ref)
+    got = jax.jit(jax.value_and_grad(nnx_loss))(state)
+    want = jax.value_and_grad(lambda s: nnx.merge(g_ref, s)(h, y))(s_ref)
+    out["layer_nnx"] = worst(got, want)
+
+    tp_l = sllinen.LMHead(V, **par, **kw)
+    variables = tp_l.init(jax.random.key(0), h, y)
+    specs = nn.get_partition_spec(variables)
+    assert specs["params"]["kernel"] == P(None, "tp"), specs
+    params = nn.unbox(variables)
+    params = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    ref_l = sllinen.LMHead(V, **kw)
+    got = jax.jit(jax.value_and_grad(lambda p: tp_l.apply(p, h, y)))(params)
+    want = jax.value_and_grad(lambda p: ref_l.apply(p, h, y))(nn.unbox(variables))
+    out["layer_linen"] = worst(got, want)
+
+    tp_e = sleqx.LMHead(D, V, key=jax.random.key(0), **par, **kw)
+    ref_e = sleqx.LMHead(D, V, key=jax.random.key(0), **kw)
+    tp_e = eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        tp_e,
+        (
+            jax.device_put(tp_e.weight, NamedSharding(mesh, P(None, "tp"))),
+            jax.device_put(tp_e.bias, NamedSharding(mesh, P("tp"))),
+        ),
+    )
+    got = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: m(h, y)))(tp_e)
+    want = eqx.filter_value_and_grad(lambda m: m(h, y))(ref_e)
+    out["layer_equinox"] = worst(got, want)
+    return out
+
+
 def main() -> None:
     results: dict[str, float] = {}
     for reduction in ("none", "mean", "sum"):
@@ -251,6 +312,7 @@ def main() -> None:
         results.update(full_vocab_gathers(n))
     results["control_gathers"] = detects_gather()
     results["forward_mode"] = forward_mode()
+    results.update(layers())
     print(json.dumps(results))
 
 

@@ -133,3 +133,18 @@ def test_inside_shard_map_on_one_device():
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "tp"), P()), out_specs=P())
     np.testing.assert_allclose(f(h, w, y), sl.linear_softmax_cross_entropy(h, w, y), rtol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen", "equinox"])
+def test_lm_head_vocab_axis(results, framework):
+    # LMHead(vocab_axis="tp", token_axis="data", mesh=...) on a 2 x 4 mesh, parameters
+    # placed by Flax's partitioning metadata (by hand for Equinox): the mean loss and its
+    # gradients equal the same head's without vocab_axis.
+    assert results[f"layer_{framework}"] < TOL
+
+
+def test_lm_head_token_axis_needs_vocab_axis():
+    from stablelayers import equinox as sleqx
+
+    with pytest.raises(ValueError, match="need a `vocab_axis`"):
+        sleqx.LMHead(3, 8, key=jax.random.key(0), token_axis="data")

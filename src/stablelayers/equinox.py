@@ -20,13 +20,14 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
 from stablelayers import _layers
 from stablelayers._core import checks
 from stablelayers._equinox_attention import MultiHeadAttention, MultiheadAttention
-from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers.losses import _vocab_parallel
 from stablelayers.ops._log_softmax import log_softmax
 from stablelayers.ops._softmax import softmax
 from stablelayers.ops._softplus import softplus
@@ -203,6 +204,7 @@ class LMHead(eqx.Module):
     weight: Array
     bias: Array | None
     options: _layers.LossOptions = eqx.field(static=True)
+    parallel: Any = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -212,6 +214,9 @@ class LMHead(eqx.Module):
         use_bias: bool = True,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
+        vocab_axis: str | None = None,
+        token_axis: str | None = None,
+        mesh: Mesh | None = None,
         **options: Any,
     ):
         """**Arguments:**
@@ -227,8 +232,19 @@ class LMHead(eqx.Module):
             final-logit soft-capping), checked here; kept as the static field
             `options`. A training loss that is a mean is cheaper as `reduction='mean'`
             (three products, not four).
+        - `vocab_axis`: The mesh axis the vocabulary is split over (tensor parallelism),
+            or `None`. The loss is then [`stablelayers.linear_softmax_cross_entropy_sharded`][]
+            (each device walks its own columns; no weight or logit is gathered). Equinox
+            has no partitioning metadata: place `weight` as `P(None, vocab_axis)` and
+            `bias` as `P(vocab_axis)` yourself (`eqx.filter_shard` or
+            `jax.device_put` with a `NamedSharding`), or leave it to `jit`.
+        - `token_axis`: The mesh axis the tokens (the first axis of `hidden`) are split
+            over, with `vocab_axis`; `None`: replicated.
+        - `mesh`: The `jax.sharding.Mesh`, with `vocab_axis`; `None`: the one
+            `jax.set_mesh` has set.
         """
         self.options = _layers.loss_options(options)
+        self.parallel = _vocab_parallel.lm_head_parallel(vocab_axis, token_axis, mesh)
         param_dtype = _layers.default_param_dtype(dtype)
         limit = 1 / in_features**0.5
         shape = (in_features, vocab_size)
@@ -250,8 +266,8 @@ class LMHead(eqx.Module):
         [`stablelayers.mean_over_valid`][]), or a scalar.
         """
         del key
-        return linear_softmax_cross_entropy(
-            hidden, self.weight, labels, bias=self.bias, **dict(self.options)
+        return _vocab_parallel.lm_head_loss(
+            hidden, self.weight, labels, self.bias, dict(self.options), self.parallel
         )
 
     def logits(self, hidden: Array) -> Array:

@@ -25,7 +25,8 @@ from jax.typing import ArrayLike, DTypeLike
 from stablelayers import _layers
 from stablelayers._core import checks
 from stablelayers.attention._api import dot_product_attention
-from stablelayers.losses._linear_cross_entropy import Reduction, linear_softmax_cross_entropy
+from stablelayers.losses import _vocab_parallel
+from stablelayers.losses._linear_cross_entropy import Reduction
 from stablelayers.ops._log_softmax import log_softmax
 from stablelayers.ops._softmax import softmax
 from stablelayers.ops._softplus import softplus
@@ -286,6 +287,16 @@ class LMHead(nn.Module):
             training loss that is a mean is cheaper as ``'mean'`` (three products, not
             four).
         param_dtype: dtype of the parameters ``kernel`` ``(hidden, vocab)`` and ``bias``.
+        vocab_axis: the mesh axis the vocabulary is split over (tensor parallelism), or
+            ``None``. The kernel and bias are then declared with
+            ``nn.with_partitioning`` as ``(None, vocab_axis)`` and ``(vocab_axis,)``
+            (``nn.get_partition_spec`` of the variables gives their specs) and the loss
+            is :func:`stablelayers.linear_softmax_cross_entropy_sharded`: each device
+            walks its own columns, no weight or logit is gathered.
+        token_axis: the mesh axis the tokens (the first axis of ``hidden``) are split
+            over, with ``vocab_axis``; ``None``: replicated.
+        mesh: the ``jax.sharding.Mesh``, with ``vocab_axis``; ``None``: the one
+            ``jax.set_mesh`` has set.
     """
 
     vocab_size: int
@@ -297,15 +308,20 @@ class LMHead(nn.Module):
     reduction: Reduction = "none"
     param_dtype: Any = jnp.float32
     logits_soft_cap: float | None = None
+    vocab_axis: str | None = None
+    token_axis: str | None = None
+    mesh: Any = None
 
     def _params(self, width: int) -> tuple[jax.Array, jax.Array | None]:
-        init = nn.initializers.lecun_normal()
+        init: Any = nn.initializers.lecun_normal()
+        zeros: Any = nn.initializers.zeros
+        if self.vocab_axis is not None:
+            init = nn.with_partitioning(init, (None, self.vocab_axis))
+            zeros = nn.with_partitioning(zeros, (self.vocab_axis,))
         kernel = self.param("kernel", init, (width, self.vocab_size), self.param_dtype)
         bias = None
         if self.use_bias:
-            bias = self.param(
-                "bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype
-            )
+            bias = self.param("bias", zeros, (self.vocab_size,), self.param_dtype)
         return kernel, bias
 
     @nn.compact
@@ -315,11 +331,7 @@ class LMHead(nn.Module):
         :func:`stablelayers.mean_over_valid`) or a scalar."""
         hidden = jnp.asarray(hidden)
         kernel, bias = self._params(hidden.shape[-1])
-        return linear_softmax_cross_entropy(
-            hidden,
-            kernel,
-            labels,
-            bias=bias,
+        options = dict(
             chunk_size=self.chunk_size,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
@@ -327,6 +339,8 @@ class LMHead(nn.Module):
             reduction=self.reduction,
             logits_soft_cap=self.logits_soft_cap,
         )
+        parallel = _vocab_parallel.lm_head_parallel(self.vocab_axis, self.token_axis, self.mesh)
+        return _vocab_parallel.lm_head_loss(hidden, kernel, labels, bias, options, parallel)
 
     @nn.compact
     def logits(self, hidden: ArrayLike) -> jax.Array:

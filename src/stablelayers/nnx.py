@@ -17,12 +17,13 @@ from typing import Any, ClassVar, cast
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 from jax.typing import ArrayLike, DTypeLike
 
 from stablelayers import _layers
 from stablelayers._core import checks
 from stablelayers.attention._api import dot_product_attention
-from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
+from stablelayers.losses import _vocab_parallel
 from stablelayers.ops._log_softmax import log_softmax
 from stablelayers.ops._softmax import softmax
 from stablelayers.ops._softplus import softplus
@@ -297,6 +298,16 @@ class LMHead(nnx.Module):
         use_bias: add a ``(vocab,)`` bias.
         param_dtype: dtype of the parameters.
         rngs: the random generators for the initialisers (``nnx.Linear``'s defaults).
+        vocab_axis: the mesh axis the vocabulary is split over (tensor parallelism), or
+            ``None``. The kernel and bias then carry Flax's partitioning metadata
+            ``(None, vocab_axis)`` and ``(vocab_axis,)`` (``nnx.get_partition_spec``
+            reads it; Flax places them so when it creates them) and the loss is
+            :func:`stablelayers.linear_softmax_cross_entropy_sharded`: each device walks
+            its own columns, no weight or logit is gathered.
+        token_axis: the mesh axis the tokens (the first axis of ``hidden``) are split
+            over, with ``vocab_axis``; ``None``: replicated.
+        mesh: the ``jax.sharding.Mesh``, with ``vocab_axis``; ``None``: the one
+            ``jax.set_mesh`` has set when the layer is called.
         **options: the function's keywords (``reduction``, ``label_smoothing``, ``z_loss``,
             ``ignore_index``, ``chunk_size``, ``logits_soft_cap``), checked here; e.g.
             ``logits_soft_cap=30.0`` for Gemma 2's final-logit soft-capping. A training
@@ -316,20 +327,34 @@ class LMHead(nnx.Module):
         use_bias: bool = True,
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
+        vocab_axis: str | None = None,
+        token_axis: str | None = None,
+        mesh: Mesh | None = None,
         **options: Any,
     ):
         self.options = _layers.loss_options(options)
+        self.parallel = _vocab_parallel.lm_head_parallel(vocab_axis, token_axis, mesh)
         init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, vocab_size), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype)) if use_bias else None
+        # Partitioning metadata only when asked: it is what a sharded state is built from
+        # (and with a mesh, Flax places the parameters so when it creates them).
+        cols: dict[str, Any] = {}
+        vocab: dict[str, Any] = {}
+        if vocab_axis is not None:
+            where = {} if mesh is None else {"mesh": mesh}
+            cols = {"out_sharding": (None, vocab_axis), **where}
+            vocab = {"out_sharding": (vocab_axis,), **where}
+        kernel = init(rngs.params(), (in_features, vocab_size), param_dtype)
+        self.kernel = nnx.Param(kernel, **cols)
+        bias = jnp.zeros((vocab_size,), param_dtype)
+        self.bias = nnx.Param(bias, **vocab) if use_bias else None
 
     def __call__(self, hidden: ArrayLike, labels: ArrayLike) -> jax.Array:
         """Loss of ``hidden`` ``(..., in_features)`` against integer ``labels`` ``(...)``:
         per token (``reduction='none'``; reduce it with e.g.
         :func:`stablelayers.mean_over_valid`) or a scalar."""
         bias = None if self.bias is None else self.bias[...]
-        return linear_softmax_cross_entropy(
-            hidden, self.kernel[...], labels, bias=bias, **dict(self.options)
+        return _vocab_parallel.lm_head_loss(
+            hidden, self.kernel[...], labels, bias, dict(self.options), self.parallel
         )
 
     def logits(self, hidden: ArrayLike) -> jax.Array:

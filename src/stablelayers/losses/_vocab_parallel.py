@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from stablelayers._core.rank_promotion import allow_rank_promotion
@@ -20,7 +20,7 @@ _spec = cast(Callable[..., PartitionSpec], PartitionSpec)  # untyped in jax.shar
 _OPTIONS = ("label_smoothing", "z_loss", "logits_soft_cap")
 
 
-def _check_axis(mesh: Mesh, axis: str | None, what: str) -> None:
+def _check_axis(mesh: Mesh | AbstractMesh, axis: str | None, what: str) -> None:
     if axis is not None and axis not in mesh.axis_names:
         raise ValueError(f"`{what}` {axis!r} is not an axis of the mesh {mesh.axis_names}.")
 
@@ -31,7 +31,7 @@ def linear_softmax_cross_entropy_sharded(
     weight: ArrayLike,
     labels: ArrayLike,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh | None,
     axis_name: str,
     token_axis: str | None = None,
     bias: ArrayLike | None = None,
@@ -54,7 +54,8 @@ def linear_softmax_cross_entropy_sharded(
         hidden: ``(tokens..., hidden)``; the first axis is split over ``token_axis``.
         weight: ``(hidden, V)``, ``V`` a multiple of the size of ``axis_name``.
         labels: integers of ``hidden``'s shape without its last axis, in ``[0, V)``.
-        mesh: the mesh (``jax.sharding.Mesh``).
+        mesh: the mesh (``jax.sharding.Mesh``), or ``None``: the one ``jax.set_mesh``
+            has set.
         axis_name: the mesh axis that splits the vocabulary (tensor parallelism).
         token_axis: the mesh axis that splits the tokens, or ``None``.
         bias, vocab_mask, ignore_index: as :func:`linear_softmax_cross_entropy`.
@@ -67,6 +68,13 @@ def linear_softmax_cross_entropy_sharded(
         As :func:`linear_softmax_cross_entropy`; ``'none'`` comes split as the tokens.
     """
     check_reduction(reduction)
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError(
+                "linear_softmax_cross_entropy_sharded needs a `mesh`, or one set by "
+                "jax.set_mesh."
+            )
     _check_axis(mesh, axis_name, "axis_name")
     _check_axis(mesh, token_axis, "token_axis")
     if axis_name == token_axis:
@@ -134,3 +142,43 @@ def linear_softmax_cross_entropy_sharded(
 
 def _is_number(x: Any) -> bool:
     return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def lm_head_loss(
+    hidden: ArrayLike,
+    weight: jax.Array,
+    labels: ArrayLike,
+    bias: jax.Array | None,
+    options: dict[str, Any],
+    parallel: tuple[Mesh | AbstractMesh | None, str, str | None] | None,
+) -> jax.Array:
+    """The LM head layers' loss: :func:`linear_softmax_cross_entropy`, or with
+    ``parallel = (mesh, vocab_axis, token_axis)`` the sharded entry point."""
+    if parallel is None:
+        return linear_softmax_cross_entropy(hidden, weight, labels, bias=bias, **options)
+    mesh, vocab_axis, token_axis = parallel
+    return linear_softmax_cross_entropy_sharded(
+        hidden,
+        weight,
+        labels,
+        mesh=mesh,
+        axis_name=vocab_axis,
+        token_axis=token_axis,
+        bias=bias,
+        **options,
+    )
+
+
+def lm_head_parallel(
+    vocab_axis: str | None, token_axis: str | None, mesh: Mesh | AbstractMesh | None
+) -> tuple[Mesh | AbstractMesh | None, str, str | None] | None:
+    """An LM head's vocabulary-parallel settings, checked when it is built (a static,
+    hashable field), or ``None`` without ``vocab_axis``."""
+    if vocab_axis is None:
+        if token_axis is not None or mesh is not None:
+            raise ValueError("LMHead: `token_axis` and `mesh` need a `vocab_axis`.")
+        return None
+    if mesh is not None:
+        _check_axis(mesh, vocab_axis, "vocab_axis")
+        _check_axis(mesh, token_axis, "token_axis")
+    return (mesh, vocab_axis, token_axis)
