@@ -29,6 +29,8 @@ class LMConfig:
     long_context: bool = False
     # --context-parallel N: causal ring attention with the sequence split over N devices.
     context_parallel: int = 1
+    # --tensor-parallel N: the head's vocabulary split over N devices (mesh axis "tp").
+    tensor_parallel: int = 1
 
 
 def attention_mask(tokens: jax.Array) -> jax.Array:

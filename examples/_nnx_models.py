@@ -141,8 +141,18 @@ class LM(nnx.Module):
         self.position = nnx.Param(init(rngs.params(), (config.seq_len, config.width)))
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
         self.norm = nnx.LayerNorm(config.width, rngs=rngs)
+        parallel = {}
+        if config.tensor_parallel > 1:
+            # --tensor-parallel: each device walks its own columns of the vocabulary.
+            devices = np.array(jax.devices()[: config.tensor_parallel])
+            parallel = dict(vocab_axis="tp", mesh=Mesh(devices, ("tp",)))
         self.head = sl.LMHead(
-            config.width, config.vocab_size, ignore_index=PAD, reduction="mean", rngs=rngs
+            config.width,
+            config.vocab_size,
+            ignore_index=PAD,
+            reduction="mean",
+            rngs=rngs,
+            **parallel,
         )
         self.log_softmax = sl.LogSoftmax()
         self.causal = config.long_context or config.context_parallel > 1

@@ -23,21 +23,30 @@ class Placement:
     the first ``N`` local devices; parameters and batches are replicated, and the model's
     attention (``stablelayers.ring_attention_sharded``) splits the sequence over ``"seq"``
     inside ``shard_map``.
+
+    Tensor parallel (``tensor_parallel=N``): likewise over a mesh axis ``"tp"``, which the
+    model's head (``LMHead(vocab_axis="tp")``) splits the vocabulary over.
     """
 
-    def __init__(self, data_parallel: bool = False, context_parallel: int = 1):
+    def __init__(
+        self, data_parallel: bool = False, context_parallel: int = 1, tensor_parallel: int = 1
+    ):
         devices = jax.local_devices()
         self.data_parallel = data_parallel
         self.context_parallel = context_parallel
+        self.tensor_parallel = tensor_parallel
         self.num_devices = len(devices) if data_parallel else 1
-        if context_parallel > 1:
-            if len(devices) < context_parallel:
+        split = max(context_parallel, tensor_parallel)
+        if split > 1:
+            flag = "--context-parallel" if context_parallel > 1 else "--tensor-parallel"
+            if len(devices) < split:
                 raise SystemExit(
-                    f"--context-parallel {context_parallel} needs {context_parallel} devices, "
+                    f"{flag} {split} needs {split} devices, "
                     f"found {len(devices)}; on CPU set "
-                    f"XLA_FLAGS=--xla_force_host_platform_device_count={context_parallel}."
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={split}."
                 )
-            mesh = Mesh(np.array(devices[:context_parallel]), ("seq",))
+            axis = "seq" if context_parallel > 1 else "tp"
+            mesh = Mesh(np.array(devices[:split]), (axis,))
             self.replicated = self.sharded = self.stacked = NamedSharding(mesh, PartitionSpec())
         elif data_parallel:
             mesh = Mesh(np.array(devices), ("data",))
@@ -51,6 +60,9 @@ class Placement:
         if self.context_parallel > 1:
             platform = jax.local_devices()[0].platform
             return f"context parallel over {self.context_parallel} {platform} devices"
+        if self.tensor_parallel > 1:
+            platform = jax.local_devices()[0].platform
+            return f"vocabulary split over {self.tensor_parallel} {platform} devices"
         if not self.data_parallel:
             return f"1 device ({jax.local_devices()[0].platform})"
         return (

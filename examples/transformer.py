@@ -18,6 +18,7 @@ curves.png. Examples:
   python examples/transformer.py --context 4096 --batch-size 4  # long context, chunked
   python examples/transformer.py --data-parallel  # every local GPU or TPU core
   python examples/transformer.py --context-parallel 4  # sequence split over 4 devices
+  python examples/transformer.py --tensor-parallel 4  # vocabulary split over 4 devices
   python examples/transformer.py --packing  # documents packed, no padding
 """
 
@@ -35,13 +36,16 @@ from collections.abc import Sequence  # noqa: E402
 
 
 def _force_host_devices(argv: Sequence[str]) -> None:
-    """--context-parallel N on CPU needs N devices, a number XLA reads once, when JAX
-    starts: ask for N host devices before importing it (GPU and TPU devices are not
-    affected). An XLA_FLAGS that already sets the count is left alone."""
+    """--context-parallel N (or --tensor-parallel N) on CPU needs N devices, a number XLA
+    reads once, when JAX starts: ask for N host devices before importing it (GPU and TPU
+    devices are not affected). An XLA_FLAGS that already sets the count is left alone."""
     for i, arg in enumerate(argv):
-        n = arg.split("=", 1)[1] if arg.startswith("--context-parallel=") else None
-        if arg == "--context-parallel" and i + 1 < len(argv):
-            n = argv[i + 1]
+        n = None
+        for flag in ("--context-parallel", "--tensor-parallel"):
+            if arg.startswith(f"{flag}="):
+                n = arg.split("=", 1)[1]
+            if arg == flag and i + 1 < len(argv):
+                n = argv[i + 1]
         flags = os.environ.get("XLA_FLAGS", "")
         if n and n.isdigit() and "xla_force_host_platform_device_count" not in flags:
             count = f"--xla_force_host_platform_device_count={n}"
@@ -125,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len must be a multiple of 2N. Run as a script on CPU, it sets "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N itself",
     )
+    train.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the output head's vocabulary over N devices: the fused loss with each "
+        "device walking its own columns (stablelayers' LMHead(vocab_axis=...), "
+        "linear_softmax_cross_entropy_sharded) for --framework nnx; the vocabulary must "
+        "be a multiple of N. Run as a script on CPU, it sets "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N itself",
+    )
     sample = p.add_argument_group("sampling")
     sample.add_argument("--prompt", default="The ", help="start of the generated sample")
     sample.add_argument(
@@ -163,6 +178,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             )
         if args.seq_len % (2 * args.context_parallel):
             parser.error(f"--seq-len must be a multiple of {2 * args.context_parallel}")
+    if args.tensor_parallel > 1:
+        if args.framework != "nnx" or args.compare_naive is not None or args.data_parallel:
+            parser.error(
+                "--tensor-parallel needs --framework nnx, no --compare-naive and no "
+                "--data-parallel"
+            )
+        if args.context_parallel > 1:
+            parser.error("--tensor-parallel and --context-parallel are not combined here")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
     return args
@@ -196,7 +219,13 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
         args.heads,
         long_context=args.context is not None,
         context_parallel=args.context_parallel,
+        tensor_parallel=args.tensor_parallel,
     )
+    if corpus.vocab_size % args.tensor_parallel:
+        raise SystemExit(
+            f"--tensor-parallel {args.tensor_parallel}: the {corpus.vocab_size} tokens "
+            "do not split evenly"
+        )
     data = _data.PackedBatches if args.packing else _data.TextBatches
     batches = data(corpus.train, args.seq_len, args.batch_size, args.seed)
     optimizer = make_optimizer(args)
@@ -204,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> Trained | _naive.Comparison:
     if args.compare_naive is not None:
         return compare_naive(args, models, config, batches, optimizer)
 
-    placement = Placement(args.data_parallel, args.context_parallel)
+    placement = Placement(args.data_parallel, args.context_parallel, args.tensor_parallel)
     placement.check_batch_size(args.batch_size)
     model = models.lm(config, args.seed)
     bigram = _data.bigram_loss(corpus)

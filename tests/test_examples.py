@@ -354,3 +354,39 @@ def test_context_parallel_matches_one_device(tmp_path):
     np.testing.assert_allclose(runs["2[]"], runs["0[]"], rtol=1e-5)
     np.testing.assert_allclose(runs["2['--packing']"], runs["0['--packing']"], rtol=1e-5)
     assert runs["0['--packing']"] != runs["0[]"]
+
+
+_TENSOR_PARALLEL = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import jax, transformer
+    assert jax.device_count() == 4, jax.devices()
+    argv = sys.argv[3:]
+    runs = {}
+    for extra in ([], ["--tensor-parallel", "4"]):
+        trained = transformer.main([*argv, "--out", f"{sys.argv[2]}/tp{len(extra)}", *extra])
+        runs["tp" if extra else "one"] = [loss for _, loss in trained.history.train]
+    print("RESULTS" + json.dumps(runs))
+    """
+)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_matches_one_device(tmp_path):
+    """--tensor-parallel 4: the head's vocabulary (104 characters) split over 4 devices
+    (LMHead(vocab_axis="tp"), linear_softmax_cross_entropy_sharded), the same training
+    losses as one device to float32 rounding (about 21 s, hence slow)."""
+    argv = [*TRANSFORMER_TINY, "--steps", "3", "--sample-chars", "0", "--eval-every", "3"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run(
+        [sys.executable, "-c", _TENSOR_PARALLEL, str(EXAMPLES), str(tmp_path), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULTS"))
+    runs = json.loads(line.removeprefix("RESULTS"))
+    np.testing.assert_allclose(runs["tp"], runs["one"], rtol=1e-5)
