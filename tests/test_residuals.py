@@ -39,7 +39,8 @@ def test_exactly_one_x_sized_residual(name, dtype):
     assert len(full) == 1, [(leaf.shape, leaf.dtype) for leaf in leaves]
     assert full[0].nbytes == x.nbytes
     small = sum(leaf.nbytes for leaf in leaves) - x.nbytes
-    assert small <= 64 * 4 * 2, "per-row extras only"
+    # At most three numbers per row (log_softmax: the max and the total as a float pair).
+    assert small <= 64 * 4 * 3, "per-row extras only"
 
 
 def test_jax_nn_softplus_keeps_two_arrays_for_comparison():

@@ -19,9 +19,9 @@ SETS = [
     "dominant",
 ]
 
-# The issue's targets; measured worst cases are 3.75 (softmax, normal_x1) and 4.00
-# (log_softmax, normal_x1000). jax.nn reaches 65 and 1.6e7.
-MAX_ULP = {"softmax": 4.0, "log_softmax": 4.0}
+# Issue 24's targets, on both paths. Measured worst cases: softmax 1.88 with the kernels
+# and 1.08 on the pure-JAX path; log_softmax 1.02 and 1.57. jax.nn reaches 65 and 1.6e7.
+MAX_ULP = {"softmax": 2.0, "log_softmax": 2.0}
 
 
 @pytest.mark.parametrize("name", SETS)

@@ -51,7 +51,9 @@ __all__ = [
     "SOFTPLUS_NEAR_ZERO_FLOAT32",
     "compute_dtype",
     "exp_corrected",
+    "exp_corrected_parts",
     "exp_pair_float32",
+    "exp_parts_float32",
     "format_bits",
     "horner",
     "log1p_unit",
@@ -113,6 +115,18 @@ def exp_corrected(d: jax.Array, err: jax.Array) -> jax.Array:
     return jnp.exp(d) * (1 + err)
 
 
+def exp_corrected_parts(d: jax.Array, err: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(s, s_lo, scale)`` with ``(s + s_lo) * scale = exp(d + err)`` to about twice
+    float32's precision, for ``d <= 0`` and ``|err| <= ulp(d) / 2``:
+    :func:`exp_parts_float32` in float32 (XLA's ``exp`` is only within an ulp, a relative
+    error every softmax entry would inherit), ``(exp_corrected(d, err), 0, 1)`` in
+    float64."""
+    if d.dtype != jnp.float32:
+        e = exp_corrected(d, err)
+        return e, jnp.zeros_like(e), jnp.ones_like(e)
+    return exp_parts_float32(d, err)
+
+
 def veltkamp_split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(hi, lo)`` with ``a = hi + lo`` exactly, each with at most half of the format's
     significand bits, so that products of halves are exact (Dekker, 1971)."""
@@ -146,8 +160,20 @@ def horner(coefficients: tuple[float, ...], z: jax.Array) -> jax.Array:
     return result
 
 
-def exp_pair_float32(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(t, t_lo)`` with ``t + t_lo = exp(a)`` to about 2^-30 relative, for ``a <= 0``.
+def exp_pair_float32(a: jax.Array, err: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(t, t_lo)`` with ``t + t_lo = exp(a)`` to about 2^-30 relative, for ``a <= 0``
+    (see :func:`exp_parts_float32`)."""
+    s, s_lo, scale = exp_parts_float32(a, err)
+    return s * scale, s_lo * scale
+
+
+def exp_parts_float32(
+    a: jax.Array, err: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(s, s_lo, scale)`` with ``(s + s_lo) * scale = exp(a)`` to about 2^-30 relative,
+    for ``a <= 0``: ``s`` in ``[1/sqrt 2, sqrt 2]`` and ``scale`` a power of two (0 below
+    float32's normal range). Kept apart, the low part is not flushed to zero where
+    ``exp(a)`` nears the bottom of the normal range.
 
     XLA's exp is within an ulp; its rounding, through ``log1p``, was most of softplus's
     error and, through ``y``, of the derivative read from it. So exp is taken apart here
@@ -155,6 +181,11 @@ def exp_pair_float32(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     rounding of ``r``), ``exp(r) = 1 + p`` with ``p = expm1(r)`` a polynomial, and
     ``1 + p`` split into a rounded sum and its exact error (Fast2Sum), both scaled by
     ``2^k``.
+
+    ``err``, if given, is a small addition to ``a`` (the rounding of a shift, below an
+    ulp of ``a``), taken into the reduced argument: ``exp(a + err)``. Scaling the result by
+    ``1 + err`` instead would lose it near the bottom of the normal range, where the
+    correction's product with the result is subnormal and flushed to zero.
     """
     # Below -88, exp(a) is under float32's smallest normal (XLA on CPU flushes it to 0
     # anyway); clamping keeps k in the range of a normal power of two.
@@ -162,6 +193,8 @@ def exp_pair_float32(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     a = jnp.maximum(a, EXP_PAIR_FLOOR)
     k = jnp.floor(a * LOG2_E + 0.5)
     r = (a - k * LN2_HI16) - k * LN2_LO
+    if err is not None:
+        r = r + jnp.where(underflow, 0.0, err)
     p = r + r * (r * horner(EXPM1_QUOTIENT_FLOAT32, r))
     s = opaque_identity(1 + p)
     s_lo = lax.stop_gradient((1 - s) + p)
@@ -169,7 +202,7 @@ def exp_pair_float32(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     biased = lax.stop_gradient(k).astype(jnp.int32) + 127
     scale = lax.bitcast_convert_type(lax.shift_left(biased, jnp.int32(23)), jnp.float32)
     scale = jnp.where(underflow, 0.0, scale)
-    return s * scale, s_lo * scale
+    return s, s_lo, scale
 
 
 def log1p_unit(t: jax.Array) -> jax.Array:

@@ -44,14 +44,18 @@ def shift(
     """``(d, err, dead)`` with ``x - amount = d + err`` exactly at live entries.
 
     ``dead`` marks the entries without mass: masked ones, and in a row holding ``+inf``
-    every entry below it (the row is replaced by its limit: its ``+inf`` entries share the
-    mass equally). A dead entry gets the lowest finite ``d``, whose exp is 0, rather than
-    ``-inf``; whatever it held (NaN included) is gone.
+    every finite or ``-inf`` entry (the row is replaced by its limit: its ``+inf`` entries
+    share the mass equally). A dead entry gets the lowest finite ``d``, whose exp is 0,
+    rather than ``-inf``; whatever it held (a masked NaN included) is gone. An unmasked NaN
+    is never dead and its ``d`` is NaN, so any sum of the row's ``exp(d)`` is NaN: that is
+    how the ops find NaN rows (``is_nan_row``) without a pass of their own.
     """
-    dead = has_posinf & ~is_posinf(x)
+    nan = jnp.isnan(x)
+    dead = has_posinf & ~is_posinf(x) & ~nan
     if where is not None:
         dead = dead | ~where
-    x = jnp.where(dead | has_posinf, 0.0, x)
+        nan = nan & where
+    x = jnp.where(dead | (has_posinf & ~nan), 0.0, x)
     raw = x - amount
     # x - amount is the one rounding that exp amplifies (an absolute error e in the exponent
     # is a relative error e in the result, up to 50 ULP for logits of size 1e4), so it is
@@ -60,16 +64,23 @@ def shift(
     # A finite logit stays finite after the shift (x - amount may overflow for logits near
     # the float limits), so it keeps its log-probability gradient; a -inf logit has none.
     lowest = jnp.finfo(x.dtype).min
-    d = jnp.where(is_neginf(x), x, jnp.maximum(raw, lowest))
+    d = jnp.where(is_neginf(x) | nan, x, jnp.maximum(raw, lowest))
     return jnp.where(dead, lowest, d), err, dead
 
 
 def shifted_logits(
-    x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes
+    x: jax.Array,
+    where: jax.Array | None,
+    sink: jax.Array | None,
+    axis: Axes,
+    top_shift: jax.Array | None = None,
+    has_posinf: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
     """``(d, err, d_sink, err_sink)`` with ``x - shift = d + err`` exactly, the shift being
-    the row max over unmasked entries and the sink (see ``shift``)."""
-    top_shift, has_posinf = shift_of_row_max(row_max(x, where, sink, axis))
+    the row max over unmasked entries and the sink (see ``shift``), or ``top_shift`` and
+    ``has_posinf`` where the caller has them from ``shift_of_row_max`` already."""
+    if top_shift is None or has_posinf is None:
+        top_shift, has_posinf = shift_of_row_max(row_max(x, where, sink, axis))
     d, err, _ = shift(x, where, top_shift, has_posinf)
     if sink is None:
         return d, err, None, None

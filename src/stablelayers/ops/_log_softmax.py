@@ -10,26 +10,34 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers._core import checks
-from stablelayers._core.arithmetic import compute_dtype, exp_corrected, opaque_identity
+from stablelayers._core.arithmetic import (
+    compute_dtype,
+    exp_corrected,
+    exp_corrected_parts,
+    opaque_identity,
+    reciprocal_pair,
+)
 from stablelayers._core.checks import Axes, Axis
+from stablelayers._core.compensated_sum import add_pair, compensated_sum, counted_sum
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import is_neginf, nan_where, neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.row_shift import (
     exempt_from_nan,
-    nan_rows,
+    row_max,
     shift,
     shift_of_row_max,
 )
 from stablelayers._cpu import calls, library
-from stablelayers.ops._logsumexp import row_log_total
 
-# Per row, what the backward pass reads besides x: (max, total) from the pure-JAX code,
-# (shift, rest), the log-sum-exp as a float pair, from the row kernel.
-RowStats = tuple[jax.Array, jax.Array]
+# Per row, what the backward pass reads besides x: (max, total, total_lo), the total as a
+# float pair, from the pure-JAX code; (shift, rest, unused), the log-sum-exp as a float
+# pair, from the row kernel.
+RowStats = tuple[jax.Array, jax.Array, jax.Array]
 # (y, None, None) with a mask; (None, x, stats) without one.
 Residuals = tuple[jax.Array | None, jax.Array | None, RowStats | None]
 
@@ -75,23 +83,42 @@ def log_softmax(
 
 
 def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Array, RowStats]:
-    """``(y, (max, total))``: the log-softmax in ``x.dtype``, and per row the max and the
-    total ``sum(exp(x - shift))``."""
+    """``(y, (max, total, total_lo))``: the log-softmax in ``x.dtype``, and per row the max
+    and the total ``sum(exp(x - shift))`` as a float pair.
+
+    Three passes over ``x``: the row max, the total, and the output, which recomputes its
+    per-entry work from ``x`` in registers.
+    """
     out_dtype = x.dtype
     x = x.astype(compute_dtype(out_dtype))
-    # lse is the log-sum-exp less the shift, in the accurate log1p form.
-    top, total, lse = row_log_total(x, where, axis)
+    top = row_max(x, where, None, axis)
     amount, has_posinf = shift_of_row_max(top)
+    d, err, _ = shift(x, where, amount, has_posinf)
+    # log(sum e) = log1p(sum e - 1) (Blanchard, Higham & Higham, 2021). A row with one
+    # dominant entry has e == 1 there and a tiny rest, which adding to 1 would lose (jax.nn's
+    # log_softmax returns exactly 0.0 at the arg-max where the truth is -7.1e-12); so the
+    # terms equal to 1 are counted apart from the rest, which is summed as a float pair.
+    ones, rest, rest_lo = counted_sum(exp_corrected(d, err), axis)
+    total, total_lo = add_pair(rest, rest_lo, ones)
+    # An unmasked NaN makes the sum NaN (row_shift.shift keeps it); nothing else can.
+    nan = jnp.isnan(total)
+    # A row with nothing unmasked has total == 0; it has no live entry to use the total.
+    total = jnp.where(total == 0, 1.0, total)
+    # With one entry at 1, log1p of the rest; from two on, log(total) loses nothing and the
+    # low part is a first-order correction.
+    lse = jnp.where(
+        ones == 1,
+        jnp.log1p(rest) + rest_lo / (1 + rest),
+        jnp.log(total) + total_lo / total,
+    )
     # The output pass recomputes its per-entry work from x in registers instead of sharing
-    # it with the reductions, which would make XLA write it to memory.
-    x = opaque_identity(x)
-    d, err, dead = shift(x, where, amount, has_posinf)
+    # it with the reduction, which would make XLA write it to memory.
+    d, err, dead = shift(opaque_identity(x), where, amount, has_posinf)
     no_mass = dead | is_neginf(d)
     y = jnp.where(no_mass, neg_inf_where(no_mass, d.dtype), (d - lse) + err)
-    nan = nan_rows(x, where, axis) & ~exempt_from_nan(x, where)
+    nan = nan & ~exempt_from_nan(x, where)
     y = jnp.where(nan, nan_where(nan, y.dtype), y)
-    # A row with nothing unmasked has total == 0; it has no live entry to use the total.
-    return y.astype(out_dtype), (top, jnp.where(total == 0, 1.0, total))
+    return y.astype(out_dtype), (top, total, total_lo)
 
 
 def _vjp_from_output(axis: Axes, y: jax.Array, g: jax.Array) -> jax.Array:
@@ -110,16 +137,22 @@ def _vjp_from_input(axis: Axes, x: jax.Array, stats: RowStats, g: jax.Array) -> 
     # The same g - softmax(x) * sum(g), with softmax(x) = exp(x - shift) / total rebuilt
     # from x the way the forward pass built it (the shift's rounding carried by TwoSum).
     # exp(y) would be worse: y = (x - shift) - lse is larger in magnitude than x - shift,
-    # so its rounding is a larger absolute error in the exponent.
-    top, total = stats
+    # so its rounding is a larger absolute error in the exponent. Where g_i - p_i sum(g)
+    # cancels, what is left is the rounding of p_i and of sum(g): so p_i is formed from an
+    # exp and a reciprocal good to twice the precision, and sum(g) kept as a float pair.
+    top, total, total_lo = stats
     x = x.astype(compute_dtype(x.dtype))
     d, err, dead = shift(x, None, *shift_of_row_max(top))
     live = ~dead & ~is_neginf(d)
-    g = jnp.where(live, g.astype(x.dtype), 0.0)
-    g_total = jnp.sum(g, axis=axis, keepdims=True)
-    p = exp_corrected(d, err) * (1 / total)
-    dx = jnp.where(live, g - p * g_total, 0.0)
-    nan = nan_rows(x, None, axis) & ~is_neginf(x)
+    g = g.astype(x.dtype)
+    g_total, g_total_lo = compensated_sum(jnp.where(live, g, 0.0), axis)
+    r, r_lo = reciprocal_pair(total)
+    r_lo = r_lo - lax.stop_gradient(total_lo * r) * r
+    s, s_lo, scale = exp_corrected_parts(d, err)
+    p = (s * r + opaque_identity(s * r_lo + s_lo * r)) * scale
+    dx = jnp.where(live, (g - p * g_total) - p * g_total_lo, 0.0)
+    # A NaN row has a NaN total (see _primal): NaN at every entry but its -inf ones.
+    nan = jnp.isnan(total) & ~is_neginf(x)
     return jnp.where(nan, nan_where(nan, dx.dtype), dx)
 
 
@@ -166,7 +199,8 @@ def _values(
 
     def kernel(x: jax.Array) -> tuple[jax.Array, RowStats]:
         y, amount, rest = _kernel(calls.as_rows(x, axis))
-        stats = (calls.from_rows(amount, x, axis), calls.from_rows(rest, x, axis))
+        rest = calls.from_rows(rest, x, axis)
+        stats = (calls.from_rows(amount, x, axis), rest, jnp.zeros_like(rest))
         return y.reshape(x.shape).astype(x.dtype), stats
 
     return calls.on_cpu(kernel, lambda x: _primal(x, None, axis), kernels, x)
@@ -179,13 +213,17 @@ def _grad_from_input(
     if not _kernels_take(x, None, axis, kernels):
         return _vjp_from_input(axis, x, stats, g)
 
-    def kernel(x: jax.Array, amount: jax.Array, rest: jax.Array, g: jax.Array) -> jax.Array:
+    def kernel(
+        x: jax.Array, amount: jax.Array, rest: jax.Array, unused: jax.Array, g: jax.Array
+    ) -> jax.Array:
         per_row = (amount.reshape(-1), rest.reshape(-1))
         dx = _grad_kernel(calls.as_rows(x, axis), *per_row, calls.as_rows(g, axis))
         return dx.reshape(x.shape)
 
-    def pure_jax(x: jax.Array, top: jax.Array, total: jax.Array, g: jax.Array) -> jax.Array:
-        return _vjp_from_input(axis, x, (top, total), g)
+    def pure_jax(
+        x: jax.Array, top: jax.Array, total: jax.Array, total_lo: jax.Array, g: jax.Array
+    ) -> jax.Array:
+        return _vjp_from_input(axis, x, (top, total, total_lo), g)
 
     return calls.on_cpu(kernel, pure_jax, kernels, x, *stats, g)
 
@@ -198,9 +236,9 @@ def _fwd(
     x: jax.Array, where: jax.Array | None, axis: Axes, kernels: bool
 ) -> tuple[jax.Array, Residuals]:
     y, stats = _values(x, where, axis, kernels)
-    # Without a mask the backward pass keeps x, two numbers per row and nothing else; with one
-    # it keeps y, whose -inf entries mark the masked places (keeping x would mean keeping
-    # the mask too).
+    # Without a mask the backward pass keeps x, three numbers per row and nothing else; with
+    # one it keeps y, whose -inf entries mark the masked places (keeping x would mean
+    # keeping the mask too).
     if where is None:
         return y, (None, x, stats)
     return y, (y, None, None)

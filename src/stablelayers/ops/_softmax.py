@@ -12,20 +12,29 @@ from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import (
     compute_dtype,
     exp_corrected,
+    exp_corrected_parts,
     opaque_identity,
     reciprocal_pair,
 )
 from stablelayers._core.checks import Axes, Axis
+from stablelayers._core.compensated_sum import add_pair, compensated_sum
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import nan_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
-from stablelayers._core.row_shift import exempt_from_nan, nan_rows, shifted_logits
+from stablelayers._core.row_shift import (
+    exempt_from_nan,
+    row_max,
+    shift,
+    shift_of_row_max,
+    shifted_logits,
+)
 from stablelayers._cpu import calls, library
 
 # (y, the sink's share per row or None, whether the row's largest share exceeds 1/2)
@@ -134,31 +143,46 @@ def _primal(
     x: jax.Array, where: jax.Array | None, sink: jax.Array | None, axis: Axes
 ) -> Residuals:
     """``(y, p_sink, dominant)``: the softmax in ``x.dtype``, the sink's share per row, and
-    (without a sink) whether the row's largest entry has more than half the mass."""
+    (without a sink) whether the row's largest entry has more than half the mass.
+
+    Three passes over ``x`` and none over a temporary: the row max, the row total, and
+    the output, which recomputes ``exp`` from ``x`` in registers rather than reading back
+    what the total summed (XLA would otherwise write those terms to memory).
+    """
     out_dtype = x.dtype
     dtype = compute_dtype(out_dtype)
     x = x.astype(dtype)
     sink = None if sink is None else sink.astype(dtype)
-    d, err, d_sink, err_sink = shifted_logits(x, where, sink, axis)
-    e = exp_corrected(d, err)
-    total = jnp.sum(e, axis=axis, keepdims=True)
+    amount, has_posinf = shift_of_row_max(row_max(x, where, sink, axis))
+    d, err, d_sink, err_sink = shifted_logits(x, where, sink, axis, amount, has_posinf)
+    # The total as a float pair: its rounding would otherwise be a relative error of every
+    # output entry.
+    total, total_lo = compensated_sum(exp_corrected(d, err), axis)
     e_sink = None
     if d_sink is not None and err_sink is not None:
         e_sink = exp_corrected(d_sink, err_sink)
-        total = total + e_sink
+        total, total_lo = add_pair(total, total_lo, e_sink)
+    # An unmasked NaN makes the total NaN (row_shift.shift keeps it); nothing else can.
+    nan = jnp.isnan(total)
     # A row with nothing unmasked has total == 0 and every e == 0: its result is 0.
     total = jnp.where(total == 0, 1.0, total)
-    # e / total as e * r + e * r_lo with r + r_lo = 1 / total to twice the precision: the
-    # rounding of the reciprocal no longer adds to that of the product (XLA computes a
-    # division by a row value as a multiplication by its reciprocal). The opaque identity
-    # keeps XLA from refactoring the sum into e * (r + r_lo), where r_lo would round away.
+    # e / total as e * r + e * r_lo with r + r_lo = 1 / (total + total_lo) to twice the
+    # precision: the rounding of the reciprocal no longer adds to that of the product (XLA
+    # computes a division by a row value as a multiplication by its reciprocal). The
+    # opaque identity keeps XLA from refactoring the sum into e * (r + r_lo), where r_lo
+    # would round away.
     r, r_lo = reciprocal_pair(total)
-    y = e * r + opaque_identity(e * r_lo)
+    r_lo = r_lo - lax.stop_gradient(total_lo * r) * r
+    d, err, _ = shift(x, where, amount, has_posinf)
+    # exp(d + err) = (s + s_lo) * scale, the power of two applied last so that the low
+    # parts are not flushed to zero for entries near the bottom of the normal range.
+    s, s_lo, scale = exp_corrected_parts(d, err)
+    y = (s * r + opaque_identity(s * r_lo + s_lo * r)) * scale
     # Masked places stay exactly 0 even when a NaN logit elsewhere makes the row's total NaN.
-    y = jnp.where(e == 0, 0.0, y)
-    nan = nan_rows(x, where, axis) & ~exempt_from_nan(x, where)
+    y = jnp.where(s * scale == 0, 0.0, y)
+    nan = nan & ~exempt_from_nan(x, where)
     y = jnp.where(nan, nan_where(nan, y.dtype), y)
-    p_sink = None if e_sink is None else e_sink / total
+    p_sink = None if e_sink is None else e_sink * r
     # The largest entry of a row has e == 1, so its share is 1 / total.
     dominant = (total < 2) if sink is None else None
     return y.astype(out_dtype), p_sink, dominant
@@ -183,10 +207,16 @@ def _vjp(
     y = y.astype(dtype)
     # Zero-probability entries (masked, or underflowed) take no part; this also keeps a
     # non-finite cotangent in a masked place out of the row sums.
-    g = jnp.where(y == 0, 0.0, g.astype(dtype))
-    c1 = jnp.sum(g * y, axis=axis, keepdims=True)
-    centred = g - c1
-    c2 = jnp.sum(centred * y, axis=axis, keepdims=True)
+    g = g.astype(dtype)
+    dead = y == 0
+    # Both row sums as compensated reductions: c1's rounding would otherwise be all that is
+    # left of an entry where g_i - c1 cancels, and a plain sum makes XLA on the CPU write
+    # the products to memory before reducing them. Each reads g and y itself, so that no
+    # masked copy of g is written to memory for them to share.
+    c1, c1_lo = compensated_sum(jnp.where(dead, 0.0, g * y), axis)
+    centred = (g - c1) - c1_lo
+    c2, c2_lo = compensated_sum(jnp.where(dead, 0.0, centred * y), axis)
+    c2 = c2 + c2_lo
     if p_sink is not None:
         c2 = c2 - p_sink * c1
     elif dominant is not None:
@@ -196,7 +226,7 @@ def _vjp(
         c2 = jnp.where(dominant, c2, 0.0)
     # Exactly zero where y is: a NaN row sum (from a NaN logit elsewhere in the row) must
     # not reach masked places either.
-    grad_x = jnp.where(y == 0, 0.0, y * (centred - c2))
+    grad_x = jnp.where(dead, 0.0, y * (centred - c2))
     grad_sink = None if p_sink is None else p_sink * (-c1 - c2)
     return grad_x, grad_sink
 
