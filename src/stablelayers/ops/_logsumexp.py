@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from stablelayers._core import arithmetic, checks, row_shift
+from stablelayers._core import arithmetic, checks, compensated_sum, row_shift
 from stablelayers._core.checks import Axes, Axis
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import nan_where, neg_inf_where
@@ -44,27 +44,26 @@ def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Ar
     return arithmetic.exp_corrected(d, err), dead
 
 
-def row_log_total(
+def _unweighted_log_total(
     x: jax.Array, where: Maybe, axis: Axes
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The unweighted row sum, shared with log_softmax: ``(top, total, log_total)`` per row
-    (keepdims) of ``x`` in the compute dtype, with ``top`` the row max,
-    ``total = sum_j exp(x_j - shift)`` over the live entries (0 for a row with none) and
-    ``log_total = log(total)``, so that ``lse = shift + log_total``."""
+    """``(top, total, log_total)`` per row (keepdims) of ``x`` in the compute dtype, with
+    ``top`` the row max, ``total = sum_j exp(x_j - shift)`` over the live entries (0 for a
+    row with none, NaN for a row with a live NaN) and ``log_total = log(total)``, so that
+    ``lse = shift + log_total``. One pass over ``x`` after the max."""
     top = row_shift.row_max(x, where, None, axis)
     e, _ = _terms(x, where, None, top)
     # log(sum_j e_j) = log1p(sum_j e_j - 1) (Blanchard-Higham-Higham). A row with one
     # dominant entry has e == 1 there and a tiny rest, which float addition to 1 would lose
     # (jax.nn's log_softmax returns exactly 0.0 at the arg-max where the truth is -7.1e-12).
-    # So the "- 1" is taken before summing: rest sums e - floor(e), which is e below the max
-    # and exactly 0 where e == 1 (e <= 1 always). While total < 2, exactly one entry has
-    # e == 1, so total - 1 = rest; from 2 on, total - 1 is exact and loses nothing that
-    # matters. floor has derivative 0, so both sums differentiate like the plain sum. Both
-    # reductions read e and nothing else, with no select, which lets XLA run them as fused
-    # reductions.
-    total = jnp.sum(e, axis=axis, keepdims=True)
-    rest = jnp.sum(e - jnp.floor(e), axis=axis, keepdims=True)
-    return top, total, jnp.log1p(jnp.where(total < 2, rest, total - 1))
+    # So the terms equal to 1 are counted apart and the rest summed as a float pair.
+    ones, rest, rest_lo = compensated_sum.counted_sum(e, axis)
+    total, total_lo = compensated_sum.add_pair(rest, rest_lo, ones)
+    safe = jnp.where(total == 0, 1.0, total)
+    log_total = jnp.where(
+        ones == 1, jnp.log1p(rest) + rest_lo / (1 + rest), jnp.log(safe) + total_lo / safe
+    )
+    return top, total, log_total
 
 
 def _primal(
@@ -80,8 +79,13 @@ def _primal(
     x = x.astype(dtype)
     where = _live_mask(where, b)
     if b is None:
-        top, total, log_total = row_log_total(x, where, axis)
+        top, total, log_total = _unweighted_log_total(x, where, axis)
         sign = jnp.where(total > 0, 1.0, 0.0).astype(dtype)
+        # A live NaN makes the total NaN (row_shift.shift keeps it), and that NaN, the
+        # input's own, is the result: no NaN constant (jax.debug_nans under disable_jit
+        # checks every eager intermediate).
+        nan = jnp.isnan(total)
+        nan_of_row = total
     else:
         # A signed, weighted total has no dominant term of exactly 1 to split off.
         top = row_shift.row_max(x, where, None, axis)
@@ -89,16 +93,15 @@ def _primal(
         total = jnp.sum(jnp.where(e == 0, 0.0, e * b.astype(dtype)), axis=axis, keepdims=True)
         sign = jnp.sign(total)
         log_total = jnp.log(jnp.where(total == 0, 1.0, jnp.abs(total)))
+        live_nan = jnp.isnan(x) if where is None else jnp.isnan(x) & where
+        nan_of_row = jnp.sum(jnp.where(live_nan, x, 0.0), axis=axis, keepdims=True)
+        nan = row_shift.nan_rows(x, where, axis)
     shift, has_posinf = row_shift.shift_of_row_max(top)
     empty_row = total == 0
     lse = jnp.where(has_posinf, top, shift + log_total)
     fill = neg_inf_where(empty_row, lse.dtype) if empty is None else empty
     lse = jnp.where(empty_row, fill, lse)
-    # The NaN comes from the input's own NaN (a sum of the row's live NaN entries), never a
-    # NaN constant: jax.debug_nans under disable_jit checks every eager intermediate.
-    live_nan = jnp.isnan(x) if where is None else jnp.isnan(x) & where
-    nan_of_row = jnp.sum(jnp.where(live_nan, x, 0.0), axis=axis, keepdims=True)
-    lse = jnp.where(row_shift.nan_rows(x, where, axis), nan_of_row, lse)
+    lse = jnp.where(nan, nan_of_row, lse)
     return lse, lax.stop_gradient(sign), top, jnp.where(empty_row, 1.0, total)
 
 
@@ -106,7 +109,9 @@ def _softmax_weights(
     x: jax.Array, where: Maybe, b: Maybe, top: jax.Array, total: jax.Array
 ) -> jax.Array:
     """``d lse / d b_j = e_j / total`` (0 at dead entries), rebuilt from ``x``."""
-    x = x.astype(arithmetic.compute_dtype(x.dtype))
+    # Recomputed from x in registers: shared with the forward pass's sum (the same
+    # expression, under jit), the terms would be written to memory between the passes.
+    x = arithmetic.opaque_identity(x.astype(arithmetic.compute_dtype(x.dtype)))
     e, dead = _terms(x, _live_mask(where, b), b, top)
     return jnp.where(dead | (e == 0), 0.0, e / total)
 

@@ -29,8 +29,10 @@ def _primal(x: jax.Array) -> jax.Array:
 def _sigmoid_slope(x: jax.Array) -> jax.Array:
     # sigmoid(x) * sigmoid(-x) = z / (1 + z)^2 with z = exp(-|x|): symmetric in x, so
     # exact at 0 (1/4) and exactly 0 at +-inf, never inf / inf.
+    # Recomputed from x in registers: shared with the forward pass (the same expression,
+    # under jit), z would be written to memory and read back by both.
     dtype = arithmetic.compute_dtype(x.dtype)
-    z = jnp.exp(-jnp.abs(x.astype(dtype)))
+    z = jnp.exp(-jnp.abs(arithmetic.opaque_identity(x.astype(dtype))))
     return z / ((1 + z) * (1 + z))
 
 
