@@ -62,6 +62,8 @@ DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_CHUNK_SIZE_HALF = 512
 DEFAULT_CHUNK_ELEMENTS = 2**23
 DEFAULT_CHUNK_ELEMENTS_HALF = 2**22
+# With the vocabulary split over n devices (axis_name): the per-token default over n.
+MIN_SHARD_BLOCK = 128
 
 
 def _chunk(
@@ -151,6 +153,8 @@ def linear_softmax_cross_entropy(
             ``'none'``: vocabulary columns per block (default 1024, 512 for
             half-precision inputs). With ``'mean'``/``'sum'``: tokens per chunk (default
             ``2**23 // vocab``, ``2**22 // vocab`` for half precision, at least 1).
+            With ``axis_name`` (any reduction): columns per block on each device,
+            default the per-token default over the axis's devices, at least 128.
         reduction: ``'none'`` (the loss per token), ``'mean'`` (over the tokens not
             ignored; 0, with gradient 0, when every token is) or ``'sum'``.
         logits_soft_cap: ``c > 0``, or ``None`` (the default: no op is added). The loss
@@ -248,6 +252,10 @@ def linear_softmax_cross_entropy(
     )
     walk_tokens = reduction != "none" and where is None
     size = _chunk(chunk_size, dtype, (h.shape[0], vocab), walk_tokens)
+    if where is not None and chunk_size is None:
+        # The (tokens, block) temporaries shrink with the devices as the weight does
+        # (down to MIN_SHARD_BLOCK columns, under which the products get inefficient).
+        size = min(size, max(MIN_SHARD_BLOCK, size // where.devices))
     if where is not None:
         # The summed op's chunks would each need the shards' lse: the per-token walk,
         # reduced here.
