@@ -132,12 +132,20 @@ def data_by_vocab() -> dict[str, float]:
         )
         return jnp.sum(out * g)
 
-    def user(check_vma: bool):
+    def user(check_vma: bool, reduction: str = "none"):
         def local(h, w, b, y, m, g):
             out = sl.linear_softmax_cross_entropy(
-                h, w, y, bias=b, vocab_mask=m, axis_name="tp", chunk_size=16, **opts
+                h,
+                w,
+                y,
+                bias=b,
+                vocab_mask=m,
+                axis_name="tp",
+                chunk_size=16,
+                **opts,
+                reduction=reduction,
             )
-            return jax.lax.psum(jnp.sum(out * g), "data")
+            return jax.lax.psum(jnp.sum(out * g) if reduction == "none" else out, "data")
 
         f = jax.shard_map(
             local,
@@ -157,6 +165,65 @@ def data_by_vocab() -> dict[str, float]:
         "data_vocab_user_vma": worst(vg(user(True)), ref),
         "data_vocab_user_novma": worst(vg(user(False)), ref),
     }
+    # reduction='sum' inside the user's shard_map: the summed op on each device.
+    ref_sum = jax.jit(
+        jax.value_and_grad(
+            lambda h, w, b: sl.linear_softmax_cross_entropy(
+                h, w, y, bias=b, vocab_mask=mask, reduction="sum", **opts
+            ),
+            argnums=(0, 1, 2),
+        )
+    )(h, w, b)
+    out["data_vocab_user_sum_vma"] = worst(vg(user(True, "sum")), ref_sum)
+    out["data_vocab_user_sum_novma"] = worst(vg(user(False, "sum")), ref_sum)
+
+    # Traced options as replicated shard_map inputs: their gradients, both check_vma.
+    def traced(check_vma: bool, reduction: str):
+        def local(h, w, y, g, eps, z, cap):
+            out = sl.linear_softmax_cross_entropy(
+                h,
+                w,
+                y,
+                axis_name="tp",
+                label_smoothing=eps,
+                z_loss=z,
+                logits_soft_cap=cap,
+                reduction=reduction,
+                ignore_index=IGNORE,
+            )
+            return jax.lax.psum(jnp.sum(out * g) if reduction == "none" else out, "data")
+
+        f = jax.shard_map(
+            local,
+            mesh=mesh,
+            check_vma=check_vma,
+            out_specs=P(),
+            in_specs=(P("data"), P(None, "tp"), P("data"), P("data"), P(), P(), P()),
+        )
+        return lambda h, w, *o: f(h, w, y, g, *o)
+
+    def plain(reduction: str):
+        def f(h, w, eps, z, cap):
+            out = sl.linear_softmax_cross_entropy(
+                h,
+                w,
+                y,
+                label_smoothing=eps,
+                z_loss=z,
+                logits_soft_cap=cap,
+                reduction=reduction,
+                ignore_index=IGNORE,
+            )
+            return jnp.sum(out * g) if reduction == "none" else out
+
+        return f
+
+    hw = (jnp.nan_to_num(h), w, 0.1, 1e-2, 4.0)
+    for reduction in ("none", "sum"):
+        want = jax.jit(jax.value_and_grad(plain(reduction), argnums=range(5)))(*hw)
+        for vma in (True, False):
+            got = jax.jit(jax.value_and_grad(traced(vma, reduction), argnums=range(5)))(*hw)
+            out[f"data_vocab_traced_{reduction}_{'vma' if vma else 'novma'}"] = worst(got, want)
     mean = jax.jit(
         lambda h: sl.linear_softmax_cross_entropy_sharded(
             h, w, y, mesh=mesh, axis_name="tp", token_axis="data", reduction="mean", **opts
@@ -219,13 +286,14 @@ def detects_gather() -> int:
     )
 
 
-def forward_mode() -> float:
+def forward_mode() -> dict[str, float]:
     """Forward mode (stablelayers.forward_mode: the custom_jvp rule) on 4 devices: the
     tangent of the per-token loss in every input direction."""
     mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
     h, w, b, y, _, mask = inputs(5, "all")
     opts = options("all")
     dots = (jnp.cos(h), jnp.sin(w), jnp.cos(b))
+    h = jnp.nan_to_num(h)  # a NaN tangent would reach the ignored token's dot
 
     def run(fn, **kw):
         def f(h, w, b):
@@ -234,10 +302,18 @@ def forward_mode() -> float:
         with sl.forward_mode():
             return jax.jit(lambda *a: jax.jvp(f, a, dots))(h, w, b)
 
-    many = run(
-        sl.linear_softmax_cross_entropy_sharded, mesh=mesh, axis_name="tp", chunk_size=20
-    )
-    return worst(many, run(sl.linear_softmax_cross_entropy))
+    out = {}
+    for reduction in ("none", "mean"):
+        many = run(
+            sl.linear_softmax_cross_entropy_sharded,
+            mesh=mesh,
+            axis_name="tp",
+            reduction=reduction,
+        )
+        out[f"forward_mode_{reduction}"] = worst(
+            many, run(sl.linear_softmax_cross_entropy, reduction=reduction)
+        )
+    return out
 
 
 def layers() -> dict[str, float]:
@@ -311,7 +387,7 @@ def main() -> None:
     for n in (4, 8):
         results.update(full_vocab_gathers(n))
     results["control_gathers"] = detects_gather()
-    results["forward_mode"] = forward_mode()
+    results.update(forward_mode())
     results.update(layers())
     print(json.dumps(results))
 

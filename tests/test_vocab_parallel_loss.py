@@ -56,15 +56,32 @@ def test_vocab_sharded_equals_one_device_4(results, reduction):
     assert results[f"eq_4_{reduction}_all"] < TOL
 
 
-@pytest.mark.parametrize("how", ["entry", "user_vma", "user_novma", "mean"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "entry",
+        "mean",
+        "user_vma",
+        "user_novma",
+        "user_sum_vma",
+        "user_sum_novma",
+        "traced_none_vma",
+        "traced_none_novma",
+        "traced_sum_vma",
+        "traced_sum_novma",
+    ],
+)
 def test_data_by_vocab_mesh(results, how):
     # A 2 x 4 (data, tp) mesh: the entry point with token_axis, and the user's own
-    # shard_map with check_vma on and off.
+    # shard_map with check_vma on and off, per token and summed (the summed op on each
+    # device), with traced smoothing, z-loss and soft-cap as replicated inputs (their
+    # gradients too).
     assert results[f"data_vocab_{how}"] < TOL
 
 
-def test_forward_mode_on_four_devices(results):
-    assert results["forward_mode"] < TOL
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_forward_mode_on_four_devices(results, reduction):
+    assert results[f"forward_mode_{reduction}"] < TOL
 
 
 @pytest.mark.parametrize("devices", [4, 8])

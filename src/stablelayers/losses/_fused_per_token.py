@@ -35,7 +35,6 @@ from stablelayers.losses._fused_terms import (
     block_count,
     cap_grad,
     cap_tangent,
-    class_count,
     coefficients,
     cotangents,
     dlogits,
@@ -156,7 +155,7 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
     # loss is linear in eps and z, with the kept per-token derivatives.
     inputs, lse, terms = residuals
     h, weight, bias = inputs.hidden, inputs.weight, inputs.bias
-    g = _vocab_shards.loss_cotangent(g, weight, static.axis_name)
+    g, g_whole = _vocab_shards.loss_cotangent(g, weight, static.axis_name)
     coef = coefficients(g, lse, inputs.counted, *options(inputs, static.flags), inputs.missed)
     count, acc = _count(inputs, static), acc_dtype(h)
 
@@ -197,18 +196,15 @@ def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
         like(grads.hidden.astype(h.dtype), h),
         like(grads.weight, weight),
         None if grads.bias is None else like(grads.bias, bias),
-        like(_option_grad(terms.smoothing, g), inputs.label_smoothing),
-        like(_option_grad(terms.z_loss, g), inputs.z_loss),
+        like(_option_grad(terms.smoothing, g_whole), inputs.label_smoothing),
+        like(_option_grad(terms.z_loss, g_whole), inputs.z_loss),
         like(grads.soft_cap, inputs.logits_soft_cap),
     )
 
 
 def _count(inputs: Inputs, static: Static) -> jax.Array:
     """``K``, the live classes of the whole vocabulary (over every shard)."""
-    if static.axis_name is None:
-        return class_count(inputs)
-    live = _vocab_shards.psum(jnp.sum(inputs.vocab_mask), static.axis_name)
-    return jnp.maximum(live, 1).astype(acc_dtype(inputs.hidden))
+    return _vocab_shards.live_classes(inputs, static.axis_name)
 
 
 def _write_fresh(full: jax.Array, part: jax.Array, cols: Span, axis: int) -> jax.Array:

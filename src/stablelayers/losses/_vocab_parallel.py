@@ -9,15 +9,17 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from stablelayers._core.rank_promotion import allow_rank_promotion
-from stablelayers.losses._cross_entropy import Reduction, check_reduction, poison
+from stablelayers.losses._cross_entropy import Reduction, check_reduction
 from stablelayers.losses._linear_cross_entropy import linear_softmax_cross_entropy
 
 _spec = cast(Callable[..., PartitionSpec], PartitionSpec)  # untyped in jax.sharding
 _OPTIONS = ("label_smoothing", "z_loss", "logits_soft_cap")
+_psum = cast(Callable[[jax.Array, str], jax.Array], lax.psum)
 
 
 def _check_axis(mesh: Mesh | AbstractMesh, axis: str | None, what: str) -> None:
@@ -60,9 +62,10 @@ def linear_softmax_cross_entropy_sharded(
         token_axis: the mesh axis that splits the tokens, or ``None``.
         bias, vocab_mask, ignore_index: as :func:`linear_softmax_cross_entropy`.
         reduction: ``'none'``, ``'mean'`` (over every token not ignored, on all devices)
-            or ``'sum'``; reduced after the ``shard_map`` (one scalar all-reduce).
+            or ``'sum'``: each device sums its tokens (three products), and a ``psum``
+            over ``token_axis`` sums the devices'.
         **options: ``label_smoothing``, ``z_loss``, ``logits_soft_cap``, ``chunk_size``
-            (vocabulary columns per block, on each device).
+            (on each device, as :func:`linear_softmax_cross_entropy` with ``axis_name``).
 
     Returns:
         As :func:`linear_softmax_cross_entropy`; ``'none'`` comes split as the tokens.
@@ -108,35 +111,38 @@ def linear_softmax_cross_entropy_sharded(
         named[name] = x
         specs.append(_spec())
 
+    # 'mean' and 'sum': each device sums its tokens (the summed op, three products), and
+    # the data axis sums the devices'; the mean divides by every device's count.
+    inner: Reduction = "none" if reduction == "none" else "sum"
+
     def local(h: jax.Array, w: jax.Array, y: jax.Array, *rest: jax.Array) -> jax.Array:
         kwargs = dict(zip(named, rest, strict=True))
-        return linear_softmax_cross_entropy(
+        out = linear_softmax_cross_entropy(
             h,
             w,
             y,
             axis_name=axis_name,
             ignore_index=ignore_index,
+            reduction=inner,
             **cast(dict[str, Any], kwargs),
             **static,
         )
+        if inner == "sum" and token_axis is not None:
+            out = _psum(out, token_axis)
+        return out
 
     sharded = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(tokens, _spec(None, axis_name), tokens, *specs),
-        out_specs=tokens,
+        out_specs=tokens if inner == "none" else _spec(),
     )
-    loss = sharded(h, w, y, *named.values())
-    if reduction == "none":
-        return loss
+    total = sharded(h, w, y, *named.values())
+    if reduction != "mean":
+        return total
     counted = jnp.ones(y.shape, bool) if ignore_index is None else y != ignore_index
     if vocab_mask is not None:
         counted = counted & jnp.any(jnp.asarray(vocab_mask))
-    # A label outside [0, V) poisons the whole sum, as on one device.
-    bad = counted & ((y < 0) | (y >= w.shape[1]))
-    total = poison(jnp.sum(loss), jnp.any(bad))
-    if reduction == "sum":
-        return total
     return total / jnp.maximum(jnp.sum(counted), 1).astype(total.dtype)
 
 

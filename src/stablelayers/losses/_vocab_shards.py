@@ -27,9 +27,11 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from stablelayers.attention import _sharding
+from stablelayers.losses import _fused_terms as terms
 
 T = TypeVar("T")
 
@@ -52,17 +54,22 @@ def like(x: jax.Array | None, primal: Any) -> Any:
     return _sharding.sum_over_devices(x, primal)
 
 
-def loss_cotangent(g: jax.Array, weight: jax.Array, axis_name: str | None) -> jax.Array:
-    """The cotangent of the combined loss as the backward pass needs it on each device.
+def loss_cotangent(
+    g: jax.Array, weight: jax.Array, axis_name: str | None
+) -> tuple[jax.Array, jax.Array]:
+    """The cotangent of the combined loss as the backward pass needs it on each device:
+    ``(for the column shares: dh, dW, db, the cap's; for the whole: eps, z)``.
 
     With ``shard_map``'s ``check_vma=True`` the loss is typed as the same on every device
-    of the axis and ``g`` is its cotangent. With ``check_vma=False`` nothing is typed
-    (``weight``, split over the axis, then varies along no axis) and JAX hands each
-    device a share of the cotangent, as it would to the transpose of the ``psum`` that
-    formed the loss: summed here, as that transpose would."""
+    of the axis and ``g`` is its cotangent, for both. With ``check_vma=False`` nothing is
+    typed (``weight``, split over the axis, then varies along no axis): JAX hands each
+    device a share of the cotangent and sums each input's cotangent over the devices
+    that share it. A column share then needs the whole ``g`` (summed here, as the
+    transpose of the ``psum`` that formed the loss would); a derivative every device
+    holds whole (in eps, z) takes the share, so that the devices' shares sum to it."""
     if axis_name is None or _sharding._axes(weight):
-        return g
-    return _psum(g, axis_name)
+        return g, g
+    return _psum(g, axis_name), g
 
 
 def psum(x: jax.Array, axis_name: str) -> jax.Array:
@@ -131,3 +138,30 @@ def any_class(mask: jax.Array, where: Shard | None) -> jax.Array:
     if where is None:
         return jnp.any(mask)
     return _psum(jnp.any(mask).astype(jnp.int32), where.axis_name) > 0
+
+
+def live_classes(inputs: terms.Inputs, axis_name: str | None) -> jax.Array:
+    """``K``, the live classes of the whole vocabulary (over every shard), at least 1."""
+    if axis_name is None:
+        return terms.class_count(inputs)
+    live = _psum(jnp.sum(inputs.vocab_mask), axis_name)
+    return jnp.maximum(live, 1).astype(terms.acc_dtype(inputs.hidden))
+
+
+def block_lse(
+    b: terms.Block, smoothing: bool, axis_name: str | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row of a block holding all of this device's columns: the whole vocabulary's
+    ``(lse, label logit, sum of live logits)`` (the sum 0 without ``smoothing``)."""
+    total = jnp.zeros(b.logits.shape[:1], b.logits.dtype)
+    if smoothing:
+        total = jnp.sum(jnp.where(b.live, b.logits, 0.0), axis=1)
+    target = jnp.sum(jnp.where(b.hit, b.logits, 0.0), axis=1)
+    if axis_name is None:
+        return terms.exact_lse(b.logits, b.live), target, total
+    lowest = np.finfo(b.logits.dtype).min
+    x = jnp.where(b.live, b.logits, lowest)
+    m = lax.stop_gradient(jnp.max(x, axis=1))
+    s = jnp.sum(jnp.where(b.live, jnp.exp(x - m[:, None]), 0.0), axis=1)
+    m, s, target, total = combine(m, s, target, total, axis_name)
+    return m + jnp.log(jnp.where(s == 0, 1.0, s)), target, total
