@@ -23,8 +23,7 @@ Residuals: ``dH``, ``dW``, ``db`` in float32 (the sizes of the inputs), nothing 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,6 @@ from jax import lax
 
 from stablelayers._core.define_op import define_op
 from stablelayers.losses import _fused_terms as terms
-from stablelayers.losses import _vocab_shards
 from stablelayers.losses._fused_terms import Block, Flags, Inputs, Span
 
 # Columns of the weight per backward product: the float32 temporaries of a block (the
@@ -49,10 +47,6 @@ class Static(NamedTuple):
     flags: Flags
     dtype: jnp.dtype  # hidden's and weight's
     bias_dtype: jnp.dtype | None
-    # The mesh axis the vocabulary is split over (inside shard_map), or None. Each chunk's
-    # block then holds this device's columns; the shards' lse combine per chunk (see
-    # _vocab_shards), and dh is this device's share until the cotangent is formed.
-    axis_name: str | None = None
 
 
 class Grads(NamedTuple):
@@ -89,8 +83,12 @@ def _chunk(inputs: Inputs, c: jax.Array, static: Static) -> _Chunk:
     missed = inputs.missed
     if missed is not None:
         missed = lax.dynamic_slice_in_dim(missed, rows.start, rows.size)
-    lse, target, total = _vocab_shards.block_lse(b, static.flags.smoothing, static.axis_name)
-    count = _vocab_shards.live_classes(inputs, static.axis_name)
+    lse = terms.exact_lse(b.logits, b.live)
+    target = jnp.sum(jnp.where(b.hit, b.logits, 0.0), axis=1)
+    total = jnp.zeros_like(lse)
+    if static.flags.smoothing:
+        total = jnp.sum(jnp.where(b.live, b.logits, 0.0), axis=1)
+    count = terms.class_count(inputs)
     loss = jnp.sum(
         terms.loss_terms(
             lse, target, total, counted, count, *terms.options(inputs, static.flags), missed
@@ -111,8 +109,7 @@ def _chunk_grad(inputs: Inputs, chunk: _Chunk, static: Static) -> jax.Array:
         *terms.options(inputs, static.flags),
         chunk.missed,
     )
-    count = _vocab_shards.live_classes(inputs, static.axis_name)
-    return terms.dlogits(b.logits, b.live, b.hit, lse, coef, count)
+    return terms.dlogits(b.logits, b.live, b.hit, lse, coef, terms.class_count(inputs))
 
 
 def _chunks(inputs: Inputs, static: Static) -> int:
@@ -150,8 +147,9 @@ def _products(
         return _Products(dh, dw, db)
 
     dh0 = jnp.zeros((h_c.shape[0], weight.shape[0]), acc)
-    init = _vocab_shards.match(_Products(dh0, dw, db), h_c, weight, grad)
-    out: _Products = lax.fori_loop(0, terms.block_count(vocab, width), body, init)
+    out: _Products = lax.fori_loop(
+        0, terms.block_count(vocab, width), body, _Products(dh0, dw, db)
+    )
     return out
 
 
@@ -162,7 +160,6 @@ def summed_loss(inputs: Inputs, static: Static) -> jax.Array:
         return total + _chunk(inputs, c, static).loss
 
     zero = jnp.zeros((), terms.acc_dtype(inputs.hidden))
-    zero = _vocab_shards.match(zero, inputs.hidden, inputs.counted)
     total: jax.Array = lax.fori_loop(0, _chunks(inputs, static), body, zero)
     return total
 
@@ -203,58 +200,26 @@ def value_and_grads(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
     db0 = None if bias is None else jnp.zeros(bias.shape, acc)
     cap0 = zero if static.flags.soft_cap_grad else None
     grads0 = Grads(jnp.zeros(h.shape, acc), jnp.zeros(weight.shape, acc), db0, zero, zero, cap0)
-    # The sums of whole per-token values (the loss, its derivatives in eps and z) vary as
-    # the tokens do; the gradients' shares as the columns too.
-    whole = _vocab_shards.match((zero, zero, zero), h, inputs.counted)
-    grads0 = _vocab_shards.match(grads0, h, weight, inputs.labels)
-    grads0 = grads0._replace(label_smoothing=whole[1], z_loss=whole[2])
-    init = _Carry(whole[0], grads0)
-    out = lax.fori_loop(0, _chunks(inputs, static), body, init)
+    out = lax.fori_loop(0, _chunks(inputs, static), body, _Carry(zero, grads0))
     return out.total, out.grads
 
 
-class _Residuals(NamedTuple):
-    grads: Grads
-    # Empty arrays typed as the inputs (inside shard_map: varying along the same mesh
-    # axes), for the cotangents' types; nothing outside shard_map reads them.
-    like: Grads
+def _fwd(inputs: Inputs, static: Static) -> tuple[jax.Array, Grads]:
+    return value_and_grads(inputs, static)
 
 
-def _type_of(x: jax.Array | None) -> jax.Array | None:
-    return None if x is None else x.reshape(-1)[:0]
-
-
-def _fwd(inputs: Inputs, static: Static) -> tuple[jax.Array, _Residuals]:
-    total, grads = value_and_grads(inputs, static)
-    fields = ("hidden", "weight", "bias", "label_smoothing", "z_loss", "logits_soft_cap")
-    like = Grads._make(_type_of(getattr(inputs, name)) for name in fields)
-    return total, _Residuals(grads, like)
-
-
-def _bwd(static: Static, residuals: _Residuals, g: jax.Array) -> tuple[Inputs]:
+def _bwd(static: Static, grads: Grads, g: jax.Array) -> tuple[Inputs]:
     # The cotangent is one number: the gradient formed in the forward pass, scaled, and
-    # rounded to the inputs' dtypes once. Inside shard_map each cotangent is then summed
-    # over the mesh axes it varies along and its input does not (dh over the vocabulary
-    # axis, dW over a data axis); a no-op outside.
-    grads, ref = residuals
-    g, g_whole = _vocab_shards.loss_cotangent(g, grads.weight, static.axis_name)
-    g, g_whole = g.astype(grads.hidden.dtype), g_whole.astype(grads.hidden.dtype)
+    # rounded to the inputs' dtypes once.
+    g = g.astype(grads.hidden.dtype)
     flags = static.flags
-    like = _vocab_shards.like
-
-    def scaled(scale: jax.Array, grad: jax.Array | None, to: jax.Array | None) -> Any:
-        return None if grad is None else like(scale * grad, to)
-
-    bias = scaled(g, grads.bias, ref.bias)
     return terms.cotangents(
-        scaled(g, grads.hidden, ref.hidden).astype(static.dtype),
-        scaled(g, grads.weight, ref.weight).astype(static.dtype),
-        None if bias is None else bias.astype(static.bias_dtype),
-        scaled(g_whole, grads.label_smoothing, ref.label_smoothing)
-        if flags.smoothing
-        else None,
-        scaled(g_whole, grads.z_loss, ref.z_loss) if flags.z_loss else None,
-        scaled(g, grads.logits_soft_cap, ref.logits_soft_cap),
+        (g * grads.hidden).astype(static.dtype),
+        (g * grads.weight).astype(static.dtype),
+        None if grads.bias is None else (g * grads.bias).astype(static.bias_dtype),
+        g * grads.label_smoothing if flags.smoothing else None,
+        g * grads.z_loss if flags.z_loss else None,
+        None if grads.logits_soft_cap is None else g * grads.logits_soft_cap,
     )
 
 
@@ -265,30 +230,19 @@ def _jvp(
     # the gradient and three inner products, so forward mode costs the same three matmuls.
     (inputs,), (dots,) = primals, tangents
     total, grads = value_and_grads(inputs, static)
-    # With the vocabulary split, each device's dh, dW, db and cap derivative are its
-    # columns' share (summed over the axis below); those in eps and z are whole.
-    shares = [
+    pairs = [
         (grads.hidden, dots.hidden),
         (grads.weight, dots.weight),
         (grads.bias, dots.bias),
-        (grads.logits_soft_cap, dots.logits_soft_cap),
-    ]
-    whole = [
         (grads.label_smoothing if static.flags.smoothing else None, dots.label_smoothing),
         (grads.z_loss if static.flags.z_loss else None, dots.z_loss),
+        (grads.logits_soft_cap, dots.logits_soft_cap),
     ]
-
-    def inner(pairs: Sequence[tuple[jax.Array | None, jax.Array | None]]) -> jax.Array:
-        dot = _vocab_shards.match(jnp.zeros_like(total), *jax.tree.leaves(pairs))
-        for grad, tangent in pairs:
-            if grad is not None and tangent is not None:
-                dot = dot + jnp.sum(grad * tangent.astype(grad.dtype))
-        return dot
-
-    dot = inner(shares)
-    if static.axis_name is not None:
-        dot = _vocab_shards.psum(dot, static.axis_name)
-    return total, dot + inner(whole)
+    dot = jnp.zeros_like(total)
+    for grad, tangent in pairs:
+        if grad is not None and tangent is not None:
+            dot = dot + jnp.sum(grad * tangent.astype(grad.dtype))
+    return total, dot
 
 
 # The loss of ``inputs`` (``hidden`` ``(tokens, hidden)`` and ``weight`` ``(hidden, vocab)``

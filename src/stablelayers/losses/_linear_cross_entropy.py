@@ -153,9 +153,8 @@ def linear_softmax_cross_entropy(
             ``'none'``: vocabulary columns per block (default 1024, 512 for
             half-precision inputs). With ``'mean'``/``'sum'``: tokens per chunk (default
             ``2**23 // vocab``, ``2**22 // vocab`` for half precision, at least 1).
-            With ``axis_name``, ``'none'``: columns per block on each device, default
-            the above over the axis's devices, at least 128; ``'mean'``/``'sum'``:
-            tokens per chunk, default ``2**23 // V`` of the whole vocabulary ``V``.
+            With ``axis_name`` (any reduction): columns per block on each device,
+            default the per-token default over the axis's devices, at least 128.
         reduction: ``'none'`` (the loss per token), ``'mean'`` (over the tokens not
             ignored; 0, with gradient 0, when every token is) or ``'sum'``.
         logits_soft_cap: ``c > 0``, or ``None`` (the default: no op is added). The loss
@@ -180,10 +179,11 @@ def linear_softmax_cross_entropy(
             (Megatron-LM's vocab-parallel cross-entropy): no weight column or logit
             crosses devices, ``dW`` and ``db`` stay on their shard and ``dh`` is summed
             once. The result is the whole vocabulary's loss on every device of the axis.
-            A ``'mean'``/``'sum'`` reduces the tokens this call sees (three products:
-            the shards' ``lse`` combine per chunk of tokens); tokens split over another
-            (data) axis too are reduced over it by
-            :func:`linear_softmax_cross_entropy_sharded`, or by a ``psum``.
+            A ``'mean'``/``'sum'`` reduces the tokens this call sees (the per-token
+            walk, four products: on each device it was as fast as the summed loss's
+            three, with smaller temporaries); tokens split over another (data) axis
+            too are reduced over it by :func:`linear_softmax_cross_entropy_sharded`, or
+            by a ``psum``.
 
     Returns:
         The loss per token, of ``labels``' shape (``'none'``), or a scalar, in the dtype
@@ -252,23 +252,32 @@ def linear_softmax_cross_entropy(
         z_loss=jnp.asarray(z, out_dtype),
         logits_soft_cap=None if cap is None else jnp.asarray(cap, out_dtype),
     )
-    # With the vocabulary split, the blocks are sized by the whole vocabulary: each
-    # device's temporaries are its share of one device's.
-    size = _chunk(chunk_size, dtype, (h.shape[0], vocab), reduction != "none")
-    if where is not None and chunk_size is None:
-        if reduction == "none":
+    walk_tokens = reduction != "none" and where is None
+    size = _chunk(chunk_size, dtype, (h.shape[0], vocab), walk_tokens)
+    if where is not None:
+        if chunk_size is None:
             # The (tokens, block) temporaries shrink with the devices as the weight does
             # (down to MIN_SHARD_BLOCK columns, under which the products get inefficient).
             size = min(size, max(MIN_SHARD_BLOCK, size // where.devices))
-        else:
-            size = _chunk(None, dtype, (h.shape[0], where.vocab), True)
+        # 'mean'/'sum' too: the per-token walk, reduced here. The summed op's chunks of
+        # tokens would each need the shards' lse, and on each device its chunk holds
+        # all of the device's columns: measured (docs/scaling.md) larger temporaries and
+        # no faster than the per-token walk's blocks.
+        loss = poison(per_token_op(inputs, PerTokenStatic(size, flags, axis_name)), bad)
+        if reduction == "none":
+            return loss.astype(out_dtype).reshape(rows)
+        # Poisoned whole, as one device's summed op is (NaN in every gradient entry).
+        total = poison(jnp.sum(loss), jnp.any(bad))
+        if reduction == "mean":
+            total = total / jnp.maximum(jnp.sum(counted), 1).astype(total.dtype)
+        return total.astype(out_dtype)
     if reduction == "none":
         loss = poison(per_token_op(inputs, PerTokenStatic(size, flags, axis_name)), bad)
         return loss.astype(out_dtype).reshape(rows)
     if h.shape[0] == 0:
         return jnp.zeros((), out_dtype)
     bias_dtype = None if b is None else b.dtype
-    total = summed_op(inputs, SummedStatic(size, flags, dtype, bias_dtype, axis_name))
+    total = summed_op(inputs, SummedStatic(size, flags, dtype, bias_dtype))
     total = poison(total, jnp.any(bad))
     if reduction == "mean":
         total = total / jnp.maximum(jnp.sum(counted), 1).astype(total.dtype)

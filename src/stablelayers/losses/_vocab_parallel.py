@@ -62,8 +62,8 @@ def linear_softmax_cross_entropy_sharded(
         token_axis: the mesh axis that splits the tokens, or ``None``.
         bias, vocab_mask, ignore_index: as :func:`linear_softmax_cross_entropy`.
         reduction: ``'none'``, ``'mean'`` (over every token not ignored, on all devices)
-            or ``'sum'``: each device sums its tokens (three products), and a ``psum``
-            over ``token_axis`` sums the devices'.
+            or ``'sum'``: each device sums its tokens, and a ``psum`` over
+            ``token_axis`` sums the devices'.
         **options: ``label_smoothing``, ``z_loss``, ``logits_soft_cap``, ``chunk_size``
             (on each device, as :func:`linear_softmax_cross_entropy` with ``axis_name``).
 
@@ -111,8 +111,8 @@ def linear_softmax_cross_entropy_sharded(
         named[name] = x
         specs.append(_spec())
 
-    # 'mean' and 'sum': each device sums its tokens (the summed op, three products), and
-    # the data axis sums the devices'; the mean divides by every device's count.
+    # 'mean' and 'sum': each device sums its tokens, and the data axis sums the devices';
+    # the mean divides by every device's count.
     inner: Reduction = "none" if reduction == "none" else "sum"
 
     def local(h: jax.Array, w: jax.Array, y: jax.Array, *rest: jax.Array) -> jax.Array:

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from stablelayers.attention import _sharding
@@ -146,22 +145,3 @@ def live_classes(inputs: terms.Inputs, axis_name: str | None) -> jax.Array:
         return terms.class_count(inputs)
     live = _psum(jnp.sum(inputs.vocab_mask), axis_name)
     return jnp.maximum(live, 1).astype(terms.acc_dtype(inputs.hidden))
-
-
-def block_lse(
-    b: terms.Block, smoothing: bool, axis_name: str | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per row of a block holding all of this device's columns: the whole vocabulary's
-    ``(lse, label logit, sum of live logits)`` (the sum 0 without ``smoothing``)."""
-    total = jnp.zeros(b.logits.shape[:1], b.logits.dtype)
-    if smoothing:
-        total = jnp.sum(jnp.where(b.live, b.logits, 0.0), axis=1)
-    target = jnp.sum(jnp.where(b.hit, b.logits, 0.0), axis=1)
-    if axis_name is None:
-        return terms.exact_lse(b.logits, b.live), target, total
-    lowest = np.finfo(b.logits.dtype).min
-    x = jnp.where(b.live, b.logits, lowest)
-    m = lax.stop_gradient(jnp.max(x, axis=1))
-    s = jnp.sum(jnp.where(b.live, jnp.exp(x - m[:, None]), 0.0), axis=1)
-    m, s, target, total = combine(m, s, target, total, axis_name)
-    return m + jnp.log(jnp.where(s == 0, 1.0, s)), target, total
