@@ -98,7 +98,9 @@ def test_layers_match_the_functional_core_under_jit_vmap_and_grad(name):
 
     layer = make()
     out, vmapped, (layer_grads, x_grad), sequential, expected = run(layer, args)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    # Layer and core compile into different fusions: an attention output near 0 (a sum of
+    # terms of size ~1) may differ by a float32 ulp of those terms, 1.2e-7.
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=2.5e-7)
     np.testing.assert_allclose(vmapped, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(sequential, out)
     assert np.all(np.isfinite(x_grad))
