@@ -60,6 +60,8 @@ def _check_page(text: str, ops: tuple[str, ...]) -> None:
     assert "not a measured peak" in text  # the CPU has no allocator statistics
 
 
+# Slow (20 s): CI's 20 minutes; the in-process row test below stays in CI.
+@pytest.mark.slow
 def test_quick_accelerator_benchmark_one_op(tmp_path):
     _check_page(_quick(tmp_path, "--ops", "softmax"), ("softmax",))
 

@@ -256,6 +256,8 @@ _DATA_PARALLEL = textwrap.dedent(
 )
 
 
+# Slow (40 s): CI's 20 minutes; the ring and data-parallel paths have their own tests.
+@pytest.mark.slow
 def test_data_parallel_matches_one_device(tmp_path):
     argv = [*TRANSFORMER_TINY, "--steps", "6", "--sample-chars", "0", "--eval-every", "3"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -335,6 +337,8 @@ _CONTEXT_PARALLEL = textwrap.dedent(
 )
 
 
+# Slow (40 s): CI's 20 minutes; the ring and data-parallel paths have their own tests.
+@pytest.mark.slow
 def test_context_parallel_matches_one_device(tmp_path):
     """--context-parallel 2: ring attention over 2 devices, the same losses as one device
     (the ring's merge by logsumexp reorders float32 sums, hence the tolerance), padded
