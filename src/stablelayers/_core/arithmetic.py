@@ -54,11 +54,13 @@ __all__ = [
     "exp_corrected_parts",
     "exp_pair_float32",
     "exp_parts_float32",
+    "exp_share",
     "format_bits",
     "horner",
     "log1p_unit",
     "neg_expm1",
     "opaque_identity",
+    "reciprocal_of_pair",
     "reciprocal_pair",
     "two_sum_error",
     "veltkamp_split",
@@ -125,6 +127,30 @@ def exp_corrected_parts(d: jax.Array, err: jax.Array) -> tuple[jax.Array, jax.Ar
         e = exp_corrected(d, err)
         return e, jnp.zeros_like(e), jnp.ones_like(e)
     return exp_parts_float32(d, err)
+
+
+def exp_share(
+    d: jax.Array, err: jax.Array, r: jax.Array, r_lo: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(exp(d + err) * (r + r_lo), exp(d + err))``, the first rounded once: a softmax
+    entry from its shifted logit and the reciprocal of the row total as a float pair.
+
+    ``exp`` comes in parts (:func:`exp_corrected_parts`) and the power of two is applied
+    last, so the low parts are not flushed to zero for entries near the bottom of the normal
+    range. The opaque identity keeps XLA from refactoring the sum into ``s * (r + r_lo)``,
+    where ``r_lo`` would round away. The second value (rounded as XLA rounds it) is for
+    telling entries without mass (0) from the rest.
+    """
+    s, s_lo, scale = exp_corrected_parts(d, err)
+    return (s * r + opaque_identity(s * r_lo + s_lo * r)) * scale, s * scale
+
+
+def reciprocal_of_pair(total: jax.Array, total_lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(r, r_lo)`` with ``r + r_lo = 1 / (total + total_lo)`` to about twice the working
+    precision, for ``|total_lo| <= ulp(total)``: :func:`reciprocal_pair` of ``total``, less
+    the first-order term ``total_lo / total^2``."""
+    r, r_lo = reciprocal_pair(total)
+    return r, r_lo - lax.stop_gradient(total_lo * r) * r
 
 
 def veltkamp_split(a: jax.Array) -> tuple[jax.Array, jax.Array]:

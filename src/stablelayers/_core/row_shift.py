@@ -48,7 +48,7 @@ def shift(
     share the mass equally). A dead entry gets the lowest finite ``d``, whose exp is 0,
     rather than ``-inf``; whatever it held (a masked NaN included) is gone. An unmasked NaN
     is never dead and its ``d`` is NaN, so any sum of the row's ``exp(d)`` is NaN: that is
-    how the ops find NaN rows (``is_nan_row``) without a pass of their own.
+    how the ops find NaN rows without a pass of their own.
     """
     nan = jnp.isnan(x)
     dead = has_posinf & ~is_posinf(x) & ~nan

@@ -10,29 +10,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import (
     compute_dtype,
-    exp_corrected,
-    exp_corrected_parts,
+    exp_share,
     opaque_identity,
-    reciprocal_pair,
+    reciprocal_of_pair,
 )
 from stablelayers._core.checks import Axes, Axis
-from stablelayers._core.compensated_sum import add_pair, compensated_sum, counted_sum
+from stablelayers._core.compensated_sum import compensated_sum
 from stablelayers._core.define_op import define_op
 from stablelayers._core.nonfinite import is_neginf, nan_where, neg_inf_where
 from stablelayers._core.rank_promotion import allow_rank_promotion
 from stablelayers._core.row_shift import (
     exempt_from_nan,
-    row_max,
     shift,
     shift_of_row_max,
 )
 from stablelayers._cpu import calls, library
+from stablelayers.ops._logsumexp import row_log_total
 
 # Per row, what the backward pass reads besides x: (max, total, total_lo), the total as a
 # float pair, from the pure-JAX code; (shift, rest, unused), the log-sum-exp as a float
@@ -91,26 +89,13 @@ def _primal(x: jax.Array, where: jax.Array | None, axis: Axes) -> tuple[jax.Arra
     """
     out_dtype = x.dtype
     x = x.astype(compute_dtype(out_dtype))
-    top = row_max(x, where, None, axis)
+    # lse is the log-sum-exp less the shift, in the accurate log1p form.
+    top, total, total_lo, lse = row_log_total(x, where, axis)
     amount, has_posinf = shift_of_row_max(top)
-    d, err, _ = shift(x, where, amount, has_posinf)
-    # log(sum e) = log1p(sum e - 1) (Blanchard, Higham & Higham, 2021). A row with one
-    # dominant entry has e == 1 there and a tiny rest, which adding to 1 would lose (jax.nn's
-    # log_softmax returns exactly 0.0 at the arg-max where the truth is -7.1e-12); so the
-    # terms equal to 1 are counted apart from the rest, which is summed as a float pair.
-    ones, rest, rest_lo = counted_sum(exp_corrected(d, err), axis)
-    total, total_lo = add_pair(rest, rest_lo, ones)
-    # An unmasked NaN makes the sum NaN (row_shift.shift keeps it); nothing else can.
+    # An unmasked NaN makes the total NaN (row_shift.shift keeps it); nothing else can.
     nan = jnp.isnan(total)
     # A row with nothing unmasked has total == 0; it has no live entry to use the total.
     total = jnp.where(total == 0, 1.0, total)
-    # With one entry at 1, log1p of the rest; from two on, log(total) loses nothing and the
-    # low part is a first-order correction.
-    lse = jnp.where(
-        ones == 1,
-        jnp.log1p(rest) + rest_lo / (1 + rest),
-        jnp.log(total) + total_lo / total,
-    )
     # The output pass recomputes its per-entry work from x in registers instead of sharing
     # it with the reduction, which would make XLA write it to memory.
     d, err, dead = shift(opaque_identity(x), where, amount, has_posinf)
@@ -146,10 +131,7 @@ def _vjp_from_input(axis: Axes, x: jax.Array, stats: RowStats, g: jax.Array) -> 
     live = ~dead & ~is_neginf(d)
     g = g.astype(x.dtype)
     g_total, g_total_lo = compensated_sum(jnp.where(live, g, 0.0), axis)
-    r, r_lo = reciprocal_pair(total)
-    r_lo = r_lo - lax.stop_gradient(total_lo * r) * r
-    s, s_lo, scale = exp_corrected_parts(d, err)
-    p = (s * r + opaque_identity(s * r_lo + s_lo * r)) * scale
+    p, _ = exp_share(d, err, *reciprocal_of_pair(total, total_lo))
     dx = jnp.where(live, (g - p * g_total) - p * g_total_lo, 0.0)
     # A NaN row has a NaN total (see _primal): NaN at every entry but its -inf ones.
     nan = jnp.isnan(total) & ~is_neginf(x)

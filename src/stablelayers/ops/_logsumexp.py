@@ -44,26 +44,28 @@ def _terms(x: jax.Array, where: Maybe, b: Maybe, top: jax.Array) -> tuple[jax.Ar
     return arithmetic.exp_corrected(d, err), dead
 
 
-def _unweighted_log_total(
+def row_log_total(
     x: jax.Array, where: Maybe, axis: Axes
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(top, total, log_total)`` per row (keepdims) of ``x`` in the compute dtype, with
-    ``top`` the row max, ``total = sum_j exp(x_j - shift)`` over the live entries (0 for a
-    row with none, NaN for a row with a live NaN) and ``log_total = log(total)``, so that
-    ``lse = shift + log_total``. One pass over ``x`` after the max."""
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The unweighted row sum, shared with log_softmax: ``(top, total, total_lo,
+    log_total)`` per row (keepdims) of ``x`` in the compute dtype, with ``top`` the row max,
+    ``total + total_lo = sum_j exp(x_j - shift)`` over the live entries as a float pair (0
+    for a row with none, NaN for a row with a live NaN) and ``log_total = log(total)``, so
+    that ``lse = shift + log_total``. One pass over ``x`` after the max."""
     top = row_shift.row_max(x, where, None, axis)
     e, _ = _terms(x, where, None, top)
     # log(sum_j e_j) = log1p(sum_j e_j - 1) (Blanchard-Higham-Higham). A row with one
     # dominant entry has e == 1 there and a tiny rest, which float addition to 1 would lose
     # (jax.nn's log_softmax returns exactly 0.0 at the arg-max where the truth is -7.1e-12).
-    # So the terms equal to 1 are counted apart and the rest summed as a float pair.
+    # So the terms equal to 1 are counted apart and the rest summed as a float pair; from
+    # two ones on, log(total) loses nothing and the low part is a first-order correction.
     ones, rest, rest_lo = compensated_sum.counted_sum(e, axis)
     total, total_lo = compensated_sum.add_pair(rest, rest_lo, ones)
     safe = jnp.where(total == 0, 1.0, total)
     log_total = jnp.where(
         ones == 1, jnp.log1p(rest) + rest_lo / (1 + rest), jnp.log(safe) + total_lo / safe
     )
-    return top, total, log_total
+    return top, total, total_lo, log_total
 
 
 def _primal(
@@ -79,7 +81,7 @@ def _primal(
     x = x.astype(dtype)
     where = _live_mask(where, b)
     if b is None:
-        top, total, log_total = _unweighted_log_total(x, where, axis)
+        top, total, _, log_total = row_log_total(x, where, axis)
         sign = jnp.where(total > 0, 1.0, 0.0).astype(dtype)
         # A live NaN makes the total NaN (row_shift.shift keeps it), and that NaN, the
         # input's own, is the result: no NaN constant (jax.debug_nans under disable_jit

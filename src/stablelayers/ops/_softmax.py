@@ -12,16 +12,14 @@ from typing import cast
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from stablelayers._core import checks
 from stablelayers._core.arithmetic import (
     compute_dtype,
     exp_corrected,
-    exp_corrected_parts,
-    opaque_identity,
-    reciprocal_pair,
+    exp_share,
+    reciprocal_of_pair,
 )
 from stablelayers._core.checks import Axes, Axis
 from stablelayers._core.compensated_sum import add_pair, compensated_sum
@@ -166,20 +164,14 @@ def _primal(
     nan = jnp.isnan(total)
     # A row with nothing unmasked has total == 0 and every e == 0: its result is 0.
     total = jnp.where(total == 0, 1.0, total)
-    # e / total as e * r + e * r_lo with r + r_lo = 1 / (total + total_lo) to twice the
+    # e / total as e * (r + r_lo) with r + r_lo = 1 / (total + total_lo) to twice the
     # precision: the rounding of the reciprocal no longer adds to that of the product (XLA
-    # computes a division by a row value as a multiplication by its reciprocal). The
-    # opaque identity keeps XLA from refactoring the sum into e * (r + r_lo), where r_lo
-    # would round away.
-    r, r_lo = reciprocal_pair(total)
-    r_lo = r_lo - lax.stop_gradient(total_lo * r) * r
+    # computes a division by a row value as a multiplication by its reciprocal).
+    r, r_lo = reciprocal_of_pair(total, total_lo)
     d, err, _ = shift(x, where, amount, has_posinf)
-    # exp(d + err) = (s + s_lo) * scale, the power of two applied last so that the low
-    # parts are not flushed to zero for entries near the bottom of the normal range.
-    s, s_lo, scale = exp_corrected_parts(d, err)
-    y = (s * r + opaque_identity(s * r_lo + s_lo * r)) * scale
+    y, e = exp_share(d, err, r, r_lo)
     # Masked places stay exactly 0 even when a NaN logit elsewhere makes the row's total NaN.
-    y = jnp.where(s * scale == 0, 0.0, y)
+    y = jnp.where(e == 0, 0.0, y)
     nan = nan & ~exempt_from_nan(x, where)
     y = jnp.where(nan, nan_where(nan, y.dtype), y)
     p_sink = None if e_sink is None else e_sink * r
