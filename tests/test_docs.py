@@ -40,7 +40,18 @@ def test_pages_found() -> None:
     assert any(python_blocks(page.read_text()) for page in PAGES), "no python blocks in docs/"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+# The longest pages (25 to 43 s each) run under `-m slow`, for CI's 20 minutes.
+SLOW_PAGES = {"frameworks.md", "migration.md", "semantics.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(page, marks=pytest.mark.slow) if page.name in SLOW_PAGES else page
+        for page in PAGES
+    ],
+    ids=[page.name for page in PAGES],
+)
 def test_page_code_runs(page: pathlib.Path) -> None:
     blocks = python_blocks(page.read_text(encoding="utf-8"))
     if not blocks:
